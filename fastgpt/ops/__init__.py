@@ -1,0 +1,106 @@
+"""The fused operations of the model, and the one place that decides which backend runs them.
+
+Three backends implement the same two ops:
+
+- ``reference``: plain PyTorch (``fastgpt/ops/reference.py``), the ground truth;
+- ``cpp``: the C++ CPU extension (``csrc/``), for CPU tensors;
+- ``triton``: the Triton kernels (``kernels/``), for CUDA tensors, or for CPU tensors when
+  ``TRITON_INTERPRET=1`` runs them through Triton's interpreter (how machines without a GPU test them).
+
+``backend=None`` or ``"auto"`` takes the fastest backend that can run on the tensors' device and
+falls back to the reference otherwise. The environment variable ``FASTGPT_BACKEND`` changes that
+default; an explicitly named backend that cannot run raises :class:`BackendUnavailable`.
+"""
+
+import importlib
+import math
+import os
+
+BACKENDS = ("reference", "cpp", "triton")
+
+# Each backend lives in its own module, imported on first use so that `import fastgpt` stays cheap
+# (and so that Triton is never imported before a test has had the chance to set TRITON_INTERPRET).
+_MODULES = {
+    "reference": "fastgpt.ops.reference",
+    "cpp": "fastgpt.ops.cpp",
+    "triton": "fastgpt.ops.triton",
+}
+
+# Which backends `auto` tries on a device, fastest first; the reference always comes last.
+_AUTO_ORDER = {"cuda": ("triton",), "cpu": ("cpp",)}
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was asked for by name but cannot run here."""
+
+
+def _module(name):
+    return importlib.import_module(_MODULES[name])
+
+
+def available_backends():
+    """Map each backend name to None when it can run on this machine, else a short reason why not."""
+    return {name: _module(name).unavailable_reason(None) for name in BACKENDS}
+
+
+def resolve_backend(backend, device):
+    """The name of the backend that will run an op on `device`, given what the caller asked for."""
+    requested = backend if backend is not None else os.environ.get("FASTGPT_BACKEND", "auto")
+    requested = requested.strip().lower() or "auto"
+    if requested == "auto":
+        for name in _AUTO_ORDER.get(device.type, ()):
+            if _module(name).unavailable_reason(device) is None:
+                return name
+        return "reference"
+    if requested not in BACKENDS:
+        choices = ", ".join(("auto",) + BACKENDS)
+        raise BackendUnavailable(f"unknown backend {requested!r}: choose one of {choices}")
+    reason = _module(requested).unavailable_reason(device)
+    if reason is not None:
+        raise BackendUnavailable(f"backend {requested!r} cannot run on {device.type} tensors: {reason}")
+    return requested
+
+
+def causal_attention(q, k, v, *, scale=None, backend=None):
+    """Causal scaled dot-product attention.
+
+    q: (B, H, Tq, D); k, v: (B, H, Tk, D) with Tk >= Tq, all of one dtype and device. Query i sees
+    keys 0 .. Tk - Tq + i (with Tk == Tq: the usual causal mask). `scale` defaults to 1/sqrt(D).
+    Returns (B, H, Tq, D), differentiable in q, k and v.
+    """
+    _check_attention_inputs(q, k, v)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    name = resolve_backend(backend, q.device)
+    return _module(name).causal_attention(q, k, v, float(scale))
+
+
+def layer_norm(x, weight, bias, eps=1e-5, *, backend=None):
+    """LayerNorm over the last dimension of x; weight and bias (shape (N,)) may be None."""
+    _check_layer_norm_inputs(x, weight, bias)
+    name = resolve_backend(backend, x.device)
+    return _module(name).layer_norm(x, weight, bias, float(eps))
+
+
+def _check_attention_inputs(q, k, v):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"causal_attention expects 4-D (B, H, T, D) tensors, got q{tuple(q.shape)}, "
+                         f"k{tuple(k.shape)}, v{tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"causal_attention: q{tuple(q.shape)}, k{tuple(k.shape)} and v{tuple(v.shape)} "
+                         "must agree in B, H and D, and k and v must have the same shape")
+    if k.shape[-2] < q.shape[-2]:
+        raise ValueError(f"causal_attention: k and v need at least as many positions as q "
+                         f"(got Tk={k.shape[-2]} < Tq={q.shape[-2]})")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ValueError("causal_attention: q, k and v must share one dtype and one device")
+
+
+def _check_layer_norm_inputs(x, weight, bias):
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is None:
+            continue
+        if tensor.shape != x.shape[-1:]:
+            raise ValueError(f"layer_norm: {name} has shape {tuple(tensor.shape)}, expected ({x.shape[-1]},)")
+        if tensor.device != x.device:
+            raise ValueError(f"layer_norm: {name} is on {tensor.device} but x is on {x.device}")

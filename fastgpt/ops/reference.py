@@ -1,0 +1,43 @@
+"""The reference path: the fused ops written in plain PyTorch, for reading and for testing.
+
+Nothing here is fast on purpose. Every step of the math is spelled out (explicit scores, mask,
+softmax; mean and variance), autograd derives the backward, and the other backends are tested
+against these functions.
+"""
+
+import torch
+
+
+def unavailable_reason(device=None):
+    """The reference path runs wherever PyTorch runs."""
+    return None
+
+
+def causal_attention(q, k, v, scale):
+    """softmax(q k^T * scale + causal mask) v for q of shape (B, H, Tq, D) and k, v of (B, H, Tk, D).
+
+    With Tk >= Tq the queries are the last Tq positions of the key sequence (as when decoding with a
+    key/value cache): query i may look at keys 0 .. Tk - Tq + i.
+    """
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    scores = (q @ k.transpose(-2, -1)) * scale
+    query_position = torch.arange(t_k - t_q, t_k, device=q.device).unsqueeze(1)
+    key_position = torch.arange(t_k, device=q.device).unsqueeze(0)
+    future = key_position > query_position
+    scores = scores.masked_fill(future, float("-inf"))
+    # Softmax in fp32 for low-precision inputs, as every fused kernel accumulates in fp32.
+    probabilities = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return probabilities @ v
+
+
+def layer_norm(x, weight, bias, eps):
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last dimension, statistics in fp32."""
+    x32 = x.float()
+    mean = x32.mean(dim=-1, keepdim=True)
+    variance = ((x32 - mean) ** 2).mean(dim=-1, keepdim=True)  # biased, as LayerNorm defines it
+    y = (x32 - mean) * torch.rsqrt(variance + eps)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

@@ -1,0 +1,1 @@
+"""Triton kernels of fastgpt, installed as the subpackage `fastgpt.kernels`."""

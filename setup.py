@@ -1,0 +1,62 @@
+"""Build and install fastgpt.
+
+    pip install torch==2.13.0              # or any torch >= 2.4 you already have
+    pip install --no-build-isolation -e .
+
+`--no-build-isolation` lets the build see the torch you installed: an isolated build would download
+another torch to compile against, and an extension built for one torch does not load in another.
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+try:
+    import torch  # noqa: F401  (the extension is compiled against this torch)
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError:
+    sys.exit("fastgpt: error: PyTorch must be installed before fastgpt is built: run "
+             "`pip install torch` first, then `pip install --no-build-isolation -e .`")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cpp_extensions():
+    """The C++ CPU extension, built from every source file in csrc/."""
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    if not sources:
+        return []
+    return [CppExtension(
+        name="fastgpt._C",
+        sources=sources,
+        extra_compile_args=["-O3", "-fopenmp"],
+        extra_link_args=["-fopenmp"],
+    )]
+
+
+setup(
+    name="fastgpt",
+    version="0.1.0",
+    description="A readable GPT with fused attention and LayerNorm kernels (C++ for CPU, Triton for GPU)",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # The Triton kernels live in the top-level kernels/ folder of the repository but install as
+    # fastgpt.kernels: an unrelated package on the index is called `kernels`.
+    packages=["fastgpt", "fastgpt.ops", "fastgpt.kernels"],
+    package_dir={"fastgpt": "fastgpt", "fastgpt.kernels": "kernels"},
+    package_data={"fastgpt": ["data/*.txt"]},
+    ext_modules=cpp_extensions(),
+    cmdclass={"build_ext": BuildExtension},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "tiktoken>=0.7",
+        "tqdm",
+        "matplotlib",
+        "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
+    ],
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
+)
