@@ -26,18 +26,23 @@ def causal_attention(q, k, v, scale):
     future = key_position > query_position
     scores = scores.masked_fill(future, float("-inf"))
     # Softmax in fp32 for low-precision inputs, as every fused kernel accumulates in fp32.
-    probabilities = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    probabilities = torch.softmax(scores.to(compute_dtype), dim=-1).to(q.dtype)
     return probabilities @ v
 
 
 def layer_norm(x, weight, bias, eps):
-    """(x - mean) / sqrt(var + eps) * weight + bias over the last dimension, statistics in fp32."""
-    x32 = x.float()
-    mean = x32.mean(dim=-1, keepdim=True)
-    variance = ((x32 - mean) ** 2).mean(dim=-1, keepdim=True)  # biased, as LayerNorm defines it
-    y = (x32 - mean) * torch.rsqrt(variance + eps)
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last dimension.
+
+    Statistics are taken in fp32 at least (fp64 stays fp64), as every fused kernel does.
+    """
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    xc = x.to(compute_dtype)
+    mean = xc.mean(dim=-1, keepdim=True)
+    variance = ((xc - mean) ** 2).mean(dim=-1, keepdim=True)  # biased, as LayerNorm defines it
+    y = (xc - mean) * torch.rsqrt(variance + eps)
     if weight is not None:
-        y = y * weight.float()
+        y = y * weight.to(compute_dtype)
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(compute_dtype)
     return y.to(x.dtype)

@@ -1,0 +1,232 @@
+"""Every backend of the fused ops against the reference path and a float64 computation.
+
+The same test bodies run on each backend that can run here: the C++ extension on CPU tensors, the
+Triton kernels on a GPU or (without one) through Triton's interpreter on CPU tensors. Inputs are
+drawn fresh on every run.
+"""
+
+import pytest
+import torch
+
+from fastgpt import ops
+from fastgpt.ops import reference
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+INTERPRETED = DEVICE.type == "cpu"  # Triton runs through its (slow) interpreter: keep shapes small
+
+# Error allowed against the float64 result, per dtype: a few times what the reference itself shows.
+TOLERANCE = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+
+
+def runnable_backends():
+    return [name for name in ops.BACKENDS
+            if name != "reference" and ops._module(name).unavailable_reason(DEVICE) is None]
+
+
+BACKENDS = runnable_backends()
+needs_backend = pytest.mark.skipif(not BACKENDS, reason="no fused backend can run on this machine")
+
+
+def dtypes_for(backend):
+    return [torch.float32, torch.bfloat16] + ([torch.float16] if backend == "triton" else [])
+
+
+# Every (backend, dtype) pair that backend takes: the C++ path has no fp16 kernels.
+BACKEND_DTYPES = [pytest.param(b, d, id=f"{b}-{str(d).split('.')[-1]}") for b in BACKENDS for d in dtypes_for(b)]
+
+
+def max_error(actual, expected):
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+def assert_close_to_float64(actual, reference_same_dtype, exact, dtype, what):
+    """The fused result must be about as close to the float64 truth as the reference is.
+
+    Errors are relative to the largest magnitude in the float64 result (at least 1), so that
+    gradients summed over many rows (dweight, dbias) are judged on the same footing as outputs.
+    """
+    magnitude = max(1.0, exact.abs().max().item())
+    fused_error = max_error(actual, exact) / magnitude
+    reference_error = max_error(reference_same_dtype, exact) / magnitude
+    allowed = max(TOLERANCE[dtype], 3 * reference_error)
+    assert fused_error <= allowed, (
+        f"{what}: error {fused_error:.3g} vs float64 exceeds {allowed:.3g} "
+        f"(the reference path in the same dtype is off by {reference_error:.3g})")
+
+
+# (B, H, Tq, Tk, D): T=1, T not a multiple of any block, head dims that are not powers of two,
+# B*H = 1, and key/value longer than the queries (decoding with a cache).
+ATTENTION_SHAPES = [
+    (1, 1, 1, 1, 16),
+    (2, 3, 100, 100, 48),
+    (1, 2, 37, 37, 80),
+    (1, 1, 64, 64, 64),
+    (2, 2, 17, 17, 96),
+    (1, 2, 5, 70, 32),
+]
+
+
+def attention_inputs(shape, dtype, layout):
+    b, h, t_q, t_k, d = shape
+    if layout == "contiguous":
+        q = torch.randn(b, h, t_q, d, device=DEVICE, dtype=dtype)
+        k = torch.randn(b, h, t_k, d, device=DEVICE, dtype=dtype)
+        v = torch.randn(b, h, t_k, d, device=DEVICE, dtype=dtype)
+        return q, k, v
+    # Transposed views of one (B, T, 3, H, D) projection, as a model's fused qkv produces them.
+    assert t_q == t_k
+    qkv = torch.randn(b, t_q, 3, h, d, device=DEVICE, dtype=dtype)
+    return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
+
+
+def leaf(tensors, dtype=None):
+    return [t.detach().to(dtype or t.dtype).requires_grad_(True) for t in tensors]
+
+
+@needs_backend
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_attention_matches_reference_and_float64(backend, shape, dtype):
+    inputs = attention_inputs(shape, dtype, "contiguous")
+    grad_out = torch.randn(shape[0], shape[1], shape[2], shape[4], device=DEVICE, dtype=dtype)
+    _compare_attention(backend, inputs, grad_out, dtype)
+
+
+@needs_backend
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_on_non_contiguous_views(backend):
+    inputs = attention_inputs((2, 3, 33, 33, 48), torch.float32, "qkv-views")
+    assert not inputs[0].is_contiguous()
+    grad_out = torch.randn(2, 3, 33, 48, device=DEVICE).transpose(1, 2).contiguous().transpose(1, 2)
+    _compare_attention(backend, inputs, grad_out, torch.float32)
+
+
+def _compare_attention(backend, inputs, grad_out, dtype):
+    scale = inputs[0].shape[-1] ** -0.5
+    results = {}
+    for name, cast in (("fused", None), ("reference", None), ("float64", torch.float64)):
+        q, k, v = leaf(inputs, cast)
+        if name == "fused":
+            out = ops.causal_attention(q, k, v, backend=backend)
+        else:
+            out = reference.causal_attention(q, k, v, scale)
+        out.backward(grad_out.to(out.dtype))
+        results[name] = (out, q.grad, k.grad, v.grad)
+    for i, what in enumerate(("output", "dq", "dk", "dv")):
+        fused, ref, exact = (results[n][i] for n in ("fused", "reference", "float64"))
+        assert fused.dtype == dtype and fused.shape == exact.shape
+        assert torch.isfinite(fused).all(), f"{what} has non-finite values"
+        assert_close_to_float64(fused, ref, exact, dtype, f"{backend} attention {what}")
+
+
+@needs_backend
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_is_causal(backend):
+    """Changing the keys and values of future positions changes no earlier output."""
+    q, k, v = attention_inputs((1, 2, 40, 40, 32), torch.float32, "contiguous")
+    before = ops.causal_attention(q, k, v, backend=backend)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 25:] += 5.0
+    v2[:, :, 25:] -= 5.0
+    after = ops.causal_attention(q, k2, v2, backend=backend)
+    torch.testing.assert_close(after[:, :, :25], before[:, :, :25], rtol=0, atol=0)
+    assert not torch.allclose(after[:, :, 25:], before[:, :, 25:])
+
+
+LAYER_NORM_SHAPES = [(1, 1), (3, 5), (7, 48), (4, 6, 80), (33, 768), (2, 1000)]
+
+
+@needs_backend
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("shape", LAYER_NORM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("affine", ["weight+bias", "weight", "none"])
+def test_layer_norm_matches_reference_and_float64(backend, shape, dtype, affine):
+    n = shape[-1]
+    x = torch.randn(shape, device=DEVICE, dtype=dtype) * 3 + 1
+    weight = torch.randn(n, device=DEVICE, dtype=dtype) if affine != "none" else None
+    bias = torch.randn(n, device=DEVICE, dtype=dtype) if affine == "weight+bias" else None
+    _compare_layer_norm(backend, x, weight, bias, torch.randn_like(x), dtype)
+
+
+@needs_backend
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_norm_on_non_contiguous_input(backend):
+    x = torch.randn(96, 40, device=DEVICE).t()  # (40, 96), rows strided
+    assert not x.is_contiguous()
+    weight, bias = torch.randn(96, device=DEVICE), torch.randn(96, device=DEVICE)
+    _compare_layer_norm(backend, x, weight, bias, torch.randn(40, 96, device=DEVICE), torch.float32)
+
+
+@needs_backend
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_norm_low_precision_input_with_float32_parameters(backend):
+    """Under autocast a bf16 activation meets the model's fp32 weight and bias."""
+    x = torch.randn(9, 64, device=DEVICE, dtype=torch.bfloat16)
+    weight, bias = torch.randn(64, device=DEVICE), torch.randn(64, device=DEVICE)
+    _compare_layer_norm(backend, x, weight, bias, torch.randn_like(x), torch.bfloat16)
+
+
+def _compare_layer_norm(backend, x, weight, bias, grad_out, dtype):
+    present = [t for t in (x, weight, bias) if t is not None]
+    results = {}
+    for name, cast in (("fused", None), ("reference", None), ("float64", torch.float64)):
+        tensors = iter(leaf(present, cast))
+        xl = next(tensors)
+        wl = next(tensors) if weight is not None else None
+        bl = next(tensors) if bias is not None else None
+        if name == "fused":
+            out = ops.layer_norm(xl, wl, bl, 1e-5, backend=backend)
+        else:
+            out = reference.layer_norm(xl, wl, bl, 1e-5)
+        out.backward(grad_out.to(out.dtype))
+        results[name] = [out] + [t.grad for t in (xl, wl, bl) if t is not None]
+    names = ["output", "dx"] + (["dweight"] if weight is not None else []) + (["dbias"] if bias is not None else [])
+    for i, what in enumerate(names):
+        fused, ref, exact = (results[n][i] for n in ("fused", "reference", "float64"))
+        assert fused.shape == exact.shape and torch.isfinite(fused).all(), f"{what} is malformed"
+        # Parameter gradients come back in the parameters' dtype, which may differ from x's.
+        assert_close_to_float64(fused, ref, exact, fused.dtype, f"{backend} layer_norm {what}")
+
+
+def test_reference_attention_matches_torch_sdpa():
+    q, k, v = (torch.randn(2, 3, 20, 16, dtype=torch.float64) for _ in range(3))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(reference.causal_attention(q, k, v, 16 ** -0.5), expected)
+
+
+def test_reference_layer_norm_matches_torch():
+    x, w, b = torch.randn(5, 30, dtype=torch.float64), torch.randn(30, dtype=torch.float64), torch.randn(30, dtype=torch.float64)
+    expected = torch.nn.functional.layer_norm(x, (30,), w, b, 1e-5)
+    torch.testing.assert_close(reference.layer_norm(x, w, b, 1e-5), expected)
+
+
+def test_reference_attention_with_longer_keys_matches_the_full_sequence():
+    """Queries that are the tail of the sequence see exactly what they would in the full computation."""
+    q, k, v = (torch.randn(1, 2, 12, 8, dtype=torch.float64) for _ in range(3))
+    full = reference.causal_attention(q, k, v, 0.3)
+    tail = reference.causal_attention(q[:, :, 9:], k, v, 0.3)
+    torch.testing.assert_close(tail, full[:, :, 9:])
+
+
+def test_dispatch_rules(monkeypatch):
+    assert ops.available_backends()["reference"] is None
+    x = torch.randn(2, 4)
+    assert ops.resolve_backend("reference", x.device) == "reference"
+    with pytest.raises(ops.BackendUnavailable, match="unknown backend"):
+        ops.resolve_backend("cuda-magic", x.device)
+    monkeypatch.setenv("FASTGPT_BACKEND", "reference")
+    assert ops.resolve_backend(None, x.device) == "reference"
+    for name, reason in ops.available_backends().items():
+        if reason is not None:
+            with pytest.raises(ops.BackendUnavailable, match=name):
+                ops.resolve_backend(name, x.device)
+
+
+def test_bad_shapes_are_clear_errors():
+    with pytest.raises(ValueError, match="4-D"):
+        ops.causal_attention(torch.randn(3, 4, 5), torch.randn(3, 4, 5), torch.randn(3, 4, 5))
+    with pytest.raises(ValueError, match="at least as many positions"):
+        q = torch.randn(1, 1, 5, 4)
+        ops.causal_attention(q, q[:, :, :3], q[:, :, :3])
+    with pytest.raises(ValueError, match="weight"):
+        ops.layer_norm(torch.randn(2, 8), torch.randn(7), None)
