@@ -1,11 +1,12 @@
 """The fused operations of the model, and the one place that decides which backend runs them.
 
-Three backends implement the same two ops:
+Backends that implement the same two ops:
 
 - ``reference``: plain PyTorch (``fastgpt/ops/reference.py``), the ground truth;
 - ``cpp``: the C++ CPU extension (``csrc/``), for CPU tensors;
 - ``triton``: the Triton kernels (``kernels/``), for CUDA tensors, or for CPU tensors when
-  ``TRITON_INTERPRET=1`` runs them through Triton's interpreter (how machines without a GPU test them).
+  ``TRITON_INTERPRET=1`` runs them through Triton's interpreter (how machines without a GPU test them);
+- ``torch``: PyTorch's own fused built-ins, never chosen by ``auto``; the yardstick of benchmarks.
 
 ``backend=None`` or ``"auto"`` takes the fastest backend that can run on the tensors' device and
 falls back to the reference otherwise. The environment variable ``FASTGPT_BACKEND`` changes that
@@ -16,7 +17,7 @@ import importlib
 import math
 import os
 
-BACKENDS = ("reference", "cpp", "triton")
+BACKENDS = ("reference", "cpp", "triton", "torch")
 
 # Each backend lives in its own module, imported on first use so that `import fastgpt` stays cheap
 # (and so that Triton is never imported before a test has had the chance to set TRITON_INTERPRET).
@@ -24,6 +25,7 @@ _MODULES = {
     "reference": "fastgpt.ops.reference",
     "cpp": "fastgpt.ops.cpp",
     "triton": "fastgpt.ops.triton",
+    "torch": "fastgpt.ops.builtin",
 }
 
 # Which backends `auto` tries on a device, fastest first; the reference always comes last.
@@ -45,7 +47,7 @@ def available_backends():
 
 def resolve_backend(backend, device):
     """The name of the backend that will run an op on `device`, given what the caller asked for."""
-    requested = backend if backend is not None else os.environ.get("FASTGPT_BACKEND", "auto")
+    requested = backend if backend not in (None, "auto") else os.environ.get("FASTGPT_BACKEND", "auto")
     requested = requested.strip().lower() or "auto"
     if requested == "auto":
         for name in _AUTO_ORDER.get(device.type, ()):

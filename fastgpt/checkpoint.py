@@ -1,0 +1,66 @@
+"""Checkpoints that survive crashes: written to a temporary file, synced, then renamed into place.
+
+A rename within one directory is atomic, so a reader (or a resumed run) sees either the previous
+checkpoint or the new one whole, never a half-written file, even if the process is killed mid-save.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fastgpt.errors import FastGPTError
+
+
+def atomic_write(path, write):
+    """Call write(file_object) on a temporary file next to `path`, then move it into place."""
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    # Sync the directory too, so that the rename itself is on disk.
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def save_checkpoint(path, payload):
+    atomic_write(path, lambda handle: torch.save(payload, handle))
+
+
+def load_checkpoint(path):
+    """The payload saved at `path`, or a FastGPTError saying what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FastGPTError(f"no checkpoint at {path}; train one first with `python -m fastgpt.train`, "
+                           "or point --out-dir at the directory that holds ckpt.pt")
+    try:
+        # Checkpoints hold only tensors and plain Python values, so the safe loader suffices.
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged file
+        raise FastGPTError(f"the checkpoint {path} is damaged or not a fastgpt checkpoint ({type(error).__name__}); "
+                           "train again or restore it from a backup") from None
+    if not isinstance(payload, dict) or "model" not in payload or "model_config" not in payload:
+        raise FastGPTError(f"{path} is not a fastgpt checkpoint (it has no model or model_config)")
+    return payload
+
+
+def load_trained_model(out_dir, device, backend="auto"):
+    """The model and tokenizer saved in out_dir/ckpt.pt, ready for inference on `device`."""
+    from fastgpt.model import GPT, GPTConfig  # imported here: the checkpoint format does not need them
+    from fastgpt.tokenizers import tokenizer_from_state
+
+    payload = load_checkpoint(Path(out_dir) / "ckpt.pt")
+    model = GPT(GPTConfig(**{**payload["model_config"], "backend": backend}))
+    model.load_state_dict(payload["model"])
+    return model.to(device).eval(), tokenizer_from_state(payload["tokenizer"])

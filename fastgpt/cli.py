@@ -1,0 +1,19 @@
+"""How command-line entry points report mistakes: one line, a non-zero exit, no traceback."""
+
+import sys
+
+from fastgpt.errors import FastGPTError
+from fastgpt.ops import BackendUnavailable
+
+
+def run_cli(command):
+    """Run command(); turn user mistakes and Ctrl-C into a one-line message and an exit status."""
+    try:
+        command()
+    except (FastGPTError, BackendUnavailable) as error:
+        print(f"fastgpt: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastgpt: interrupted", file=sys.stderr)
+        return 130
+    return 0

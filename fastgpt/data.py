@@ -1,0 +1,172 @@
+"""From raw text to batches: read the corpus, encode it once into a token cache, draw random blocks.
+
+The corpus is streamed in chunks and the tokens go to a numpy memmap on disk, so memory use does
+not grow with the corpus. The cache is reused as long as the corpus and the tokenizer are the same.
+The first (1 - val_fraction) of the tokens train the model; the rest measure it.
+"""
+
+import codecs
+import hashlib
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastgpt.errors import FastGPTError
+from fastgpt.tokenizers import train_tokenizer
+
+CHUNK_CHARS = 1 << 20  # characters read and encoded at a time
+BPE_TRAINING_CHARS = 8 << 20  # a BPE vocabulary is learnt from (at most) the corpus's first 8 M characters
+
+
+def bundled_corpus():
+    """Tiny Shakespeare, shipped inside the package."""
+    return Path(str(resources.files("fastgpt") / "data" / "tinyshakespeare.txt"))
+
+
+def corpus_files(data):
+    """The text files that make up the corpus named by `data` (a file, a directory, or '' for the default)."""
+    path = Path(data) if data else bundled_corpus()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise FastGPTError(f"the data directory {path} holds no .txt files; point --data at a text file "
+                               "or a directory of .txt files")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise FastGPTError(f"the corpus {path} does not exist; point --data at a text file or a directory of .txt files")
+    for file in files:
+        if not os.access(file, os.R_OK):
+            raise FastGPTError(f"the corpus file {file} is not readable; check its permissions")
+    if all(file.stat().st_size == 0 for file in files):
+        raise FastGPTError(f"the corpus {path} is empty; give it some text to learn from")
+    return files
+
+
+def read_chunks(files):
+    """The corpus as a stream of text chunks, each ending at a line break where one is near.
+
+    Ending chunks at line breaks keeps words whole, so a BPE tokenizer encodes the stream exactly
+    as it would encode the whole text at once.
+    """
+    for file in files:
+        # An incremental decoder carries a multi-byte character cut by a chunk boundary over to the next.
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        carry, offset = "", 0
+        with open(file, "rb") as handle:
+            while True:
+                raw = handle.read(CHUNK_CHARS)
+                try:
+                    text = carry + decoder.decode(raw, final=not raw)
+                except UnicodeDecodeError as error:
+                    raise FastGPTError(f"{file} is not UTF-8 text (bad byte near offset {offset + error.start}); "
+                                       "convert it to UTF-8 first") from None
+                offset += len(raw)
+                if not raw:
+                    break
+                cut = text.rfind("\n") + 1
+                carry = text[cut:]
+                if cut:
+                    yield text[:cut]
+        if text:
+            yield text
+
+
+def _fingerprint(files):
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return digest.hexdigest()
+
+
+def _tokenizer_fingerprint(tokenizer):
+    state = json.dumps(tokenizer.state_dict(), sort_keys=True, default=repr)
+    return hashlib.sha256(state.encode()).hexdigest()
+
+
+def fit_tokenizer(kind, files, vocab_size):
+    """Learn a tokenizer from the corpus: its characters (char), its merges (bpe), or none (gpt2)."""
+    if kind == "char":
+        characters = set()
+        for chunk in read_chunks(files):
+            characters.update(chunk)
+        return train_tokenizer("char", "".join(sorted(characters)))
+    if kind == "bpe":
+        sample, size = [], 0
+        for chunk in read_chunks(files):
+            sample.append(chunk)
+            size += len(chunk)
+            if size >= BPE_TRAINING_CHARS:
+                break
+        return train_tokenizer("bpe", "".join(sample), vocab_size)
+    return train_tokenizer(kind, "", vocab_size)
+
+
+def encode_corpus(files, tokenizer, cache_dir, progress=None):
+    """Encode the corpus into cache_dir/tokens.bin (reused when corpus and tokenizer are unchanged).
+
+    Returns the tokens as a read-only memmap. `progress`, if given, is called with the number of
+    characters encoded so far.
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tokens_path, meta_path = cache_dir / "tokens.bin", cache_dir / "tokens.json"
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    meta = {"corpus": _fingerprint(files), "tokenizer": _tokenizer_fingerprint(tokenizer), "dtype": np.dtype(dtype).name}
+    if meta_path.exists() and tokens_path.exists():
+        try:
+            cached = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            cached = {}
+        if {k: cached.get(k) for k in meta} == meta and cached.get("tokens") == tokens_path.stat().st_size // np.dtype(dtype).itemsize:
+            return np.memmap(tokens_path, dtype=dtype, mode="r")
+    partial = tokens_path.with_suffix(".bin.partial")
+    count, characters = 0, 0
+    with open(partial, "wb") as out:
+        for chunk in read_chunks(files):
+            ids = np.asarray(tokenizer.encode(chunk), dtype=dtype)
+            out.write(ids.tobytes())
+            count += len(ids)
+            characters += len(chunk)
+            if progress:
+                progress(characters)
+    os.replace(partial, tokens_path)
+    meta_path.write_text(json.dumps({**meta, "tokens": count}))
+    if count == 0:
+        raise FastGPTError("the corpus encodes to no tokens; give it some text to learn from")
+    return np.memmap(tokens_path, dtype=dtype, mode="r")
+
+
+class TokenBlocks:
+    """Random blocks of block_size + 1 consecutive tokens from the train or validation split.
+
+    The inputs are a block's first block_size tokens and the targets the same block shifted by one.
+    """
+
+    def __init__(self, tokens, block_size, val_fraction):
+        split = int(len(tokens) * (1 - val_fraction))
+        self.splits = {"train": tokens[:split], "val": tokens[split:]}
+        self.block_size = block_size
+        for name, part in self.splits.items():
+            if len(part) < block_size + 1:
+                raise FastGPTError(
+                    f"the {name} split has {len(part)} tokens, fewer than block_size + 1 = {block_size + 1}; "
+                    "use a longer corpus, a smaller --block-size or another --val-fraction")
+
+    def starts(self, split, batch_size, generator):
+        """Random start positions of batch_size blocks in a split."""
+        return torch.randint(len(self.splits[split]) - self.block_size, (batch_size,), generator=generator)
+
+    def batch(self, split, starts, device):
+        """Inputs and targets (each (len(starts), block_size) int64) for the blocks at `starts`."""
+        offsets = starts.numpy()[:, None] + np.arange(self.block_size + 1)
+        block = torch.from_numpy(self.splits[split][offsets].astype(np.int64))
+        x, y = block[:, :-1], block[:, 1:]
+        if device.type == "cuda":
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
