@@ -111,8 +111,7 @@ def _field_type(f):
 
 def build_parser(config_class, prog, description, extra_arguments=()):
     """One --name flag per config field, with its default and meaning, plus --config."""
-    parser = _Parser(prog=prog, description=description,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(prog=prog, description=description)
     parser.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file (flags win)")
     for args, kwargs in extra_arguments:
         parser.add_argument(*args, **kwargs)
@@ -120,9 +119,10 @@ def build_parser(config_class, prog, description, extra_arguments=()):
         name = "--" + f.name.replace("_", "-")
         aliases = [name] if "-" not in name[2:] else [name, "--" + f.name]
         kind = _field_type(f)
-        metavar = "BOOL" if kind is _parse_bool else None
-        parser.add_argument(*aliases, dest=f.name, type=kind, default=argparse.SUPPRESS, metavar=metavar,
-                            help=f"{f.metadata['help']} (default: {f.default!r})")
+        # A bare boolean flag (`--resume`) means true; `--resume false` is accepted too.
+        switch = dict(nargs="?", const=True, metavar="BOOL") if kind is _parse_bool else {}
+        parser.add_argument(*aliases, dest=f.name, type=kind, default=argparse.SUPPRESS,
+                            help=f"{f.metadata['help']} (default: {f.default!r})", **switch)
     return parser
 
 
