@@ -1,0 +1,320 @@
+"""Tokenizers: text to token ids and back.
+
+Three kinds, chosen by name:
+
+- `char`: one token per character of the training text (its sorted unique characters).
+- `bpe`: byte-level byte-pair encoding trained on the training text, run by tiktoken. Every UTF-8
+  text round-trips exactly, whatever characters it holds. Saved in tiktoken's `.tiktoken` rank format.
+- `gpt2`: tiktoken's GPT-2 encoding (50257 tokens), read from tiktoken's local cache, never downloaded.
+
+A tokenizer's `state_dict()` is plain Python (str, int, list, bytes) stored in the checkpoint, and
+`tokenizer_from_state` rebuilds it.
+"""
+
+import base64
+import hashlib
+import heapq
+import os
+import tempfile
+from collections import Counter, defaultdict
+
+import regex
+import tiktoken
+
+from fastgpt.errors import FastGPTError
+
+KINDS = ("char", "bpe", "gpt2")
+
+# GPT-2's pre-split: contractions, words with their leading space, numbers, punctuation runs and
+# whitespace. BPE merges never cross these pieces, so a token never spans two words.
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+class Tokenizer:
+    """What every tokenizer offers: `kind`, `vocab_size`, `encode`, `decode` and `state_dict`."""
+
+    kind: str
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids) -> str:
+        """The text of `ids`: a list of ints, or a 1-D tensor or array of them."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        if ids and not 0 <= min(ids) <= max(ids) < self.vocab_size:
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise FastGPTError(f"token id {bad} is outside the {self.kind} tokenizer's vocabulary "
+                               f"(0 to {self.vocab_size - 1}); decode ids made with this tokenizer")
+        return self._decode(ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------
+# char
+
+
+class CharTokenizer(Tokenizer):
+    kind = "char"
+
+    def __init__(self, chars: str):
+        self.chars = chars
+        self.vocab_size = len(chars)
+        self._id = {c: i for i, c in enumerate(chars)}
+
+    @classmethod
+    def train(cls, text: str) -> "CharTokenizer":
+        return cls("".join(sorted(set(text))))
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self._id[c] for c in text]
+        except KeyError:
+            unseen = sorted(set(text) - self._id.keys())
+            shown = ", ".join(repr(c) for c in unseen[:10])
+            more = f" and {len(unseen) - 10} more" if len(unseen) > 10 else ""
+            raise FastGPTError(f"the text contains characters the char tokenizer never saw in training: "
+                               f"{shown}{more}; use only characters from the training text or train "
+                               f"with --tokenizer bpe") from None
+
+    def _decode(self, ids: list[int]) -> str:
+        return "".join([self.chars[i] for i in ids])
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "chars": self.chars}
+
+
+# ---------------------------------------------------------------------------------------------
+# bpe
+
+
+def train_bpe(text: str, vocab_size: int) -> list[bytes]:
+    """Learn byte-level BPE tokens from `text`: the 256 single bytes, then one token per merge, in order.
+
+    The algorithm (Sennrich et al. 2016, on bytes as in GPT-2):
+
+    1. Split the text into words with GPT-2's pattern and count each distinct word. Each word starts
+       as its UTF-8 bytes, i.e. a sequence of token ids 0-255.
+    2. Count every adjacent pair of tokens over all words, weighted by the word's count.
+    3. Take the most frequent pair (a, b), ties going to the smallest (a, b); its bytes become a new
+       token c. Replace every (a, b) in every word by c, left to right.
+    4. Repeat 3 until there are `vocab_size` tokens or no word has two tokens left.
+
+    Recounting all pairs after each merge is what makes naive BPE slow. Here the counts are updated
+    instead: a merge touches only the words containing (a, b), found through an index pair -> words,
+    and each touched word takes back its old pairs' counts and adds its new ones. The most frequent
+    pair comes from a heap of (-count, pair); an entry whose count has since changed is stale and
+    skipped, since every change pushes a fresh entry.
+
+    Each merge makes new bytes, as tiktoken's ranks (keyed by bytes) need: no merge crosses the edge
+    of a span that ends up one token, so how that span is built depends on its bytes alone. The
+    result has fewer than `vocab_size` tokens only if the text runs out of pairs.
+    """
+    word_counts = Counter(regex.findall(GPT2_SPLIT_PATTERN, text))
+    words = [list(word.encode("utf-8")) for word in word_counts]
+    counts = list(word_counts.values())
+    tokens = [bytes([b]) for b in range(256)]
+
+    pair_counts = Counter()
+    words_with = defaultdict(set)  # pair -> indices of the words that contain it (or once did)
+    for w, word in enumerate(words):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += counts[w]
+            words_with[pair].add(w)
+    heap = [(-n, pair) for pair, n in pair_counts.items()]
+    heapq.heapify(heap)
+
+    while len(tokens) < vocab_size and heap:
+        n, pair = heapq.heappop(heap)
+        if pair_counts.get(pair) != -n:
+            continue  # stale entry
+        new_id = len(tokens)
+        tokens.append(tokens[pair[0]] + tokens[pair[1]])
+
+        change = Counter()
+        for w in words_with.pop(pair):
+            old = words[w]
+            new = merge_pair(old, pair, new_id)
+            if len(new) == len(old):
+                continue  # the word lost this pair in an earlier merge
+            for p in zip(old, old[1:]):
+                change[p] -= counts[w]
+            for p in zip(new, new[1:]):
+                change[p] += counts[w]
+                words_with[p].add(w)
+            words[w] = new
+        for p, delta in change.items():
+            if delta:
+                pair_counts[p] += delta
+                if pair_counts[p]:
+                    heapq.heappush(heap, (-pair_counts[p], p))
+                else:
+                    del pair_counts[p]
+    return tokens
+
+
+def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
+    """`ids` with every occurrence of `pair`, scanning left to right, replaced by `new_id`."""
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+class BPETokenizer(Tokenizer):
+    kind = "bpe"
+
+    def __init__(self, tokens: list[bytes]):
+        """`tokens[r]` is the bytes of the token of rank (and id) r, in merge order."""
+        if len(set(tokens)) != len(tokens) or not {bytes([b]) for b in range(256)} <= set(tokens):
+            raise FastGPTError("these BPE tokens are not a valid vocabulary (it needs all 256 single "
+                               "bytes and no repeats); retrain with --tokenizer bpe")
+        self.tokens = tokens
+        self.vocab_size = len(tokens)
+        self._encoding = tiktoken.Encoding(
+            "fastgpt-bpe", pat_str=GPT2_SPLIT_PATTERN,
+            mergeable_ranks={t: rank for rank, t in enumerate(tokens)}, special_tokens={})
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int) -> "BPETokenizer":
+        return cls(train_bpe(text, vocab_size))
+
+    def encode(self, text: str) -> list[int]:
+        # No special tokens: "<|endoftext|>" in the text is just text.
+        return self._encoding.encode_ordinary(text)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._encoding.decode(ids)
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "tokens": list(self.tokens)}
+
+    def save(self, path: str) -> None:
+        """Write the ranks as a `.tiktoken` file: base64 of the token's bytes, a space, its rank."""
+        with open(path, "wb") as f:
+            for rank, token in enumerate(self.tokens):
+                f.write(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
+
+    @classmethod
+    def load(cls, path: str) -> "BPETokenizer":
+        # Parsed here rather than by tiktoken.load.load_tiktoken_bpe, which caches files by path: it
+        # would hand back a stale copy after the file at `path` is rewritten.
+        try:
+            with open(path, "rb") as f:
+                ranks = {int(rank): base64.b64decode(token, validate=True)
+                         for token, rank in (line.split() for line in f if line.strip())}
+        except OSError as e:
+            raise FastGPTError(f"cannot read the BPE tokenizer file {path}: {e.strerror}; "
+                               f"check the path") from None
+        except ValueError:
+            raise FastGPTError(f"{path} is not a .tiktoken rank file (lines of base64 token, space, rank); "
+                               f"save it with BPETokenizer.save") from None
+        if sorted(ranks) != list(range(len(ranks))):
+            raise FastGPTError(f"the ranks in {path} are not 0 to {len(ranks) - 1} each once; "
+                               f"save it with BPETokenizer.save")
+        return cls([ranks[r] for r in range(len(ranks))])
+
+
+# ---------------------------------------------------------------------------------------------
+# gpt2
+
+# The files tiktoken builds its GPT-2 encoding from, with their sha256 (as in tiktoken_ext/openai_public.py).
+GPT2_FILES = {
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe":
+        "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json":
+        "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+
+
+def tiktoken_cache_dir() -> str:
+    """The folder tiktoken reads downloaded files from (same rule as tiktoken.load.read_file_cached)."""
+    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if var in os.environ:
+            return os.environ[var]
+    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
+
+
+def gpt2_files_cached(cache_dir: str) -> bool:
+    """Whether tiktoken will find GPT-2's files in `cache_dir`, each named by the sha1 of its URL.
+
+    A missing or corrupt file makes tiktoken download it, which offline can hang, hence checking first.
+    """
+    if not cache_dir:
+        return False  # an empty TIKTOKEN_CACHE_DIR turns tiktoken's cache off
+    for url, sha256 in GPT2_FILES.items():
+        path = os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())
+        if not os.path.isfile(path):
+            return False
+        with open(path, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != sha256:
+                return False
+    return True
+
+
+class GPT2Tokenizer(Tokenizer):
+    kind = "gpt2"
+
+    def __init__(self):
+        cache_dir = tiktoken_cache_dir()
+        if not gpt2_files_cached(cache_dir):
+            raise FastGPTError(
+                f"the gpt2 tokenizer needs tiktoken's GPT-2 files, which are not in tiktoken's cache "
+                f"folder {cache_dir!r}: on a machine with internet run `python -c \"import tiktoken; "
+                f"tiktoken.get_encoding('gpt2')\"`, copy its cache folder here and point TIKTOKEN_CACHE_DIR "
+                f"at it, or train with --tokenizer bpe")
+        self._encoding = tiktoken.get_encoding("gpt2")
+        self.vocab_size = self._encoding.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        return self._encoding.encode_ordinary(text)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._encoding.decode(ids)
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind}
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing one
+
+
+def train_tokenizer(kind: str, text: str, vocab_size: int | None = None) -> Tokenizer:
+    """A tokenizer of `kind` for `text`. Only bpe uses `vocab_size` (256 or more); gpt2 ignores `text`."""
+    if kind not in KINDS:
+        raise FastGPTError(f"unknown tokenizer {kind!r}; choose one of: {', '.join(KINDS)}")
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    if not text:
+        raise FastGPTError(f"cannot train the {kind} tokenizer on empty text; "
+                           f"give it a non-empty training text")
+    if kind == "char":
+        return CharTokenizer.train(text)
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 256:
+        raise FastGPTError(f"the bpe tokenizer needs a vocab size of at least 256 (its single bytes), "
+                           f"got {vocab_size!r}; set it with --vocab-size, e.g. 1024")
+    return BPETokenizer.train(text, vocab_size)
+
+
+def tokenizer_from_state(state: dict) -> Tokenizer:
+    """The tokenizer whose `state_dict()` was `state`."""
+    kind = state.get("kind") if isinstance(state, dict) else None
+    if kind == "char" and isinstance(state.get("chars"), str):
+        return CharTokenizer(state["chars"])
+    if kind == "bpe" and isinstance(state.get("tokens"), list):
+        return BPETokenizer(state["tokens"])
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    raise FastGPTError(f"the checkpoint's tokenizer state is not one of {', '.join(KINDS)} "
+                       f"(kind {kind!r}); load a checkpoint saved by fastgpt")
