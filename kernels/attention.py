@@ -1,0 +1,448 @@
+"""Causal flash attention: forward and backward kernels in Triton.
+
+The math, for one (batch, head) pair. Q holds Tq queries, K and V hold Tk >= Tq keys and values,
+all of head dimension D. The queries are the last Tq positions of the sequence, so query i may look
+at keys 0 .. i + (Tk - Tq); call that offset `query_offset`.
+
+    S = scale * Q K^T          (Tq x Tk), with S[i, j] = -inf for j > i + query_offset
+    P = softmax(S) row-wise,   O = P V
+
+Forward (FlashAttention-2). Each program owns a block of BLOCK_M query rows and streams the keys and
+values in blocks of BLOCK_N, never materialising S. It keeps, per row, the running maximum m_i of
+the scores seen so far, the running sum l_i of exp(score - m_i), and the unnormalised output acc.
+For each key block:
+
+    m_ij  = max(m_i, rowmax(S_block))
+    P_blk = exp(S_block - m_ij)
+    alpha = exp(m_i - m_ij)                 (rescales what was accumulated under the old maximum)
+    l_i   = alpha * l_i + rowsum(P_blk)
+    acc   = alpha * acc + P_blk V_block
+    m_i   = m_ij
+
+and at the end O = acc / l_i. Exponentials are exp2, the cheap one on the GPU: the scores are kept
+in base 2 by folding log2(e) into the scale (qk_scale = scale * log2(e)), since exp(x) = exp2(x log2 e).
+The kernel also saves the log-sum-exp of each row, LSE = m_i + log2(l_i) (base 2), which lets the
+backward recompute P = exp2(qk_scale Q K^T - LSE) block by block without a second softmax.
+
+Causality splits each query block's key range in two: keys before the block's diagonal are visible
+to every row of the block and need no mask; the keys on the diagonal (one band of BLOCK_M keys) need
+the mask j <= i + query_offset; keys beyond the diagonal are never visited.
+
+Backward. With dO the gradient of O and Delta_i = rowsum(dO * O) (computed first, by a small kernel):
+
+    dV = P^T dO
+    dP = dO V^T
+    dS = P * (dP - Delta)                   (the softmax backward, row by row)
+    dQ = scale * dS K,    dK = scale * dS^T Q
+
+Two kernels, each writing its own outputs once, so no atomics and bitwise-deterministic results:
+one program per block of keys accumulates dK and dV by looping over the queries that see those keys
+(first the diagonal band, masked, then all later queries, unmasked), and one program per block of
+queries accumulates dQ by looping over the keys it sees (the same split as the forward).
+
+All tiles are computed in fp32 (`tl.dot` accumulates in fp32); the dot operands are in DOT_DTYPE,
+the inputs' own dtype on the GPU. Triton's CPU interpreter multiplies bf16 as raw integers, so there
+(and only there) bf16 operands are upcast to fp32. Head dimensions that are not powers of two are
+padded to the next one with masked (zero) loads; sequence lengths need not be multiples of a block.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+
+LOG2_E = 1.4426950408889634
+MIN_BLOCK = 16  # the smallest tile tl.dot accepts on each side
+MAX_HEAD_DIM = 256
+SHARED_MEMORY_BYTES = 227 * 1024  # per thread block on Hopper (H100, H200)
+MAX_ACCUMULATOR_REGISTERS = 128  # fp32 accumulator values per thread before registers spill
+
+
+# ---------------------------------------------------------------------------------------------
+# Block sizes: autotuned on the GPU, one fixed choice in the (slow, single-threaded) interpreter
+# ---------------------------------------------------------------------------------------------
+
+def _configs(hopper_tiles, interpreter_tile):
+    """triton.Configs from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples."""
+    tiles = [interpreter_tile] if interpreting() else hopper_tiles
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+
+
+# A 64-row tile is one warpgroup's wgmma on Hopper (4 warps), a 128-row tile two (8 warps). The
+# tiled dimension that is looped over (BLOCK_N in the forward) divides the one that stays resident.
+FORWARD_CONFIGS = _configs(
+    [(m, n, w, s) for m, w in ((64, 4), (128, 8)) for n in (32, 64, 128) if n <= m for s in (3, 4)],
+    interpreter_tile=(32, 16, 4, 1))
+BACKWARD_DKDV_CONFIGS = _configs(  # keys resident (BLOCK_N), queries looped over (BLOCK_M)
+    [(m, n, w, 3) for n in (64, 128) for m in (32, 64) if m <= n for w in (4, 8)],
+    interpreter_tile=(16, 32, 4, 1))
+BACKWARD_DQ_CONFIGS = _configs(  # queries resident (BLOCK_M), keys looped over (BLOCK_N)
+    [(m, n, w, 3) for m in (64, 128) for n in (32, 64) if n <= m for w in (4, 8)],
+    interpreter_tile=(32, 16, 4, 1))
+
+
+def config_pruner(looped_block, accumulators):
+    """An `early_config_prune` for an attention kernel.
+
+    `looped_block` names the block ("BLOCK_M" or "BLOCK_N") whose tiles the kernel streams through
+    in its loop; the other block stays resident with `accumulators` fp32 tiles of it. Configs are
+    dropped when they cannot be fast:
+      - a block longer than its sequence (rounded up to a power of two) only computes padding;
+      - the looped tiles in flight (two operands per pipeline stage) and the resident tiles must
+        fit in shared memory, or the kernel does not launch;
+      - the fp32 accumulators must fit in registers, or they spill to memory.
+    If nothing is left, the smallest config is kept: it always runs.
+    """
+    resident_block = "BLOCK_N" if looped_block == "BLOCK_M" else "BLOCK_M"
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        head_dim = args["HEAD_DIM_PADDED"]
+        element_size = args["Q"].element_size()
+        lengths = {"BLOCK_M": args["tune_len_q"], "BLOCK_N": args["tune_len_k"]}
+        smallest = {name: min(c.kwargs[name] for c in configs) for name in lengths}
+
+        def useful(config):
+            blocks = config.kwargs
+            if any(blocks[name] > max(lengths[name], smallest[name]) for name in lengths):
+                return False
+            looped_tiles = config.num_stages * 2 * blocks[looped_block]
+            resident_tiles = 2 * blocks[resident_block]
+            if (looped_tiles + resident_tiles) * head_dim * element_size > SHARED_MEMORY_BYTES:
+                return False
+            threads = 32 * config.num_warps
+            return accumulators * blocks[resident_block] * head_dim / threads <= MAX_ACCUMULATOR_REGISTERS
+
+        kept = [c for c in configs if useful(c)]
+        return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+
+    return prune
+
+
+# Tuning is keyed on the head dimension and on the sequence lengths rounded up to powers of two
+# (tune_len_q, tune_len_k), so that a growing sequence (generation) does not retune at every length.
+TUNING_KEY = ["HEAD_DIM", "tune_len_q", "tune_len_k"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by the kernels
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_rows(base, rows, stride_t, n_rows, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
+               DOT_DTYPE: tl.constexpr):
+    """Rows `rows` of one head's (T, D) matrix as a (len(rows), HEAD_DIM_PADDED) tile; padding reads 0."""
+    dims = tl.arange(0, HEAD_DIM_PADDED)
+    mask = rows[:, None] < n_rows
+    if HEAD_DIM != HEAD_DIM_PADDED:
+        mask = mask & (dims[None, :] < HEAD_DIM)
+    return tl.load(base + rows[:, None] * stride_t + dims[None, :], mask=mask, other=0.0).to(DOT_DTYPE)
+
+
+@triton.jit
+def _store_rows(base, tile, rows, n_rows, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr):
+    """Store a tile into rows `rows` of one head's contiguous (T, D) matrix, in that matrix's dtype."""
+    dims = tl.arange(0, HEAD_DIM_PADDED)
+    mask = rows[:, None] < n_rows
+    if HEAD_DIM != HEAD_DIM_PADDED:
+        mask = mask & (dims[None, :] < HEAD_DIM)
+    tl.store(base + rows[:, None] * HEAD_DIM + dims[None, :], tile.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _head_start(base, batch_head, n_heads, stride_b, stride_h):
+    """Where the (T, D) matrix of one (batch, head) pair starts in a (B, H, T, D) tensor."""
+    batch = (batch_head // n_heads).to(tl.int64)
+    head = (batch_head % n_heads).to(tl.int64)
+    return base + batch * stride_b + head * stride_h
+
+
+@triton.jit
+def _diagonal_keys(query_start, query_offset, seq_len_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The keys [start, end) that a block of queries sees only partly: its diagonal band.
+
+    Every key before `start` is visible to all BLOCK_M queries; `start` is rounded down to a key
+    block so that the unmasked loop takes whole blocks. No query of the block sees a key at `end`
+    or later.
+    """
+    start = (query_start + query_offset) // BLOCK_N * BLOCK_N
+    end = tl.minimum(query_start + query_offset + BLOCK_M, seq_len_k)
+    return start, end
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _forward_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, queries, key_start, key_end,
+                        query_offset, seq_len_k, qk_scale,
+                        CAUSAL_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
+                        DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The online-softmax update of (acc, l_i, m_i) over the key blocks in [key_start, key_end)."""
+    for start_n in range(key_start, key_end, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K, keys, stride_kt, seq_len_k, HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE)
+        v = _load_rows(V, keys, stride_vt, seq_len_k, HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        if CAUSAL_MASK:
+            s = tl.where(keys[None, :] <= queries[:, None] + query_offset, s, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(DOT_DTYPE), v, acc * alpha[:, None], input_precision="ieee")
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=FORWARD_CONFIGS, key=TUNING_KEY,
+                 prune_configs_by={"early_config_prune": config_pruner("BLOCK_N", accumulators=1)})
+@triton.jit
+def _attention_forward_kernel(
+        Q, K, V, O, LSE,
+        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+        n_heads, seq_len_q, seq_len_k, qk_scale, tune_len_q, tune_len_k,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    query_start = tl.program_id(0) * BLOCK_M
+    batch_head = tl.program_id(1)
+    Q = _head_start(Q, batch_head, n_heads, stride_qb, stride_qh)
+    K = _head_start(K, batch_head, n_heads, stride_kb, stride_kh)
+    V = _head_start(V, batch_head, n_heads, stride_vb, stride_vh)
+    O += batch_head.to(tl.int64) * seq_len_q * HEAD_DIM
+    LSE += batch_head.to(tl.int64) * seq_len_q
+    query_offset = seq_len_k - seq_len_q
+
+    queries = query_start + tl.arange(0, BLOCK_M)
+    q = _load_rows(Q, queries, stride_qt, seq_len_q, HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], dtype=tl.float32)
+
+    # Every row of the block sees at least its own diagonal key, so m_i is finite by the end.
+    diagonal_start, diagonal_end = _diagonal_keys(query_start, query_offset, seq_len_k, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _forward_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, queries, 0, diagonal_start,
+                                        query_offset, seq_len_k, qk_scale, False,
+                                        HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE, BLOCK_N)
+    acc, l_i, m_i = _forward_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, queries, diagonal_start,
+                                        diagonal_end, query_offset, seq_len_k, qk_scale, True,
+                                        HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE, BLOCK_N)
+
+    _store_rows(O, acc / l_i[:, None], queries, seq_len_q, HEAD_DIM, HEAD_DIM_PADDED)
+    tl.store(LSE + queries, m_i + tl.math.log2(l_i), mask=queries < seq_len_q)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _backward_delta_kernel(O, DO, DELTA, n_rows, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
+                           BLOCK_M: tl.constexpr):
+    """Delta_i = rowsum(dO_i * O_i) for all (batch, head, query) rows at once."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = _load_rows(O, rows, HEAD_DIM, n_rows, HEAD_DIM, HEAD_DIM_PADDED, tl.float32)
+    do = _load_rows(DO, rows, HEAD_DIM, n_rows, HEAD_DIM, HEAD_DIM_PADDED, tl.float32)
+    tl.store(DELTA + rows, tl.sum(o * do, 1), mask=rows < n_rows)
+
+
+@triton.jit
+def _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, keys, query_start, query_end,
+                       query_offset, seq_len_q, qk_scale,
+                       CAUSAL_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
+                       DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Accumulate dK and dV of one key block over the query blocks in [query_start, query_end).
+
+    Works on transposed tiles (keys x queries) so that the results come out with keys as rows.
+    Query rows past the end load as zeros, which makes their dO, and so their share of dK and dV, zero.
+    """
+    for start_m in range(query_start, query_end, BLOCK_M):
+        queries = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(Q, queries, stride_qt, seq_len_q, HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE)
+        do = _load_rows(DO, queries, HEAD_DIM, seq_len_q, HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE)
+        lse = tl.load(LSE + queries, mask=queries < seq_len_q, other=0.0)
+        delta = tl.load(DELTA + queries, mask=queries < seq_len_q, other=0.0)
+
+        p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale - lse[None, :])
+        if CAUSAL_MASK:
+            p_t = tl.where(keys[:, None] <= queries[None, :] + query_offset, p_t, 0.0)
+        dv = tl.dot(p_t.to(DOT_DTYPE), do, dv, input_precision="ieee")
+        dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(DOT_DTYPE), q, dk, input_precision="ieee")
+    return dk, dv
+
+
+@triton.autotune(configs=BACKWARD_DKDV_CONFIGS, key=TUNING_KEY,
+                 prune_configs_by={"early_config_prune": config_pruner("BLOCK_M", accumulators=2)})
+@triton.jit
+def _attention_backward_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV,
+        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+        n_heads, seq_len_q, seq_len_k, scale, qk_scale, tune_len_q, tune_len_k,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    key_start = tl.program_id(0) * BLOCK_N
+    batch_head = tl.program_id(1)
+    Q = _head_start(Q, batch_head, n_heads, stride_qb, stride_qh)
+    K = _head_start(K, batch_head, n_heads, stride_kb, stride_kh)
+    V = _head_start(V, batch_head, n_heads, stride_vb, stride_vh)
+    DO += batch_head.to(tl.int64) * seq_len_q * HEAD_DIM
+    DK += batch_head.to(tl.int64) * seq_len_k * HEAD_DIM
+    DV += batch_head.to(tl.int64) * seq_len_k * HEAD_DIM
+    LSE += batch_head.to(tl.int64) * seq_len_q
+    DELTA += batch_head.to(tl.int64) * seq_len_q
+    query_offset = seq_len_k - seq_len_q
+
+    keys = key_start + tl.arange(0, BLOCK_N)
+    k = _load_rows(K, keys, stride_kt, seq_len_k, HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE)
+    v = _load_rows(V, keys, stride_vt, seq_len_k, HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PADDED], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_PADDED], dtype=tl.float32)
+
+    # Query i sees key j when i >= j - query_offset. The queries in the band of BLOCK_N rows starting
+    # at key_start - query_offset see part of this key block; every later query sees all of it, and
+    # no earlier query sees any of it.
+    diagonal_start = tl.maximum(key_start - query_offset, 0)
+    diagonal_end = tl.maximum(key_start + BLOCK_N - query_offset, 0)
+    full_start = diagonal_start + tl.cdiv(diagonal_end - diagonal_start, BLOCK_M) * BLOCK_M
+    dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, keys, diagonal_start, full_start,
+                                query_offset, seq_len_q, qk_scale, True,
+                                HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE, BLOCK_M)
+    dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, keys, full_start, seq_len_q,
+                                query_offset, seq_len_q, qk_scale, False,
+                                HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE, BLOCK_M)
+
+    _store_rows(DK, dk * scale, keys, seq_len_k, HEAD_DIM, HEAD_DIM_PADDED)
+    _store_rows(DV, dv, keys, seq_len_k, HEAD_DIM, HEAD_DIM_PADDED)
+
+
+@triton.jit
+def _dq_key_blocks(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, queries, key_start, key_end,
+                   query_offset, seq_len_k, qk_scale,
+                   CAUSAL_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Accumulate dQ (without the final scale) of one query block over the key blocks in [key_start, key_end)."""
+    for start_n in range(key_start, key_end, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K, keys, stride_kt, seq_len_k, HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE)
+        v = _load_rows(V, keys, stride_vt, seq_len_k, HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale - lse[:, None])
+        if CAUSAL_MASK:
+            p = tl.where(keys[None, :] <= queries[:, None] + query_offset, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(DOT_DTYPE), k, dq, input_precision="ieee")
+    return dq
+
+
+@triton.autotune(configs=BACKWARD_DQ_CONFIGS, key=TUNING_KEY,
+                 prune_configs_by={"early_config_prune": config_pruner("BLOCK_N", accumulators=1)})
+@triton.jit
+def _attention_backward_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ,
+        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+        n_heads, seq_len_q, seq_len_k, scale, qk_scale, tune_len_q, tune_len_k,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    query_start = tl.program_id(0) * BLOCK_M
+    batch_head = tl.program_id(1)
+    Q = _head_start(Q, batch_head, n_heads, stride_qb, stride_qh)
+    K = _head_start(K, batch_head, n_heads, stride_kb, stride_kh)
+    V = _head_start(V, batch_head, n_heads, stride_vb, stride_vh)
+    DO += batch_head.to(tl.int64) * seq_len_q * HEAD_DIM
+    DQ += batch_head.to(tl.int64) * seq_len_q * HEAD_DIM
+    LSE += batch_head.to(tl.int64) * seq_len_q
+    DELTA += batch_head.to(tl.int64) * seq_len_q
+    query_offset = seq_len_k - seq_len_q
+
+    # Query rows past the end load as zeros (dO = 0, Delta = 0), so their dS is zero.
+    queries = query_start + tl.arange(0, BLOCK_M)
+    q = _load_rows(Q, queries, stride_qt, seq_len_q, HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE)
+    do = _load_rows(DO, queries, HEAD_DIM, seq_len_q, HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE)
+    lse = tl.load(LSE + queries, mask=queries < seq_len_q, other=0.0)
+    delta = tl.load(DELTA + queries, mask=queries < seq_len_q, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], dtype=tl.float32)
+
+    diagonal_start, diagonal_end = _diagonal_keys(query_start, query_offset, seq_len_k, BLOCK_M, BLOCK_N)
+    dq = _dq_key_blocks(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, queries, 0, diagonal_start,
+                        query_offset, seq_len_k, qk_scale, False, HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE, BLOCK_N)
+    dq = _dq_key_blocks(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, queries, diagonal_start, diagonal_end,
+                        query_offset, seq_len_k, qk_scale, True, HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE, BLOCK_N)
+
+    _store_rows(DQ, dq * scale, queries, seq_len_q, HEAD_DIM, HEAD_DIM_PADDED)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+_TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+DELTA_BLOCK = 64  # rows per program of the small Delta kernel
+
+
+def dot_dtype(dtype):
+    """The dtype of the tl.dot operands for inputs of `dtype` (see the module docstring for bf16)."""
+    if dtype == torch.bfloat16 and interpreting():
+        return tl.float32
+    return _TRITON_DTYPES[dtype]
+
+
+def _head_dims(head_dim):
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"the Triton attention kernel takes head dims up to {MAX_HEAD_DIM}, got {head_dim}")
+    return {"HEAD_DIM": head_dim, "HEAD_DIM_PADDED": max(MIN_BLOCK, triton.next_power_of_2(head_dim))}
+
+
+def _rows_contiguous(x):
+    """x itself when each row of its last dimension is contiguous (any B, H, T strides), else a copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _shape_args(q, k):
+    """The launch arguments that describe q's and k's shapes, shared by all attention kernels."""
+    batch, n_heads, seq_len_q, head_dim = q.shape
+    seq_len_k = k.shape[2]
+    return dict(n_heads=n_heads, seq_len_q=seq_len_q, seq_len_k=seq_len_k,
+                tune_len_q=triton.next_power_of_2(seq_len_q), tune_len_k=triton.next_power_of_2(seq_len_k),
+                DOT_DTYPE=dot_dtype(q.dtype), **_head_dims(head_dim))
+
+
+def _strides(q, k, v):
+    return [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3]]
+
+
+def attention_forward(q, k, v, scale):
+    """O and the base-2 log-sum-exp (B, H, Tq) in fp32 of causal attention; see the module docstring."""
+    q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
+    batch, n_heads, seq_len_q, _ = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, n_heads, seq_len_q), dtype=torch.float32, device=q.device)
+    grid = lambda meta: (triton.cdiv(seq_len_q, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
+    _attention_forward_kernel[grid](q, k, v, out, lse, *_strides(q, k, v), qk_scale=scale * LOG2_E,
+                                    **_shape_args(q, k))
+    return out, lse
+
+
+def attention_backward(grad_out, q, k, v, out, lse, scale):
+    """(dQ, dK, dV) of causal attention, given the forward's inputs, output and log-sum-exp."""
+    q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
+    grad_out = grad_out.contiguous()
+    batch, n_heads, seq_len_q, head_dim = q.shape
+    seq_len_k = k.shape[2]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    delta = torch.empty_like(lse)
+
+    n_rows = batch * n_heads * seq_len_q
+    _backward_delta_kernel[(triton.cdiv(n_rows, DELTA_BLOCK),)](out, grad_out, delta, n_rows,
+                                                                  BLOCK_M=DELTA_BLOCK, **_head_dims(head_dim))
+    args = dict(qk_scale=scale * LOG2_E, scale=scale, **_shape_args(q, k))
+    dkdv_grid = lambda meta: (triton.cdiv(seq_len_k, meta["BLOCK_N"]), batch * n_heads)  # noqa: E731
+    _attention_backward_dkdv_kernel[dkdv_grid](q, k, v, grad_out, lse, delta, dk, dv, *_strides(q, k, v), **args)
+    dq_grid = lambda meta: (triton.cdiv(seq_len_q, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
+    _attention_backward_dq_kernel[dq_grid](q, k, v, grad_out, lse, delta, dq, *_strides(q, k, v), **args)
+    return dq, dk, dv
