@@ -7,8 +7,8 @@
 another torch to compile against, and an extension built for one torch does not load in another.
 """
 
-import glob
 import os
+import runpy
 import sys
 
 from setuptools import setup
@@ -24,16 +24,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def cpp_extensions():
-    """The C++ CPU extension, built from every source file in csrc/."""
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    if not sources:
+    """The C++ CPU extension: the sources in csrc/, built once per instruction set (csrc/build_config.py).
+
+    fastgpt.ops.cpp loads the build matching the CPU it runs on. ninja (used by BuildExtension when it
+    is installed) compiles each module's files in parallel.
+    """
+    config_path = os.path.join(HERE, "csrc", "build_config.py")
+    if not os.path.exists(config_path):
         return []
+    config = runpy.run_path(config_path)
+    sources = [os.path.join("csrc", name) for name in config["SOURCES"]]
     return [CppExtension(
-        name="fastgpt._C",
+        name="fastgpt." + config["module_name"](isa),
         sources=sources,
-        extra_compile_args=["-O3", "-fopenmp"],
-        extra_link_args=["-fopenmp"],
-    )]
+        extra_compile_args=config["COMPILE_FLAGS"] + config["ISA_FLAGS"][isa],
+        extra_link_args=config["LINK_FLAGS"],
+    ) for isa in config["buildable_isas"]()]
 
 
 setup(

@@ -1,0 +1,311 @@
+// Causal attention on the CPU, forward and backward, in the manner of FlashAttention-2.
+//
+// The math, for one (batch, head), queries q_i (i < Tq), keys and values k_j, v_j (j < Tk), and the
+// queries sitting at the end of the key sequence (offset = Tk - Tq, query i sees keys j <= offset + i):
+//
+//   s_ij = scale * q_i . k_j                    (only for visible j)
+//   m_i  = max_j s_ij,   l_i = sum_j exp(s_ij - m_i),   p_ij = exp(s_ij - m_i) / l_i
+//   o_i  = sum_j p_ij v_j,   lse_i = m_i + log(l_i)      (lse is kept for the backward)
+//
+// Forward: the queries are cut into blocks of kBlockQ rows and the keys into blocks of kBlockK
+// columns. A query block walks the key blocks from the first to the one holding its last row's
+// diagonal, and never visits a block that lies wholly above the diagonal. It keeps a running
+// maximum m_i and sum l_i ("online softmax"): when a new block raises the maximum from m to m', the
+// sum and the output accumulated so far are multiplied by exp(m - m') before the block's own terms
+// are added. Only a kBlockQ x kBlockK tile of scores ever exists, never the Tq x Tk matrix.
+//
+// Backward, with do_i the gradient of o_i and delta_i = do_i . o_i:
+//
+//   p_ij  = exp(s_ij - lse_i)                  (recomputed from the stored log-sum-exp)
+//   dv_j  = sum_i p_ij do_i
+//   dp_ij = do_i . v_j,   ds_ij = p_ij (dp_ij - delta_i)
+//   dq_i  = scale * sum_j ds_ij k_j,   dk_j = scale * sum_i ds_ij q_i
+//
+// Each task owns some key blocks of one (batch, head): for each, it walks the query blocks that see
+// it and accumulates dk_j and dv_j in its own buffers, so they are written once and without races.
+// dq_i collects terms from every key block; each task adds its terms to its own dq partial (Tq x D),
+// and the partials are summed once at the end. When there are fewer (batch, head) pairs than
+// threads, a head's key blocks are dealt out round-robin to several tasks (each with its own
+// partial), so the backward is parallel over more than batch x heads; extra memory stays O(Tq) per
+// (batch, head) and the result does not depend on timing (no atomics).
+//
+// bf16 inputs are widened to fp32 once at the op boundary and the kernels run in fp32 (the matrix
+// products go to fp32 BLAS); fp64 runs in fp64 for gradcheck.
+
+#include "common.h"
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace fastgpt {
+namespace {
+
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 64;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---- Row operations on one tile row, vectorised ------------------------------------------------
+
+template <typename T>
+T max_of(const T* x, int64_t n) {
+  using V = at::vec::Vectorized<T>;
+  const V lowest(-std::numeric_limits<T>::infinity());
+  V best = lowest;
+  for (int64_t j = 0; j < n; j += V::size()) {
+    const int64_t count = std::min<int64_t>(V::size(), n - j);
+    best = at::vec::maximum(best, V::set(lowest, V::loadu(x + j, count), count));
+  }
+  return at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, best);
+}
+
+// x_j <- exp(x_j - shift) for j < visible and 0 for visible <= j < n; returns the sum.
+template <typename T>
+T exponentiate_and_sum(T* x, int64_t visible, int64_t n, T shift) {
+  using V = at::vec::Vectorized<T>;
+  const V zero(T(0)), shift_v(shift);
+  V total = zero;
+  for (int64_t j = 0; j < n; j += V::size()) {
+    const int64_t count = std::min<int64_t>(V::size(), std::max<int64_t>(visible - j, 0));
+    const V e = V::set(zero, (V::loadu(x + j) - shift_v).exp_u20(), count);
+    e.store(x + j, std::min<int64_t>(V::size(), n - j));
+    total += e;
+  }
+  return at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, total);
+}
+
+template <typename T>
+void scale_row(T* x, int64_t n, T factor) {
+  using V = at::vec::Vectorized<T>;
+  for (int64_t j = 0; j < n; j += V::size()) {
+    const int64_t count = std::min<int64_t>(V::size(), n - j);
+    (V::loadu(x + j, count) * V(factor)).store(x + j, count);
+  }
+}
+
+template <typename T>
+T dot(const T* a, const T* b, int64_t n) {
+  using V = at::vec::Vectorized<T>;
+  V total(T(0));
+  for (int64_t j = 0; j < n; j += V::size()) {
+    const int64_t count = std::min<int64_t>(V::size(), n - j);
+    total = at::vec::fmadd(V::loadu(a + j, count), V::loadu(b + j, count), total);
+  }
+  return at::vec::vec_reduce_all<T>([](V& x, V& y) { return x + y; }, total);
+}
+
+// How many of the `cols` keys starting at k0 the query at position `query_position` may see.
+int64_t visible_keys(int64_t query_position, int64_t k0, int64_t cols) {
+  return std::clamp<int64_t>(query_position + 1 - k0, 0, cols);
+}
+
+// The (T, D) matrix of one (batch, head) of a (B, H, T, D) tensor with unit stride along D.
+template <typename T>
+Rows<T> head(const at::Tensor& t, int64_t b, int64_t h) {
+  // A single row may carry any stride; BLAS only asks that a row stride be at least D.
+  const int64_t row_stride = t.size(2) > 1 ? t.stride(2) : std::max<int64_t>(t.size(3), 1);
+  return {t.data_ptr<T>() + b * t.stride(0) + h * t.stride(1), row_stride};
+}
+
+// ---- Forward -----------------------------------------------------------------------------------
+
+template <typename T>
+void attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              at::Tensor& out, at::Tensor& lse, T scale) {
+  const int64_t heads = q.size(1), t_q = q.size(2), t_k = k.size(2), dim = q.size(3);
+  const int64_t offset = t_k - t_q;
+  const int64_t q_blocks = ceil_div(t_q, kBlockQ);
+
+  at::parallel_for(0, q.size(0) * heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scores(kBlockQ * kBlockK), acc(kBlockQ * dim), row_max(kBlockQ), row_sum(kBlockQ);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (heads * q_blocks), h = task / q_blocks % heads;
+      const int64_t q0 = task % q_blocks * kBlockQ, rows = std::min(kBlockQ, t_q - q0);
+      const Rows<T> Q = head<T>(q, b, h), K = head<T>(k, b, h), V = head<T>(v, b, h);
+      const Rows<T> O = head<T>(out, b, h);
+      T* block_lse = lse.data_ptr<T>() + (b * heads + h) * t_q + q0;
+
+      std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<T>::infinity());
+      std::fill(row_sum.begin(), row_sum.end(), T(0));
+      std::fill(acc.begin(), acc.end(), T(0));
+      // The block's last query sees keys [0, keys_seen): every key block past that is skipped.
+      const int64_t keys_seen = offset + q0 + rows;
+      for (int64_t k0 = 0; k0 < keys_seen; k0 += kBlockK) {
+        const int64_t cols = std::min(kBlockK, keys_seen - k0);
+        gemm<T>(false, true, rows, cols, dim, scale, Q.row(q0), Q.row_stride, K.row(k0),
+                K.row_stride, T(0), scores.data(), kBlockK);
+        for (int64_t i = 0; i < rows; ++i) {
+          T* s = scores.data() + i * kBlockK;
+          const int64_t visible = visible_keys(offset + q0 + i, k0, cols);
+          if (visible == 0) {  // the whole block is in this row's future
+            std::fill(s, s + cols, T(0));
+            continue;
+          }
+          const T new_max = std::max(row_max[i], max_of(s, visible));
+          const T correction = std::exp(row_max[i] - new_max);  // 0 on the first block
+          row_sum[i] = row_sum[i] * correction + exponentiate_and_sum(s, visible, cols, new_max);
+          if (correction != T(1)) scale_row(acc.data() + i * dim, dim, correction);
+          row_max[i] = new_max;
+        }
+        gemm<T>(false, false, rows, dim, cols, T(1), scores.data(), kBlockK, V.row(k0),
+                V.row_stride, T(1), acc.data(), dim);
+      }
+      for (int64_t i = 0; i < rows; ++i) {  // key 0 is visible to every query, so row_sum > 0
+        const T* a = acc.data() + i * dim;
+        T* o = O.row(q0 + i);
+        const T inverse_sum = T(1) / row_sum[i];
+        for (int64_t d = 0; d < dim; ++d) o[d] = a[d] * inverse_sum;
+        block_lse[i] = row_max[i] + std::log(row_sum[i]);
+      }
+    }
+  });
+}
+
+// ---- Backward ----------------------------------------------------------------------------------
+
+// How many tasks share one head's key blocks: enough that every thread has work even when
+// batch x heads is small, never more than there are key blocks.
+int64_t tasks_per_head(int64_t batch_heads, int64_t k_blocks) {
+  const int64_t wanted = 4 * at::get_num_threads();
+  return std::clamp<int64_t>(ceil_div(wanted, std::max<int64_t>(batch_heads, 1)), 1, k_blocks);
+}
+
+template <typename T>
+void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                               at::Tensor& dq_partials, at::Tensor& dk, at::Tensor& dv, T scale) {
+  const int64_t batch = q.size(0), heads = q.size(1), t_q = q.size(2), t_k = k.size(2);
+  const int64_t dim = q.size(3), offset = t_k - t_q;
+  const int64_t k_blocks = ceil_div(t_k, kBlockK), chunks = dq_partials.size(0);
+
+  // delta_i = do_i . o_i, one number per query.
+  at::Tensor delta = at::empty({batch, heads, t_q}, lse.options());
+  at::parallel_for(0, batch * heads * t_q, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / (heads * t_q), h = row / t_q % heads, i = row % t_q;
+      delta.data_ptr<T>()[row] = dot(head<T>(grad_out, b, h).row(i), head<T>(out, b, h).row(i), dim);
+    }
+  });
+
+  at::parallel_for(0, batch * heads * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> probs(kBlockQ * kBlockK), dprobs(kBlockQ * kBlockK);
+    std::vector<T> dk_acc(kBlockK * dim), dv_acc(kBlockK * dim);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / chunks, chunk = task % chunks, b = bh / heads, h = bh % heads;
+      const Rows<T> Q = head<T>(q, b, h), K = head<T>(k, b, h), V = head<T>(v, b, h);
+      const Rows<T> dO = head<T>(grad_out, b, h), dK = head<T>(dk, b, h), dV = head<T>(dv, b, h);
+      const T* head_lse = lse.data_ptr<T>() + bh * t_q;
+      const T* head_delta = delta.data_ptr<T>() + bh * t_q;
+      T* dq_partial = dq_partials.data_ptr<T>() + (chunk * batch * heads + bh) * t_q * dim;
+      std::fill(dq_partial, dq_partial + t_q * dim, T(0));
+
+      for (int64_t key_block = chunk; key_block < k_blocks; key_block += chunks) {
+        const int64_t k0 = key_block * kBlockK, cols = std::min(kBlockK, t_k - k0);
+        std::fill(dk_acc.begin(), dk_acc.end(), T(0));
+        std::fill(dv_acc.begin(), dv_acc.end(), T(0));
+        // Query i sees key k0 once offset + i >= k0: earlier query blocks are skipped.
+        const int64_t first_query = std::max<int64_t>(k0 - offset, 0) / kBlockQ * kBlockQ;
+        for (int64_t q0 = first_query; q0 < t_q; q0 += kBlockQ) {
+          const int64_t rows = std::min(kBlockQ, t_q - q0);
+          // P = exp(scale * Q K^T - lse), zero in the future.
+          gemm<T>(false, true, rows, cols, dim, scale, Q.row(q0), Q.row_stride, K.row(k0),
+                  K.row_stride, T(0), probs.data(), kBlockK);
+          for (int64_t i = 0; i < rows; ++i) {
+            const int64_t visible = visible_keys(offset + q0 + i, k0, cols);
+            exponentiate_and_sum(probs.data() + i * kBlockK, visible, cols, head_lse[q0 + i]);
+          }
+          // dV += P^T dO;  dP = dO V^T
+          gemm<T>(true, false, cols, dim, rows, T(1), probs.data(), kBlockK, dO.row(q0),
+                  dO.row_stride, T(1), dv_acc.data(), dim);
+          gemm<T>(false, true, rows, cols, dim, T(1), dO.row(q0), dO.row_stride, V.row(k0),
+                  V.row_stride, T(0), dprobs.data(), kBlockK);
+          // dS = P * (dP - delta), kept in dprobs.
+          for (int64_t i = 0; i < rows; ++i) {
+            using Vt = at::vec::Vectorized<T>;
+            const T* p = probs.data() + i * kBlockK;
+            T* ds = dprobs.data() + i * kBlockK;
+            const Vt row_delta(head_delta[q0 + i]);
+            for (int64_t j = 0; j < cols; j += Vt::size()) {
+              const int64_t count = std::min<int64_t>(Vt::size(), cols - j);
+              (Vt::loadu(p + j, count) * (Vt::loadu(ds + j, count) - row_delta)).store(ds + j, count);
+            }
+          }
+          // dK += scale * dS^T Q;  dQ += scale * dS K
+          gemm<T>(true, false, cols, dim, rows, scale, dprobs.data(), kBlockK, Q.row(q0),
+                  Q.row_stride, T(1), dk_acc.data(), dim);
+          gemm<T>(false, false, rows, dim, cols, scale, dprobs.data(), kBlockK, K.row(k0),
+                  K.row_stride, T(1), dq_partial + q0 * dim, dim);
+        }
+        for (int64_t j = 0; j < cols; ++j) {
+          std::copy_n(dk_acc.data() + j * dim, dim, dK.row(k0 + j));
+          std::copy_n(dv_acc.data() + j * dim, dim, dV.row(k0 + j));
+        }
+      }
+    }
+  });
+}
+
+// ---- Op entry points ---------------------------------------------------------------------------
+
+at::ScalarType compute_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// In the compute dtype, with unit stride along D and rows at least D apart (what BLAS accepts).
+at::Tensor prepared(const at::Tensor& t, at::ScalarType dtype) {
+  at::Tensor converted = t.to(dtype);
+  const bool rows_ok = converted.size(2) <= 1 || converted.stride(2) >= converted.size(3);
+  return converted.stride(3) == 1 && rows_ok ? converted : converted.contiguous();
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->device().is_cpu(), "fastgpt::causal_attention: expects CPU tensors");
+    TORCH_CHECK(t->dim() == 4, "fastgpt::causal_attention: expects (B, H, T, D) tensors");
+    const auto dtype = t->scalar_type();
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kDouble,
+                "fastgpt::causal_attention: supports float32, bfloat16 and float64, got ", dtype);
+  }
+  TORCH_CHECK(k.size(2) >= q.size(2), "fastgpt::causal_attention: needs Tk >= Tq");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> causal_attention_forward(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v, double scale) {
+  check_inputs(q, k, v);
+  const auto dtype = compute_type(q);
+  const at::Tensor qc = prepared(q, dtype), kc = prepared(k, dtype), vc = prepared(v, dtype);
+  at::Tensor out = at::empty(q.sizes(), q.options().dtype(dtype));
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "fastgpt::causal_attention_forward", [&] {
+    attention_forward_kernel<scalar_t>(qc, kc, vc, out, lse, static_cast<scalar_t>(scale));
+  });
+  return {out.to(q.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, double scale) {
+  check_inputs(q, k, v);
+  const auto dtype = compute_type(q);
+  const at::Tensor qc = prepared(q, dtype), kc = prepared(k, dtype), vc = prepared(v, dtype);
+  const at::Tensor doc = prepared(grad_out, dtype), oc = prepared(out, dtype);
+  const at::Tensor lsec = lse.to(dtype).contiguous();
+  const int64_t batch_heads = q.size(0) * q.size(1);
+  const int64_t chunks = tasks_per_head(batch_heads, std::max<int64_t>(ceil_div(k.size(2), kBlockK), 1));
+  at::Tensor dq_partials = at::empty({chunks, q.size(0), q.size(1), q.size(2), q.size(3)},
+                                     q.options().dtype(dtype));
+  at::Tensor dk = at::empty(k.sizes(), k.options().dtype(dtype));
+  at::Tensor dv = at::empty(v.sizes(), v.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "fastgpt::causal_attention_backward", [&] {
+    attention_backward_kernel<scalar_t>(doc, qc, kc, vc, oc, lsec, dq_partials, dk, dv,
+                                        static_cast<scalar_t>(scale));
+  });
+  at::Tensor dq = chunks == 1 ? dq_partials[0] : dq_partials.sum(0);
+  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+}
+
+}  // namespace fastgpt

@@ -1,0 +1,184 @@
+// LayerNorm over the last dimension on the CPU, forward and backward.
+//
+// For one row x of N numbers, with weight w and bias b:
+//
+//   mean = sum_j x_j / N,   var = sum_j (x_j - mean)^2 / N,   rstd = 1 / sqrt(var + eps)
+//   xhat_j = (x_j - mean) * rstd,   y_j = xhat_j * w_j + b_j
+//
+// Backward, with dy the gradient of y and g_j = dy_j * w_j:
+//
+//   dx_j = rstd * (g_j - mean_k(g_k) - xhat_j * mean_k(g_k * xhat_k))
+//   dw_j = sum over rows of dy_j * xhat_j,   db_j = sum over rows of dy_j
+//
+// Statistics are in fp32 (fp64 for fp64 input) whatever the storage type. A row is a few
+// kilobytes, so it stays in L1 between the passes over it: each kernel reads its inputs from memory
+// once and writes its output once, which is as fast as LayerNorm can go (it is memory-bound).
+// The forward keeps mean and rstd for the backward. The backward parallelises over rows too; each
+// thread sums dw and db for its rows into its own partial, and the partials are added once at the end.
+
+#include "common.h"
+
+#include <cmath>
+#include <tuple>
+
+namespace fastgpt {
+namespace {
+
+// Rows per task: enough to amortise scheduling, few enough to balance two threads on small inputs.
+constexpr int64_t kRowsPerTask = 16;
+
+template <typename scalar_t>
+acc_t<scalar_t> sum_of(const scalar_t* x, int64_t n) {
+  using A = acc_t<scalar_t>;
+  Vec<scalar_t> total(A(0));
+  for (int64_t j = 0; j < n; j += Vec<scalar_t>::size()) {
+    total += load(x + j, std::min<int64_t>(Vec<scalar_t>::size(), n - j));
+  }
+  return at::vec::vec_reduce_all<A>([](auto& a, auto& b) { return a + b; }, total);
+}
+
+template <typename scalar_t>
+acc_t<scalar_t> sum_of_squared_deviations(const scalar_t* x, int64_t n, acc_t<scalar_t> mean) {
+  using A = acc_t<scalar_t>;
+  Vec<scalar_t> total(A(0));
+  for (int64_t j = 0; j < n; j += Vec<scalar_t>::size()) {
+    const int64_t count = std::min<int64_t>(Vec<scalar_t>::size(), n - j);
+    // Lanes past the row's end load as 0: mask them so they add nothing.
+    const auto deviation = Vec<scalar_t>::set(Vec<scalar_t>(A(0)), load(x + j, count) - Vec<scalar_t>(mean), count);
+    total = at::vec::fmadd(deviation, deviation, total);
+  }
+  return at::vec::vec_reduce_all<A>([](auto& a, auto& b) { return a + b; }, total);
+}
+
+template <typename scalar_t>
+void layer_norm_forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                               double eps, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
+  using A = acc_t<scalar_t>;
+  using V = Vec<scalar_t>;
+  const int64_t n = x.size(-1), rows = x.numel() / std::max<int64_t>(n, 1);
+  const scalar_t* x_data = x.data_ptr<scalar_t>();
+  const A* w = weight.data_ptr<A>();
+  const A* b = bias.data_ptr<A>();
+  scalar_t* y_data = y.data_ptr<scalar_t>();
+  A* mean_data = mean.data_ptr<A>();
+  A* rstd_data = rstd.data_ptr<A>();
+
+  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const scalar_t* x_row = x_data + row * n;
+      scalar_t* y_row = y_data + row * n;
+      const A row_mean = sum_of(x_row, n) / n;
+      const A row_rstd = A(1) / std::sqrt(sum_of_squared_deviations(x_row, n, row_mean) / n + A(eps));
+      const V mean_v(row_mean), rstd_v(row_rstd);
+      for (int64_t j = 0; j < n; j += V::size()) {
+        const int64_t count = std::min<int64_t>(V::size(), n - j);
+        const V xhat = (load(x_row + j, count) - mean_v) * rstd_v;
+        store(y_row + j, at::vec::fmadd(xhat, V::loadu(w + j, count), V::loadu(b + j, count)), count);
+      }
+      mean_data[row] = row_mean;
+      rstd_data[row] = row_rstd;
+    }
+  });
+}
+
+template <typename scalar_t>
+void layer_norm_backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& dx,
+                                at::Tensor& dweight_partials, at::Tensor& dbias_partials) {
+  using A = acc_t<scalar_t>;
+  using V = Vec<scalar_t>;
+  const int64_t n = x.size(-1), rows = x.numel() / std::max<int64_t>(n, 1);
+  const scalar_t* x_data = x.data_ptr<scalar_t>();
+  const scalar_t* dy_data = grad_y.data_ptr<scalar_t>();
+  const A* w = weight.data_ptr<A>();
+  const A* mean_data = mean.data_ptr<A>();
+  const A* rstd_data = rstd.data_ptr<A>();
+  scalar_t* dx_data = dx.data_ptr<scalar_t>();
+
+  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    A* dw = dweight_partials.data_ptr<A>() + at::get_thread_num() * n;
+    A* db = dbias_partials.data_ptr<A>() + at::get_thread_num() * n;
+    for (int64_t row = begin; row < end; ++row) {
+      const scalar_t* x_row = x_data + row * n;
+      const scalar_t* dy_row = dy_data + row * n;
+      const V mean_v(mean_data[row]), rstd_v(rstd_data[row]);
+      // First pass: the two row means that dx needs.
+      V sum_g(A(0)), sum_g_xhat(A(0));
+      for (int64_t j = 0; j < n; j += V::size()) {
+        const int64_t count = std::min<int64_t>(V::size(), n - j);
+        const V g = load(dy_row + j, count) * V::loadu(w + j, count);  // 0 past the row's end
+        sum_g += g;
+        sum_g_xhat = at::vec::fmadd(g, (load(x_row + j, count) - mean_v) * rstd_v, sum_g_xhat);
+      }
+      auto add = [](auto& a, auto& b) { return a + b; };
+      const V mean_g(at::vec::vec_reduce_all<A>(add, sum_g) / n);
+      const V mean_g_xhat(at::vec::vec_reduce_all<A>(add, sum_g_xhat) / n);
+      // Second pass (the row is still in L1): dx, and this thread's share of dw and db.
+      for (int64_t j = 0; j < n; j += V::size()) {
+        const int64_t count = std::min<int64_t>(V::size(), n - j);
+        const V dy = load(dy_row + j, count);
+        const V xhat = (load(x_row + j, count) - mean_v) * rstd_v;
+        const V g = dy * V::loadu(w + j, count);
+        store(dx_data + row * n + j, rstd_v * (g - mean_g - xhat * mean_g_xhat), count);
+        at::vec::fmadd(dy, xhat, V::loadu(dw + j, count)).store(dw + j, count);
+        (dy + V::loadu(db + j, count)).store(db + j, count);
+      }
+    }
+  });
+}
+
+// Weight and bias in the accumulation type; a missing one is the identity (ones, zeros).
+at::Tensor parameter(const c10::optional<at::Tensor>& p, int64_t n, double fill, const at::TensorOptions& options) {
+  return p.has_value() ? p->to(options.dtype()).contiguous() : at::full({n}, fill, options);
+}
+
+at::ScalarType accumulate_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_input(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), "fastgpt::layer_norm: expects CPU tensors");
+  TORCH_CHECK(x.dim() >= 1, "fastgpt::layer_norm: expects at least one dimension");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kDouble,
+              "fastgpt::layer_norm: supports float32, bfloat16 and float64, got ", dtype);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    double eps) {
+  check_input(x);
+  const at::Tensor xc = x.contiguous();
+  const int64_t n = x.size(-1);
+  const auto stats_options = x.options().dtype(accumulate_type(x));
+  const at::Tensor w = parameter(weight, n, 1.0, stats_options), b = parameter(bias, n, 0.0, stats_options);
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  const auto row_shape = x.sizes().slice(0, x.dim() - 1);
+  at::Tensor mean = at::empty(row_shape, stats_options), rstd = at::empty(row_shape, stats_options);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fastgpt::layer_norm_forward", [&] {
+    layer_norm_forward_kernel<scalar_t>(xc, w, b, eps, y, mean, rstd);
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& rstd) {
+  check_input(x);
+  const at::Tensor xc = x.contiguous(), dyc = grad_y.to(x.scalar_type()).contiguous();
+  const int64_t n = x.size(-1);
+  const auto acc_options = x.options().dtype(accumulate_type(x));
+  const at::Tensor w = parameter(weight, n, 1.0, acc_options);
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  at::Tensor dweight_partials = at::zeros({at::get_num_threads(), n}, acc_options);
+  at::Tensor dbias_partials = at::zeros({at::get_num_threads(), n}, acc_options);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fastgpt::layer_norm_backward", [&] {
+    layer_norm_backward_kernel<scalar_t>(dyc, xc, w, mean.contiguous(), rstd.contiguous(), dx,
+                                         dweight_partials, dbias_partials);
+  });
+  return {dx, dweight_partials.sum(0), dbias_partials.sum(0)};
+}
+
+}  // namespace fastgpt

@@ -1,0 +1,57 @@
+// The torch ops of the extension: their schemas, their CPU implementations, and a Python module
+// whose import runs these registrations (`import fastgpt._C_avx512`, or the AVX2 or baseline build).
+//
+// The ops are the raw forward and backward kernels. Autograd and the shape-only ("fake") versions
+// that torch.compile traces with are registered in Python, in fastgpt/ops/cpp.py.
+
+#include <Python.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+namespace fastgpt {
+
+std::tuple<at::Tensor, at::Tensor> causal_attention_forward(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v, double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    double eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& rstd);
+
+TORCH_LIBRARY(fastgpt, m) {
+  // lse: the log-sum-exp of each query's scores, (B, H, Tq), fp32 (fp64 for fp64 inputs).
+  m.def("causal_attention_forward(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)");
+  m.def("causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // mean, rstd: the row statistics, x.shape[:-1], fp32 (fp64 for fp64 x). grad_weight and
+  // grad_bias come back in that accumulation type whether or not weight and bias were given.
+  m.def("layer_norm_forward(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor y, Tensor mean, Tensor rstd)");
+  m.def("layer_norm_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor rstd) "
+        "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+}
+
+TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
+  m.impl("causal_attention_forward", &causal_attention_forward);
+  m.impl("causal_attention_backward", &causal_attention_backward);
+  m.impl("layer_norm_forward", &layer_norm_forward);
+  m.impl("layer_norm_backward", &layer_norm_backward);
+}
+
+}  // namespace fastgpt
+
+// An empty Python module: importing it loads this library, and loading it runs the registrations
+// above. TORCH_EXTENSION_NAME is set by the build (_C_avx512, _C_avx2 or _C_default).
+#define FASTGPT_CONCAT(a, b) a##b
+#define FASTGPT_MODULE_INIT(name) FASTGPT_CONCAT(PyInit_, name)
+#define FASTGPT_STRING(name) #name
+#define FASTGPT_MODULE_NAME(name) FASTGPT_STRING(name)
+
+extern "C" PyObject* FASTGPT_MODULE_INIT(TORCH_EXTENSION_NAME)(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, FASTGPT_MODULE_NAME(TORCH_EXTENSION_NAME), nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
