@@ -6,6 +6,9 @@ language-model head, tied to the token embedding, turn the last hidden states in
 
 Attention and LayerNorm go through `fastgpt.ops`, which runs them on the fastest backend available
 for the tensors' device (fused C++ on CPU, Triton on GPU) or on the plain-PyTorch reference.
+
+Generation decodes one token at a time with a key/value cache, so each new token costs one row of
+attention per layer instead of a pass over the whole context.
 """
 
 import math
@@ -16,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastgpt import ops
+from fastgpt.errors import FastGPTError
 
 
 @dataclass
@@ -57,16 +61,41 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.backend = config.backend
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         B, T, C = x.shape
         # (B, T, 3, H, D) -> three (B, H, T, D) views; the fused kernels read these strides directly.
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).unbind(dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            # The new queries attend over every cached key as well as the new ones; the op aligns
+            # its causal mask to the end, so query i sees the cache and the new keys up to its own.
+            k, v = cache.append(k, v)
         # The fused kernels never materialise the attention matrix, so there is no dropout on it:
         # regularisation comes from dropout on the residual branches and the embeddings.
         y = ops.causal_attention(q, k, v, backend=self.backend)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+class KVCache:
+    """The keys and values one attention layer has computed so far, in (B, H, T, D) tensors.
+
+    Earlier tokens' keys and values never change (attention is causal), so decoding computes them
+    once and each new token only adds its own row.
+    """
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def __len__(self):
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k, v):
+        """Add the new tokens' k and v; return the keys and values of all the tokens so far."""
+        if self.k is not None:
+            k, v = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
+        self.k, self.v = k, v
+        return k, v
 
 
 class MLP(nn.Module):
@@ -89,8 +118,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.bias, config.backend)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -131,15 +160,24 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if exclude_positions else n
 
-    def forward(self, idx, targets=None):
-        """Logits for each position of idx (B, T); with targets, also the mean cross-entropy loss."""
+    def new_cache(self):
+        """An empty key/value cache for `forward(..., cache=)`: one KVCache per block."""
+        return [KVCache() for _ in self.transformer.h]
+
+    def forward(self, idx, targets=None, cache=None):
+        """Logits for each position of idx (B, T); with targets, also the mean cross-entropy loss.
+
+        With a cache (from `new_cache`), idx holds only the tokens that follow the cached ones: they
+        take the next positions, and their keys and values are added to the cache.
+        """
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than the block size {self.config.block_size}")
-        positions = torch.arange(T, device=idx.device)
+        past = len(cache[0]) if cache else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of length {past + T} is longer than the block size {self.config.block_size}")
+        positions = torch.arange(past, past + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
-        for block in self.transformer.h:
-            x = block(x)
+        for block, layer_cache in zip(self.transformer.h, cache or [None] * len(self.transformer.h)):
+            x = block(x, layer_cache)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)
         if targets is None:
@@ -158,25 +196,92 @@ class GPT(nn.Module):
         fused = {"fused": True} if device_type == "cuda" else {}
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fused)
 
+    @classmethod
+    def from_pretrained(cls, directory, backend="auto"):
+        """A GPT-2 saved in the Hugging Face layout in `directory` (see fastgpt.pretrained); nothing is downloaded."""
+        from fastgpt.pretrained import load_pretrained  # imported here: it needs safetensors
+
+        return load_pretrained(directory, backend)[0]
+
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.0,
+                 generator=None, use_cache=True):
         """Extend idx (B, T) by max_new_tokens tokens, one at a time, yielding each new (B, 1) column.
 
-        temperature 0 picks the most likely token; otherwise tokens are sampled from the softmax of
-        logits / temperature, restricted to the top_k most likely when top_k is given.
+        How each token is chosen is `Sampler`'s business (temperature, top_k, top_p, repetition_penalty).
+        The model sees at most block_size tokens. When the context is full, its oldest half is dropped
+        and generation goes on from the newest half, at positions starting again from 0 as in training.
+        Dropping one token per step instead would shift every position by one at every step: the
+        learned position embeddings are absolute, so no cached key would stay valid and each step
+        would cost a full pass. The same windows are used with and without the cache, so
+        `use_cache=False` (a full pass over the window per token) gives the same tokens, only slower.
         """
+        sampler = Sampler(temperature, top_k, top_p, repetition_penalty)
+        block_size = self.config.block_size
+        start = max(0, idx.size(1) - block_size)  # where the model's window begins in idx
+        cache = None
         for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]
-            logits, _ = self(context)
-            logits = logits[:, -1, :].float()
-            if temperature == 0:
-                next_token = logits.argmax(dim=-1, keepdim=True)
+            if idx.size(1) - start > block_size:
+                start = idx.size(1) - max(1, block_size // 2)
+                cache = None
+            if not use_cache:
+                logits, _ = self(idx[:, start:])
+            elif cache is None:
+                cache = self.new_cache()
+                logits, _ = self(idx[:, start:], cache=cache)
             else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth_best, float("-inf"))
-                probabilities = torch.softmax(logits, dim=-1)
-                next_token = torch.multinomial(probabilities, num_samples=1, generator=generator)
+                logits, _ = self(idx[:, -1:], cache=cache)
+            next_token = sampler(logits[:, -1, :].float(), idx, generator)
             idx = torch.cat((idx, next_token), dim=1)
             yield next_token
+
+
+@dataclass
+class Sampler:
+    """How the next token is chosen from the logits.
+
+    temperature 0 picks the most likely token; otherwise tokens are sampled from the softmax of
+    logits / temperature, restricted to the top_k most likely (None: all) and then to the smallest
+    set of most likely tokens whose probabilities add up to top_p (nucleus sampling; 1: all).
+    repetition_penalty > 1 makes tokens already in the sequence less likely (as in CTRL): a positive
+    logit is divided by it, a negative one multiplied.
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise FastGPTError(f"temperature must not be negative (got {self.temperature})")
+        if self.top_k is not None and self.top_k < 1:
+            raise FastGPTError(f"top_k must be at least 1, or None for all tokens (got {self.top_k})")
+        if not 0 < self.top_p <= 1:
+            raise FastGPTError(f"top_p must be in (0, 1] (got {self.top_p}); 1 keeps every token")
+        if not self.repetition_penalty > 0:
+            raise FastGPTError(f"repetition_penalty must be positive (got {self.repetition_penalty}); 1 means none")
+
+    def __call__(self, logits, seen, generator=None):
+        """The next token (B, 1) for float logits (B, V), given the tokens `seen` so far (B, T)."""
+        if self.repetition_penalty != 1.0:
+            scores = logits.gather(1, seen)
+            scores = torch.where(scores > 0, scores / self.repetition_penalty, scores * self.repetition_penalty)
+            logits = logits.scatter(1, seen, scores)
+        if self.temperature == 0:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits / self.temperature
+        if self.top_k is not None:
+            kth_best = torch.topk(logits, min(self.top_k, logits.size(-1))).values[:, [-1]]
+            logits = logits.masked_fill(logits < kth_best, float("-inf"))
+        if self.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+            sorted_probabilities = torch.softmax(sorted_logits, dim=-1)
+            # A token stays if the likelier tokens before it add up to less than top_p, so the
+            # likeliest token always stays.
+            before = torch.cumsum(sorted_probabilities, dim=-1) - sorted_probabilities
+            sorted_removed = before >= self.top_p
+            removed = torch.empty_like(sorted_removed).scatter_(1, order, sorted_removed)  # vocabulary order
+            logits = logits.masked_fill(removed, float("-inf"))
+        probabilities = torch.softmax(logits, dim=-1)
+        return torch.multinomial(probabilities, num_samples=1, generator=generator)
