@@ -1,0 +1,209 @@
+"""Generation: the key/value cache changes nothing but speed; every sampling control does what it says."""
+
+import io
+
+import pytest
+import torch
+
+from fastgpt import ops, sample
+from fastgpt.checkpoint import save_checkpoint
+from fastgpt.errors import FastGPTError
+from fastgpt.model import GPT, GPTConfig, Sampler
+from fastgpt.sample import TextStream, complete, generate_text
+from fastgpt.tokenizers import train_tokenizer
+
+CPU_BACKENDS = [name for name in ("reference", "cpp") if ops.available_backends()[name] is None]
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32, backend="reference")
+    return GPT(GPTConfig(**{**settings, **overrides})).eval()
+
+
+def generated(model, prompt, n, **options):
+    return torch.cat(list(model.generate(prompt, n, **options)), dim=1)
+
+
+def test_cached_forward_gives_the_logits_of_the_full_forward():
+    model = tiny_model().double()
+    idx = torch.randint(0, 32, (2, 12))
+    full, _ = model(idx)
+    cache = model.new_cache()
+    pieces = [model(idx[:, :5], cache=cache)[0]] + [model(idx[:, t:t + 1], cache=cache)[0] for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-12)
+    assert len(cache[0]) == 12
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("prompt_length", [1, 7, 16, 23])
+def test_greedy_output_is_identical_with_and_without_the_cache(backend, prompt_length):
+    # 40 new tokens from a block of 16: the window is refilled several times, with prompts shorter
+    # than, as long as and longer than the block.
+    model = tiny_model(backend=backend)
+    if backend == "reference":
+        model.double()  # no near-ties between logits: any difference would be a real one
+    prompt = torch.randint(0, 32, (3, prompt_length))
+    with_cache = generated(model, prompt, 40, temperature=0)
+    without = generated(model, prompt, 40, temperature=0, use_cache=False)
+    assert torch.equal(with_cache, without)
+
+
+def test_sampled_output_with_a_seed_is_identical_with_and_without_the_cache():
+    model = tiny_model().double()
+    prompt = torch.randint(0, 32, (2, 5))
+    runs = [generated(model, prompt, 30, temperature=1.0, top_k=10, top_p=0.9, repetition_penalty=1.2,
+                      generator=torch.Generator().manual_seed(4), use_cache=use_cache) for use_cache in (True, False)]
+    assert torch.equal(*runs)
+
+
+def test_a_full_window_continues_from_its_newest_half_at_positions_from_zero():
+    model = tiny_model().double()
+    prompt = torch.randint(0, 32, (1, 16))
+    first, second = generated(model, prompt, 2, temperature=0)[0]
+    sequence = torch.cat((prompt[0], first.view(1)))
+    assert first == model(prompt)[0][0, -1].argmax()
+    assert second == model(sequence[-8:].view(1, -1))[0][0, -1].argmax()
+
+
+def test_top_k_of_one_and_a_tiny_top_p_are_greedy():
+    model = tiny_model()
+    prompt = torch.randint(0, 32, (2, 4))
+    greedy = generated(model, prompt, 15, temperature=0)
+    for options in (dict(top_k=1), dict(top_p=1e-6)):
+        assert torch.equal(generated(model, prompt, 15, temperature=1.5, generator=torch.Generator().manual_seed(0),
+                                     **options), greedy)
+
+
+def test_top_p_samples_only_from_the_nucleus():
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]]))
+    seen = torch.zeros(1, 1, dtype=torch.long)
+    generator = torch.Generator().manual_seed(0)
+    for top_p, nucleus in ((0.5, {1}), (0.7, {1, 3}), (0.85, {1, 3, 2}), (1.0, {0, 1, 2, 3})):
+        sampler = Sampler(top_p=top_p)
+        drawn = {int(sampler(logits, seen, generator)) for _ in range(300)}
+        assert drawn == nucleus, top_p
+
+
+def test_repetition_penalty_keeps_greedy_decoding_off_seen_tokens():
+    model = tiny_model()
+    prompt = torch.tensor([[1, 2, 3]])
+    tokens = generated(model, prompt, 20, temperature=0, repetition_penalty=1e6)[0].tolist()
+    assert len(set(tokens + [1, 2, 3])) == 23, tokens  # 23 different tokens out of 32
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    penalised = Sampler(temperature=0, repetition_penalty=4.0)
+    assert int(penalised(logits, torch.tensor([[0]]))) == 2  # 2/4 < 1
+    assert int(penalised(torch.tensor([[-1.0, -2.0, -3.0]]), torch.tensor([[0]]))) == 1  # -1*4 < -2
+
+
+@pytest.mark.parametrize("setting", [dict(top_p=0.0), dict(top_p=1.5), dict(top_p=-0.1), dict(temperature=-1.0),
+                                     dict(top_k=0), dict(repetition_penalty=0.0)])
+def test_impossible_sampling_settings_are_refused(setting):
+    with pytest.raises(FastGPTError, match=next(iter(setting))):
+        Sampler(**setting)
+
+
+class Letters:
+    """A stand-in tokenizer: token i is the i-th letter, so tests can choose the text exactly."""
+
+    vocab_size = 26
+
+    def encode(self, text):
+        return [ord(c) - ord("a") for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i) for i in ids)
+
+
+def test_text_stream_cuts_at_a_stop_string_and_never_shows_part_of_one():
+    stream = TextStream(Letters(), stop=["cde", "xyz"])
+    shown = [stream.add(i) for i in Letters().encode("abcdcde")]
+    assert shown == ["a", "b", "", "", "cd", "", ""]  # "cd" held while it might begin "cde", then cut
+    assert stream.done and "".join(shown) == "abcd"
+    unfinished = TextStream(Letters(), stop=["xyz"])
+    assert [unfinished.add(i) for i in Letters().encode("axy")] == ["a", "", ""]
+    assert unfinished.finish() == "xy"
+
+
+def test_generate_text_gives_several_reproducible_samples_each_cut_at_its_stop():
+    model = tiny_model(vocab_size=26)
+    options = dict(max_new_tokens=30, num_samples=4, temperature=1.0, seed=5)
+    texts = complete(model, Letters(), "abc", **options)
+    assert len(texts) == 4 and len(set(texts)) > 1 and all(len(t) == 30 for t in texts)
+    assert complete(model, Letters(), "abc", **options) == texts
+    stop = texts[0][10:12]
+    cut = complete(model, Letters(), "abc", stop=[stop], **options)
+    assert cut[0] == texts[0][:texts[0].index(stop)]
+    assert all(text == full[:len(text)] and stop not in text for text, full in zip(cut, texts))
+
+
+def test_generate_text_checks_the_prompt_before_generating():
+    with pytest.raises(FastGPTError, match="empty"):
+        generate_text(tiny_model(vocab_size=26), Letters(), "")
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    torch.manual_seed(0)
+    text = "hello world, this is a small corpus.\n"
+    tokenizer = train_tokenizer("char", text)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": GPT(config).state_dict(), "model_config": config.to_dict(),
+                                           "tokenizer": tokenizer.state_dict()})
+    return tmp_path
+
+
+def run_sample(run_dir, *args, stdin=""):
+    out = io.StringIO()
+    parsed = sample.build_parser().parse_args(["--out-dir", str(run_dir), "--backend", "reference", *args])
+    sample.sample(parsed, out=out, prompts=io.StringIO(stdin))
+    return out.getvalue()
+
+
+def test_cli_prints_several_samples_and_stops_at_stop_strings(run_dir):
+    text = run_sample(run_dir, "--prompt", "hello", "--max-new-tokens", "40", "--num-samples", "3",
+                      "--temperature", "1.5", "--top-p", "0.95", "--repetition-penalty", "1.1")
+    samples = text.split("\n" + "-" * 40 + "\n")
+    assert len(samples) == 3 and all(s.startswith("hello") for s in samples)
+    assert run_sample(run_dir, "--prompt", "hello", "--max-new-tokens", "40", "--num-samples", "3",
+                      "--temperature", "1.5", "--top-p", "0.95", "--repetition-penalty", "1.1") == text
+    stop = samples[0][len("hello") + 5:len("hello") + 7]
+    stopped = run_sample(run_dir, "--prompt", "hello", "--max-new-tokens", "40", "--num-samples", "3",
+                         "--temperature", "1.5", "--top-p", "0.95", "--repetition-penalty", "1.1", "--stop", stop)
+    assert stopped.split("\n" + "-" * 40 + "\n")[0] == samples[0][:samples[0].index(stop, len("hello"))]
+
+
+def test_stop_strings_understand_backslash_escapes():
+    assert sample.build_parser().parse_args(["--stop", r"\n\n", "--stop", "é"]).stop == ["\n\n", "é"]
+
+
+def test_interactive_mode_answers_each_line_and_survives_a_bad_one(run_dir, capsys):
+    text = run_sample(run_dir, "--interactive", "--max-new-tokens", "5", "--temperature", "0",
+                      stdin="hello\n\nZebra\nworld\n")
+    answers = text.splitlines()
+    assert len(answers) == 2 and answers[0].startswith("hello") and answers[1].startswith("world")
+    assert all(len(a) == 10 for a in answers)
+    assert "fastgpt: error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--top-p", "1.01"], "top_p must be in (0, 1]"),
+    (["--num-samples", "0"], "--num-samples"),
+    (["--repetition-penalty", "-1"], "repetition_penalty"),
+    (["--init-from", "{tmp}/not-there"], "not a directory"),
+])
+def test_bad_sampling_settings_are_one_clear_line(run_dir, capsys, args, expected):
+    args = [a.format(tmp=run_dir) for a in args]
+    assert sample.main(["--out-dir", str(run_dir), *args]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastgpt: error: ") and expected in err[0], err
+
+
+def test_generation_api_is_importable_from_the_top_level():
+    from fastgpt import GPT as TopLevelGPT
+    assert TopLevelGPT is GPT
