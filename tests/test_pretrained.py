@@ -1,0 +1,168 @@
+"""GPT-2 checkpoints in the Hugging Face layout: loaded faithfully, exported exactly, refused clearly."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+
+from fastgpt import GPT, export, sample
+from fastgpt.checkpoint import save_checkpoint
+from fastgpt.errors import FastGPTError
+from fastgpt.model import GPTConfig
+from fastgpt.pretrained import export_pretrained, load_pretrained
+from fastgpt.tokenizers import BPETokenizer, train_tokenizer
+
+TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 20
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    trained = train_tokenizer("bpe", TEXT, 300)
+    return BPETokenizer(trained.tokens + [b"<|endoftext|>"])  # as GPT-2: BPE tokens, then the special token
+
+
+def write_tokenizer_files(tokenizer, directory):
+    """vocab.json and merges.txt, written by exporting a throwaway model that uses the tokenizer."""
+    scratch = directory.parent / (directory.name + "-scratch")
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=8, n_layer=1, n_head=1, n_embd=8)
+    export_pretrained(GPT(config), tokenizer, scratch)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(scratch / name, directory / name)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, tokenizer):
+    """A small GPT-2 with random weights (biases and LayerNorms too), saved by transformers."""
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=24, vocab_size=tokenizer.vocab_size,
+                        bos_token_id=300, eos_token_id=300, pad_token_id=300)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.2)
+    directory = tmp_path_factory.mktemp("gpt2")
+    model.save_pretrained(directory)
+    write_tokenizer_files(tokenizer, directory)
+    return directory
+
+
+def test_logits_match_transformers(hf_dir, tokenizer):
+    hf_model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    model = GPT.from_pretrained(hf_dir, backend="reference")
+    idx = torch.tensor([tokenizer.encode(TEXT)[:24], tokenizer.encode(TEXT[40:])[:24]])
+    with torch.no_grad():
+        expected = hf_model(idx).logits
+    logits = model(idx)[0]
+    assert expected.abs().max() > 1.0  # large enough that a wrong weight could not hide
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
+
+
+def test_greedy_generation_matches_transformers(hf_dir, tokenizer):
+    hf_model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    model = GPT.from_pretrained(hf_dir, backend="reference")
+    prompt = torch.tensor([tokenizer.encode("To be, or not")])
+    with torch.no_grad():
+        expected = hf_model.generate(prompt, max_new_tokens=24 - prompt.size(1), do_sample=False,
+                                     min_new_tokens=24 - prompt.size(1))[:, prompt.size(1):]
+    ours = torch.cat(list(model.generate(prompt, expected.size(1), temperature=0)), dim=1)
+    assert torch.equal(ours, expected)
+
+
+def test_tokenizer_encodes_as_transformers_does(hf_dir, tokenizer):
+    _, loaded = load_pretrained(hf_dir)
+    reference = GPT2Tokenizer(vocab=str(hf_dir / "vocab.json"), merges=str(hf_dir / "merges.txt"))
+    text = "To be, or not to be?  Whether 'tis nobler... Ünïcödé ✓ 12345\n\tend"
+    assert loaded.encode(text) == reference.encode(text)
+    assert loaded.decode(loaded.encode(text)) == text
+    assert loaded.tokens == tokenizer.tokens
+    assert loaded.decode([300]) == "<|endoftext|>"
+
+
+def test_export_and_reload_round_trip_the_weights_exactly(hf_dir, tmp_path):
+    model, tokenizer = load_pretrained(hf_dir)
+    export_pretrained(model, tokenizer, tmp_path / "out")
+    reloaded, reloaded_tokenizer = load_pretrained(tmp_path / "out")
+    assert reloaded.config == model.config
+    original = model.state_dict()
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
+    assert reloaded_tokenizer.tokens == tokenizer.tokens
+    assert (tmp_path / "out" / "merges.txt").read_text() == (hf_dir / "merges.txt").read_text()
+
+
+def test_a_model_without_biases_exports_as_zero_biases_that_transformers_reads(tokenizer, tmp_path):
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16,
+                          bias=False, backend="reference")).eval()
+    export_pretrained(model, tokenizer, tmp_path)
+    idx = torch.tensor([tokenizer.encode(TEXT)[:16]])
+    with torch.no_grad():
+        expected = GPT2LMHeadModel.from_pretrained(tmp_path).eval()(idx).logits
+    torch.testing.assert_close(model(idx)[0], expected, rtol=0, atol=1e-5)
+
+
+def test_export_command_writes_a_checkpoint_that_sampling_loads(tokenizer, tmp_path, capsys):
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    model = GPT(config)
+    save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "model_config": config.to_dict(),
+                                           "tokenizer": tokenizer.state_dict()})
+    assert export.main(["--out-dir", str(tmp_path), "--to", str(tmp_path / "gpt2")]) == 0
+    assert sample.main(["--init-from", str(tmp_path / "gpt2"), "--prompt", "To be", "--max-new-tokens", "5",
+                        "--temperature", "0", "--backend", "reference"]) == 0
+    assert "To be" in capsys.readouterr().out
+    assert export.main(["--out-dir", str(tmp_path), "--to", str(tmp_path / "gpt2")]) != 0
+    assert "already holds" in capsys.readouterr().err
+
+
+def test_a_char_tokenizer_cannot_be_exported(tmp_path):
+    char = train_tokenizer("char", "abc")
+    with pytest.raises(FastGPTError, match="no GPT-2"):
+        export_pretrained(GPT(GPTConfig(vocab_size=3, block_size=4, n_layer=1, n_head=1, n_embd=8)), char, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def broken_copy(hf_dir, tmp_path, remove=(), config=None):
+    directory = tmp_path / "broken"
+    shutil.copytree(hf_dir, directory)
+    for name in remove:
+        (directory / name).unlink()
+    if config:
+        settings = json.loads((directory / "config.json").read_text())
+        (directory / "config.json").write_text(json.dumps({**settings, **config}))
+    return directory
+
+
+BAD_CHECKPOINTS = {
+    "no config": (dict(remove=["config.json"]), "has no config.json"),
+    "no weights": (dict(remove=["model.safetensors"]), "has no pytorch_model.bin"),
+    "no vocab": (dict(remove=["vocab.json"]), "has no vocab.json"),
+    "no merges": (dict(remove=["merges.txt"]), "has no merges.txt"),
+    "other epsilon": (dict(config={"layer_norm_epsilon": 1e-6}), "cannot represent"),
+    "other activation": (dict(config={"activation_function": "relu"}), "cannot represent"),
+    "untied head": (dict(config={"tie_word_embeddings": False}), "cannot represent"),
+    "other shape": (dict(config={"n_embd": 64}), "do not fit"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CHECKPOINTS, ids=list(BAD_CHECKPOINTS))
+def test_a_bad_checkpoint_directory_is_one_clear_line(case, hf_dir, tmp_path, capsys):
+    changes, expected = BAD_CHECKPOINTS[case]
+    directory = broken_copy(hf_dir, tmp_path, **changes)
+    assert sample.main(["--init-from", str(directory), "--max-new-tokens", "3"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastgpt: error: ") and expected in err[0], err
+
+
+def test_pytorch_model_bin_without_the_transformer_prefix_loads_too(hf_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    directory = broken_copy(hf_dir, tmp_path, remove=["model.safetensors"])
+    tensors = load_file(hf_dir / "model.safetensors")
+    torch.save({name.removeprefix("transformer."): t for name, t in tensors.items()}, directory / "pytorch_model.bin")
+    loaded, _ = load_pretrained(directory)
+    expected, _ = load_pretrained(hf_dir)
+    idx = torch.tensor([[1, 2, 3]])
+    assert torch.equal(loaded(idx)[0], expected(idx)[0])
