@@ -29,8 +29,8 @@
 // partial), so the backward is parallel over more than batch x heads; extra memory stays O(Tq) per
 // (batch, head) and the result does not depend on timing (no atomics).
 //
-// bf16 inputs are widened to fp32 once at the op boundary and the kernels run in fp32 (the matrix
-// products go to fp32 BLAS); fp64 runs in fp64 for gradcheck.
+// bf16 inputs are widened to fp32 once at the op boundary and the kernels run in fp32; fp64 runs in
+// fp64 for gradcheck. The tile products are the register-blocked `matmul` of common.h.
 
 #include "common.h"
 
@@ -44,6 +44,10 @@ namespace {
 
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 64;
+// Transposed tiles get rows this many elements longer than they need, so that walking down one of
+// their columns does not hit the same cache set on every row.
+constexpr int64_t kCachePadding = 16;
+constexpr int64_t kKeysTStride = kBlockK + kCachePadding;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -104,12 +108,17 @@ int64_t visible_keys(int64_t query_position, int64_t k0, int64_t cols) {
 // The (T, D) matrix of one (batch, head) of a (B, H, T, D) tensor with unit stride along D.
 template <typename T>
 Rows<T> head(const at::Tensor& t, int64_t b, int64_t h) {
-  // A single row may carry any stride; BLAS only asks that a row stride be at least D.
-  const int64_t row_stride = t.size(2) > 1 ? t.stride(2) : std::max<int64_t>(t.size(3), 1);
-  return {t.data_ptr<T>() + b * t.stride(0) + h * t.stride(1), row_stride};
+  return {t.data_ptr<T>() + b * t.stride(0) + h * t.stride(1), t.stride(2)};
 }
 
 // ---- Forward -----------------------------------------------------------------------------------
+
+// How many tasks share one head's blocks: enough that every thread has work even when batch x heads
+// is small, never more than there are blocks.
+int64_t tasks_per_head(int64_t batch_heads, int64_t blocks) {
+  const int64_t wanted = 4 * at::get_num_threads();
+  return std::clamp<int64_t>(ceil_div(wanted, std::max<int64_t>(batch_heads, 1)), 1, std::max<int64_t>(blocks, 1));
+}
 
 template <typename T>
 void attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -117,60 +126,71 @@ void attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at
   const int64_t heads = q.size(1), t_q = q.size(2), t_k = k.size(2), dim = q.size(3);
   const int64_t offset = t_k - t_q;
   const int64_t q_blocks = ceil_div(t_q, kBlockQ);
+  // A task takes every chunks-th query block of one head, so that long and short (near the start,
+  // causally cheap) blocks are dealt out evenly.
+  const int64_t chunks = tasks_per_head(q.size(0) * heads, q_blocks);
 
-  at::parallel_for(0, q.size(0) * heads * q_blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, q.size(0) * heads * chunks, 1, [&](int64_t begin, int64_t end) {
+    // K^T of one head, which the product Q K^T reads by rows. Its rows are padded apart so that a
+    // power-of-two T does not map a column of it onto a single cache set.
+    const int64_t keys_t_stride = t_k + kCachePadding;
+    std::vector<T> keys_t(dim * keys_t_stride);
     std::vector<T> scores(kBlockQ * kBlockK), acc(kBlockQ * dim), row_max(kBlockQ), row_sum(kBlockQ);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (heads * q_blocks), h = task / q_blocks % heads;
-      const int64_t q0 = task % q_blocks * kBlockQ, rows = std::min(kBlockQ, t_q - q0);
+      const int64_t b = task / (heads * chunks), h = task / chunks % heads, chunk = task % chunks;
       const Rows<T> Q = head<T>(q, b, h), K = head<T>(k, b, h), V = head<T>(v, b, h);
       const Rows<T> O = head<T>(out, b, h);
-      T* block_lse = lse.data_ptr<T>() + (b * heads + h) * t_q + q0;
+      transpose(K.data, K.row_stride, t_k, dim, keys_t.data(), keys_t_stride);
 
-      std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<T>::infinity());
-      std::fill(row_sum.begin(), row_sum.end(), T(0));
-      std::fill(acc.begin(), acc.end(), T(0));
-      // The block's last query sees keys [0, keys_seen): every key block past that is skipped.
-      const int64_t keys_seen = offset + q0 + rows;
-      for (int64_t k0 = 0; k0 < keys_seen; k0 += kBlockK) {
-        const int64_t cols = std::min(kBlockK, keys_seen - k0);
-        gemm<T>(false, true, rows, cols, dim, scale, Q.row(q0), Q.row_stride, K.row(k0),
-                K.row_stride, T(0), scores.data(), kBlockK);
-        for (int64_t i = 0; i < rows; ++i) {
-          T* s = scores.data() + i * kBlockK;
-          const int64_t visible = visible_keys(offset + q0 + i, k0, cols);
-          if (visible == 0) {  // the whole block is in this row's future
-            std::fill(s, s + cols, T(0));
-            continue;
+      for (int64_t q_block = chunk; q_block < q_blocks; q_block += chunks) {
+        const int64_t q0 = q_block * kBlockQ, rows = std::min(kBlockQ, t_q - q0);
+        std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<T>::infinity());
+        std::fill(row_sum.begin(), row_sum.end(), T(0));
+        std::fill(acc.begin(), acc.end(), T(0));
+        // The block's last query sees keys [0, keys_seen): every key block past that is skipped.
+        const int64_t keys_seen = offset + q0 + rows;
+        for (int64_t k0 = 0; k0 < keys_seen; k0 += kBlockK) {
+          const int64_t cols = std::min(kBlockK, keys_seen - k0);
+          // S = scale * Q K^T, for each group of rows only up to the keys its last row sees.
+          for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
+            const int64_t group = std::min<int64_t>(kTileRows, rows - r0);
+            const int64_t needed = visible_keys(offset + q0 + r0 + group - 1, k0, cols);
+            matmul<T>(group, needed, dim, scale, Q.row(q0 + r0), Q.row_stride, 1, keys_t.data() + k0,
+                      keys_t_stride, scores.data() + r0 * kBlockK, kBlockK, false);
           }
-          const T new_max = std::max(row_max[i], max_of(s, visible));
-          const T correction = std::exp(row_max[i] - new_max);  // 0 on the first block
-          row_sum[i] = row_sum[i] * correction + exponentiate_and_sum(s, visible, cols, new_max);
-          if (correction != T(1)) scale_row(acc.data() + i * dim, dim, correction);
-          row_max[i] = new_max;
+          for (int64_t i = 0; i < rows; ++i) {
+            T* s = scores.data() + i * kBlockK;
+            const int64_t visible = visible_keys(offset + q0 + i, k0, cols);
+            if (visible == 0) {  // the whole block is in this row's future
+              std::fill(s, s + cols, T(0));
+              continue;
+            }
+            const T new_max = std::max(row_max[i], max_of(s, visible));
+            const T correction = std::exp(row_max[i] - new_max);  // 0 on the first block
+            row_sum[i] = row_sum[i] * correction + exponentiate_and_sum(s, visible, cols, new_max);
+            if (correction != T(1)) scale_row(acc.data() + i * dim, dim, correction);
+            row_max[i] = new_max;
+          }
+          // acc += P V, again leaving out the keys in the future of a whole group of rows.
+          for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
+            const int64_t group = std::min<int64_t>(kTileRows, rows - r0);
+            const int64_t needed = visible_keys(offset + q0 + r0 + group - 1, k0, cols);
+            matmul<T>(group, dim, needed, T(1), scores.data() + r0 * kBlockK, kBlockK, 1, V.row(k0),
+                      V.row_stride, acc.data() + r0 * dim, dim, true);
+          }
         }
-        gemm<T>(false, false, rows, dim, cols, T(1), scores.data(), kBlockK, V.row(k0),
-                V.row_stride, T(1), acc.data(), dim);
-      }
-      for (int64_t i = 0; i < rows; ++i) {  // key 0 is visible to every query, so row_sum > 0
-        const T* a = acc.data() + i * dim;
-        T* o = O.row(q0 + i);
-        const T inverse_sum = T(1) / row_sum[i];
-        for (int64_t d = 0; d < dim; ++d) o[d] = a[d] * inverse_sum;
-        block_lse[i] = row_max[i] + std::log(row_sum[i]);
+        T* block_lse = lse.data_ptr<T>() + (b * heads + h) * t_q + q0;
+        for (int64_t i = 0; i < rows; ++i) {  // key 0 is visible to every query, so row_sum > 0
+          scale_row(acc.data() + i * dim, dim, T(1) / row_sum[i]);
+          std::copy_n(acc.data() + i * dim, dim, O.row(q0 + i));
+          block_lse[i] = row_max[i] + std::log(row_sum[i]);
+        }
       }
     }
   });
 }
 
 // ---- Backward ----------------------------------------------------------------------------------
-
-// How many tasks share one head's key blocks: enough that every thread has work even when
-// batch x heads is small, never more than there are key blocks.
-int64_t tasks_per_head(int64_t batch_heads, int64_t k_blocks) {
-  const int64_t wanted = 4 * at::get_num_threads();
-  return std::clamp<int64_t>(ceil_div(wanted, std::max<int64_t>(batch_heads, 1)), 1, k_blocks);
-}
 
 template <typename T>
 void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
@@ -192,6 +212,7 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, 
   at::parallel_for(0, batch * heads * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> probs(kBlockQ * kBlockK), dprobs(kBlockQ * kBlockK);
     std::vector<T> dk_acc(kBlockK * dim), dv_acc(kBlockK * dim);
+    std::vector<T> keys_t(dim * kKeysTStride), values_t(dim * kKeysTStride);  // K_j^T, V_j^T
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / chunks, chunk = task % chunks, b = bh / heads, h = bh % heads;
       const Rows<T> Q = head<T>(q, b, h), K = head<T>(k, b, h), V = head<T>(v, b, h);
@@ -205,38 +226,48 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, 
         const int64_t k0 = key_block * kBlockK, cols = std::min(kBlockK, t_k - k0);
         std::fill(dk_acc.begin(), dk_acc.end(), T(0));
         std::fill(dv_acc.begin(), dv_acc.end(), T(0));
+        transpose(K.row(k0), K.row_stride, cols, dim, keys_t.data(), kKeysTStride);
+        transpose(V.row(k0), V.row_stride, cols, dim, values_t.data(), kKeysTStride);
         // Query i sees key k0 once offset + i >= k0: earlier query blocks are skipped.
         const int64_t first_query = std::max<int64_t>(k0 - offset, 0) / kBlockQ * kBlockQ;
         for (int64_t q0 = first_query; q0 < t_q; q0 += kBlockQ) {
           const int64_t rows = std::min(kBlockQ, t_q - q0);
-          // P = exp(scale * Q K^T - lse), zero in the future.
-          gemm<T>(false, true, rows, cols, dim, scale, Q.row(q0), Q.row_stride, K.row(k0),
-                  K.row_stride, T(0), probs.data(), kBlockK);
-          for (int64_t i = 0; i < rows; ++i) {
-            const int64_t visible = visible_keys(offset + q0 + i, k0, cols);
-            exponentiate_and_sum(probs.data() + i * kBlockK, visible, cols, head_lse[q0 + i]);
+          // P = exp(scale * Q K^T - lse) and dP = dO V^T, each group of rows only up to the keys
+          // its last row sees; P is zero in the future.
+          for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
+            const int64_t group = std::min<int64_t>(kTileRows, rows - r0);
+            const int64_t needed = visible_keys(offset + q0 + r0 + group - 1, k0, cols);
+            matmul<T>(group, needed, dim, scale, Q.row(q0 + r0), Q.row_stride, 1, keys_t.data(),
+                      kKeysTStride, probs.data() + r0 * kBlockK, kBlockK, false);
+            matmul<T>(group, needed, dim, T(1), dO.row(q0 + r0), dO.row_stride, 1, values_t.data(),
+                      kKeysTStride, dprobs.data() + r0 * kBlockK, kBlockK, false);
           }
-          // dV += P^T dO;  dP = dO V^T
-          gemm<T>(true, false, cols, dim, rows, T(1), probs.data(), kBlockK, dO.row(q0),
-                  dO.row_stride, T(1), dv_acc.data(), dim);
-          gemm<T>(false, true, rows, cols, dim, T(1), dO.row(q0), dO.row_stride, V.row(k0),
-                  V.row_stride, T(0), dprobs.data(), kBlockK);
-          // dS = P * (dP - delta), kept in dprobs.
+          // dS = P * (dP - delta), kept in dprobs; zero in the future.
           for (int64_t i = 0; i < rows; ++i) {
             using Vt = at::vec::Vectorized<T>;
-            const T* p = probs.data() + i * kBlockK;
+            const int64_t visible = visible_keys(offset + q0 + i, k0, cols);
+            T* p = probs.data() + i * kBlockK;
             T* ds = dprobs.data() + i * kBlockK;
+            exponentiate_and_sum(p, visible, cols, head_lse[q0 + i]);
             const Vt row_delta(head_delta[q0 + i]);
             for (int64_t j = 0; j < cols; j += Vt::size()) {
-              const int64_t count = std::min<int64_t>(Vt::size(), cols - j);
-              (Vt::loadu(p + j, count) * (Vt::loadu(ds + j, count) - row_delta)).store(ds + j, count);
+              const int64_t count = std::clamp<int64_t>(visible - j, 0, Vt::size());
+              const Vt d = Vt::set(Vt(T(0)), Vt::loadu(p + j) * (Vt::loadu(ds + j) - row_delta), count);
+              d.store(ds + j, std::min<int64_t>(Vt::size(), cols - j));
             }
           }
+          // dV += P^T dO
+          matmul<T>(cols, dim, rows, T(1), probs.data(), 1, kBlockK, dO.row(q0), dO.row_stride,
+                    dv_acc.data(), dim, true);
           // dK += scale * dS^T Q;  dQ += scale * dS K
-          gemm<T>(true, false, cols, dim, rows, scale, dprobs.data(), kBlockK, Q.row(q0),
-                  Q.row_stride, T(1), dk_acc.data(), dim);
-          gemm<T>(false, false, rows, dim, cols, scale, dprobs.data(), kBlockK, K.row(k0),
-                  K.row_stride, T(1), dq_partial + q0 * dim, dim);
+          matmul<T>(cols, dim, rows, scale, dprobs.data(), 1, kBlockK, Q.row(q0), Q.row_stride,
+                    dk_acc.data(), dim, true);
+          for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
+            const int64_t group = std::min<int64_t>(kTileRows, rows - r0);
+            const int64_t needed = visible_keys(offset + q0 + r0 + group - 1, k0, cols);
+            matmul<T>(group, dim, needed, scale, dprobs.data() + r0 * kBlockK, kBlockK, 1, K.row(k0),
+                      K.row_stride, dq_partial + (q0 + r0) * dim, dim, true);
+          }
         }
         for (int64_t j = 0; j < cols; ++j) {
           std::copy_n(dk_acc.data() + j * dim, dim, dK.row(k0 + j));
@@ -253,11 +284,10 @@ at::ScalarType compute_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// In the compute dtype, with unit stride along D and rows at least D apart (what BLAS accepts).
+// In the compute dtype, with unit stride along D (what the kernels' vector loads need).
 at::Tensor prepared(const at::Tensor& t, at::ScalarType dtype) {
   at::Tensor converted = t.to(dtype);
-  const bool rows_ok = converted.size(2) <= 1 || converted.stride(2) >= converted.size(3);
-  return converted.stride(3) == 1 && rows_ok ? converted : converted.contiguous();
+  return converted.stride(3) == 1 ? converted : converted.contiguous();
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -295,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(
   const at::Tensor doc = prepared(grad_out, dtype), oc = prepared(out, dtype);
   const at::Tensor lsec = lse.to(dtype).contiguous();
   const int64_t batch_heads = q.size(0) * q.size(1);
-  const int64_t chunks = tasks_per_head(batch_heads, std::max<int64_t>(ceil_div(k.size(2), kBlockK), 1));
+  const int64_t chunks = tasks_per_head(batch_heads, ceil_div(k.size(2), kBlockK));
   at::Tensor dq_partials = at::empty({chunks, q.size(0), q.size(1), q.size(2), q.size(3)},
                                      q.options().dtype(dtype));
   at::Tensor dk = at::empty(k.sizes(), k.options().dtype(dtype));

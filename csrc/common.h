@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace fastgpt {
 
@@ -55,37 +56,117 @@ struct Rows {
   T* row(int64_t i) const { return data + i * row_stride; }
 };
 
-// The matrix products come from the BLAS that libtorch_cpu exports (MKL in the official wheels).
-// Its Fortran interface is column-major: a row-major C = A B is the column-major C^T = B^T A^T, so
-// the operands are passed in swapped order.
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc);
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
-            const double* beta, double* c, const int* ldc);
+// ---- Small matrix products -----------------------------------------------------------------------
+//
+// The attention tiles are small (64 x 64 x D): BLAS spends much of its time packing them, and the
+// BLAS in torch's wheels runs AVX2 code on AMD CPUs. This is the textbook register-blocked kernel
+// instead: C (m x n) = alpha * A B (+ C), computed in tiles of kTileRows x (kTileVecs vectors),
+// whose accumulators stay in registers while p runs over the shared dimension:
+//
+//   acc[r][v] += broadcast(A(r, p)) * B(p, v-th vector of columns)
+//
+// A is read one element at a time, so it may be stored either way round: A(r, p) is
+// a[r * a_row_stride + p * a_col_stride], and a transposed operand is the same kernel with the two
+// strides swapped. B is read by rows, which must be contiguous (the caller transposes if need be).
+
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kTileRows = 6, kTileVecs = 4;  // 24 accumulators of the 32 vector registers
+#else
+constexpr int kTileRows = 4, kTileVecs = 2;  // 8 accumulators of the 16 vector registers
+#endif
+
+template <typename T, int kRows, int kVecs, bool kFullWidth>
+inline void matmul_tile(int64_t cols, int64_t depth, T alpha, const T* a, int64_t a_row_stride,
+                        int64_t a_col_stride, const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
+  using V = at::vec::Vectorized<T>;
+  constexpr int64_t W = V::size();
+  V acc[kRows][kVecs];
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < kVecs; ++v) acc[r][v] = V(T(0));
+  for (int64_t p = 0; p < depth; ++p) {
+    V b_row[kVecs];
+#pragma GCC unroll 8
+    for (int v = 0; v < kVecs; ++v) {
+      b_row[v] = kFullWidth ? V::loadu(b + p * ldb + v * W)
+                            : V::loadu(b + p * ldb + v * W, std::min<int64_t>(cols - v * W, W));
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      const V a_rp(a[r * a_row_stride + p * a_col_stride]);
+#pragma GCC unroll 8
+      for (int v = 0; v < kVecs; ++v) acc[r][v] = at::vec::fmadd(a_rp, b_row[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < kVecs; ++v) {
+      const int64_t count = kFullWidth ? W : std::clamp<int64_t>(cols - v * W, 0, W);
+      if (count == 0) continue;
+      T* out = c + r * ldc + v * W;
+      V result = acc[r][v] * V(alpha);
+      if (accumulate) result = result + V::loadu(out, count);
+      result.store(out, count);
+    }
+  }
 }
 
-inline void fortran_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-                         const float* alpha, const float* a, const int* lda, const float* b,
-                         const int* ldb, const float* beta, float* c, const int* ldc) {
-  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-inline void fortran_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-                         const double* alpha, const double* a, const int* lda, const double* b,
-                         const int* ldb, const double* beta, double* c, const int* ldc) {
-  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+// One column tile for every row: full tiles of kTileRows rows, then one tile for the leftover rows.
+template <typename T, int kVecs, bool kFullWidth>
+inline void matmul_column_tile(int64_t rows, int64_t cols, int64_t depth, T alpha, const T* a,
+                               int64_t a_row_stride, int64_t a_col_stride, const T* b, int64_t ldb,
+                               T* c, int64_t ldc, bool accumulate) {
+  int64_t r = 0;
+  for (; r + kTileRows <= rows; r += kTileRows) {
+    matmul_tile<T, kTileRows, kVecs, kFullWidth>(cols, depth, alpha, a + r * a_row_stride, a_row_stride,
+                                                 a_col_stride, b, ldb, c + r * ldc, ldc, accumulate);
+  }
+  const auto rest = [&](auto rows_left) {
+    matmul_tile<T, decltype(rows_left)::value, kVecs, kFullWidth>(
+        cols, depth, alpha, a + r * a_row_stride, a_row_stride, a_col_stride, b, ldb, c + r * ldc, ldc, accumulate);
+  };
+  switch (rows - r) {  // kTileRows is at most 6
+    case 1: rest(std::integral_constant<int, 1>{}); break;
+    case 2: rest(std::integral_constant<int, 2>{}); break;
+    case 3: rest(std::integral_constant<int, 3>{}); break;
+    case 4: rest(std::integral_constant<int, 4>{}); break;
+    case 5: rest(std::integral_constant<int, 5>{}); break;
+    default: break;
+  }
 }
 
-// Row-major C (m x n) = alpha * op(A) op(B) + beta * C, where op(X) is X or X^T as `transpose_*`
-// says, op(A) is m x k and op(B) is k x n; lda, ldb, ldc are the row strides of A, B and C as stored.
+// C (m x n, rows ldc apart) = alpha * A B, plus C's old value if `accumulate`; A is m x k as
+// described above, B is k x n with rows ldb apart.
 template <typename T>
-inline void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, T alpha,
-                 const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
-  const char ta = transpose_a ? 'T' : 'N', tb = transpose_b ? 'T' : 'N';
-  const int mi = m, ni = n, ki = k, lda_i = lda, ldb_i = ldb, ldc_i = ldc;
-  fortran_gemm(&tb, &ta, &ni, &mi, &ki, &alpha, b, &ldb_i, a, &lda_i, &beta, c, &ldc_i);
+void matmul(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t a_row_stride, int64_t a_col_stride,
+            const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
+  constexpr int64_t W = at::vec::Vectorized<T>::size();
+  int64_t j = 0;
+  for (; j + kTileVecs * W <= n; j += kTileVecs * W) {
+    matmul_column_tile<T, kTileVecs, true>(m, kTileVecs * W, k, alpha, a, a_row_stride, a_col_stride,
+                                           b + j, ldb, c + j, ldc, accumulate);
+  }
+  // The columns left over: one narrower tile, its last vector filled only in part.
+  const auto rest = [&](auto vecs) {
+    matmul_column_tile<T, decltype(vecs)::value, false>(m, n - j, k, alpha, a, a_row_stride, a_col_stride,
+                                                        b + j, ldb, c + j, ldc, accumulate);
+  };
+  switch ((n - j + W - 1) / W) {  // at most kTileVecs, which is at most 4
+    case 1: rest(std::integral_constant<int, 1>{}); break;
+    case 2: rest(std::integral_constant<int, 2>{}); break;
+    case 3: rest(std::integral_constant<int, 3>{}); break;
+    case 4: rest(std::integral_constant<int, 4>{}); break;
+    default: break;
+  }
+}
+
+// dst (cols x rows, rows dst_stride apart) = src^T, src being rows x cols with rows src_stride apart.
+template <typename T>
+void transpose(const T* src, int64_t src_stride, int64_t rows, int64_t cols, T* dst, int64_t dst_stride) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[j * dst_stride + i] = src[i * src_stride + j];
 }
 
 }  // namespace fastgpt
