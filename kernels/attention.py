@@ -56,6 +56,7 @@ LOG2_E = 1.4426950408889634
 MIN_BLOCK = 16  # the smallest tile tl.dot accepts on each side
 MAX_HEAD_DIM = 256
 SHARED_MEMORY_BYTES = 227 * 1024  # per thread block on Hopper (H100, H200)
+SCRATCH_BYTES = 1024  # shared memory the compiler adds beyond the tiles (row statistics, barriers)
 MAX_ACCUMULATOR_REGISTERS = 128  # fp32 accumulator values per thread before registers spill
 
 
@@ -63,62 +64,87 @@ MAX_ACCUMULATOR_REGISTERS = 128  # fp32 accumulator values per thread before reg
 # Block sizes: autotuned on the GPU, one fixed choice in the (slow, single-threaded) interpreter
 # ---------------------------------------------------------------------------------------------
 
-def _configs(hopper_tiles, interpreter_tile):
+def make_configs(tiles):
     """triton.Configs from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples."""
-    tiles = [interpreter_tile] if interpreting() else hopper_tiles
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
 
-# A 64-row tile is one warpgroup's wgmma on Hopper (4 warps), a 128-row tile two (8 warps). The
-# tiled dimension that is looped over (BLOCK_N in the forward) divides the one that stays resident.
-FORWARD_CONFIGS = _configs(
-    [(m, n, w, s) for m, w in ((64, 4), (128, 8)) for n in (32, 64, 128) if n <= m for s in (3, 4)],
-    interpreter_tile=(32, 16, 4, 1))
-BACKWARD_DKDV_CONFIGS = _configs(  # keys resident (BLOCK_N), queries looped over (BLOCK_M)
-    [(m, n, w, 3) for n in (64, 128) for m in (32, 64) if m <= n for w in (4, 8)],
-    interpreter_tile=(16, 32, 4, 1))
-BACKWARD_DQ_CONFIGS = _configs(  # queries resident (BLOCK_M), keys looped over (BLOCK_N)
-    [(m, n, w, 3) for m in (64, 128) for n in (32, 64) if n <= m for w in (4, 8)],
-    interpreter_tile=(32, 16, 4, 1))
+# A 64-row tile is one warpgroup's wgmma on Hopper (4 warps), a 128-row tile two (8 warps). The block
+# that is looped over (BLOCK_N in the forward and dQ, BLOCK_M in dK/dV) divides the one that stays
+# resident, so that the diagonal band is a whole number of looped blocks.
+HOPPER_FORWARD_TILES = [(m, n, w, s) for m, w in ((64, 4), (128, 8)) for n in (32, 64, 128) if n <= m
+                        for s in (3, 4)]
+HOPPER_BACKWARD_DKDV_TILES = [(m, n, w, 3) for n in (64, 128) for m in (32, 64) if m <= n for w in (4, 8)]
+HOPPER_BACKWARD_DQ_TILES = [(m, n, w, 3) for m in (64, 128) for n in (32, 64) if n <= m for w in (4, 8)]
+# The interpreter cannot benchmark (it has no GPU to time) and runs one program at a time: one small
+# tile per kernel, with more than one looped block per diagonal band so that the tests exercise that.
+INTERPRETER_TILES = {"forward": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 
 
-def config_pruner(looped_block, accumulators):
-    """An `early_config_prune` for an attention kernel.
+class ConfigPruner:
+    """The `early_config_prune` of an attention kernel: drops the configs that cannot be fast.
 
     `looped_block` names the block ("BLOCK_M" or "BLOCK_N") whose tiles the kernel streams through
-    in its loop; the other block stays resident with `accumulators` fp32 tiles of it. Configs are
-    dropped when they cannot be fast:
-      - a block longer than its sequence (rounded up to a power of two) only computes padding;
-      - the looped tiles in flight (two operands per pipeline stage) and the resident tiles must
-        fit in shared memory, or the kernel does not launch;
-      - the fp32 accumulators must fit in registers, or they spill to memory.
+    in its loop; the other block stays resident, as `resident_tiles` input tiles and `accumulators`
+    fp32 tiles. A config is dropped when
+      - one of its blocks is longer than its sequence (rounded up to a power of two): the extra rows
+        are padding, computed for nothing;
+      - its tiles do not fit in shared memory (the kernel would not launch): each pipeline stage
+        holds two looped tiles (K and V, or Q and dO), plus the resident input tiles and some scratch;
+      - its fp32 accumulators do not fit in registers (they would spill to memory);
+      - the inputs are fp32 and it is not the smallest: fp32 matmuls (exact, not TF32) run on CUDA
+        cores, where the tile matters little, and each large fp32 tile takes tens of seconds to
+        compile. fp32 is the precise path, not the fast one.
     If nothing is left, the smallest config is kept: it always runs.
     """
-    resident_block = "BLOCK_N" if looped_block == "BLOCK_M" else "BLOCK_M"
 
-    def prune(configs, named_args, **kwargs):
+    def __init__(self, looped_block, resident_tiles, accumulators):
+        self.looped_block = looped_block
+        self.resident_block = "BLOCK_N" if looped_block == "BLOCK_M" else "BLOCK_M"
+        self.resident_tiles = resident_tiles
+        self.accumulators = accumulators
+
+    def shared_memory_bytes(self, config, head_dim, element_size):
+        blocks = config.kwargs
+        tile_rows = config.num_stages * 2 * blocks[self.looped_block] + self.resident_tiles * blocks[self.resident_block]
+        return tile_rows * head_dim * element_size + SCRATCH_BYTES
+
+    def useful(self, config, head_dim, element_size, lengths, smallest):
+        blocks = config.kwargs
+        if any(blocks[name] > max(lengths[name], smallest[name]) for name in lengths):
+            return False
+        if self.shared_memory_bytes(config, head_dim, element_size) > SHARED_MEMORY_BYTES:
+            return False
+        threads = 32 * config.num_warps
+        return self.accumulators * blocks[self.resident_block] * head_dim / threads <= MAX_ACCUMULATOR_REGISTERS
+
+    def __call__(self, configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        head_dim = args["HEAD_DIM_PADDED"]
-        element_size = args["Q"].element_size()
+        head_dim, element_size = args["HEAD_DIM_PADDED"], args["Q"].element_size()
         lengths = {"BLOCK_M": args["tune_len_q"], "BLOCK_N": args["tune_len_k"]}
         smallest = {name: min(c.kwargs[name] for c in configs) for name in lengths}
+        kept = [c for c in configs if self.useful(c, head_dim, element_size, lengths, smallest)]
+        if args["Q"].dtype == torch.float32:
+            kept = sorted(kept, key=_tile_area)[:1]
+        return kept or [min(configs, key=_tile_area)]
 
-        def useful(config):
-            blocks = config.kwargs
-            if any(blocks[name] > max(lengths[name], smallest[name]) for name in lengths):
-                return False
-            looped_tiles = config.num_stages * 2 * blocks[looped_block]
-            resident_tiles = 2 * blocks[resident_block]
-            if (looped_tiles + resident_tiles) * head_dim * element_size > SHARED_MEMORY_BYTES:
-                return False
-            threads = 32 * config.num_warps
-            return accumulators * blocks[resident_block] * head_dim / threads <= MAX_ACCUMULATOR_REGISTERS
 
-        kept = [c for c in configs if useful(c)]
-        return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+def _tile_area(config):
+    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"], config.num_stages, config.num_warps
 
-    return prune
 
+FORWARD_PRUNER = ConfigPruner("BLOCK_N", resident_tiles=1, accumulators=1)  # resident: Q; acc
+BACKWARD_DKDV_PRUNER = ConfigPruner("BLOCK_M", resident_tiles=2, accumulators=2)  # resident: K, V; dK, dV
+BACKWARD_DQ_PRUNER = ConfigPruner("BLOCK_N", resident_tiles=2, accumulators=1)  # resident: Q, dO; dQ
+
+
+def _configs(hopper_tiles, kernel):
+    return make_configs([INTERPRETER_TILES[kernel]] if interpreting() else hopper_tiles)
+
+
+FORWARD_CONFIGS = _configs(HOPPER_FORWARD_TILES, "forward")
+BACKWARD_DKDV_CONFIGS = _configs(HOPPER_BACKWARD_DKDV_TILES, "dkdv")
+BACKWARD_DQ_CONFIGS = _configs(HOPPER_BACKWARD_DQ_TILES, "dq")
 
 # Tuning is keyed on the head dimension and on the sequence lengths rounded up to powers of two
 # (tune_len_q, tune_len_k), so that a growing sequence (generation) does not retune at every length.
@@ -198,7 +224,7 @@ def _forward_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, queries, k
 
 
 @triton.autotune(configs=FORWARD_CONFIGS, key=TUNING_KEY,
-                 prune_configs_by={"early_config_prune": config_pruner("BLOCK_N", accumulators=1)})
+                 prune_configs_by={"early_config_prune": FORWARD_PRUNER})
 @triton.jit
 def _attention_forward_kernel(
         Q, K, V, O, LSE,
@@ -276,7 +302,7 @@ def _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, keys, query_s
 
 
 @triton.autotune(configs=BACKWARD_DKDV_CONFIGS, key=TUNING_KEY,
-                 prune_configs_by={"early_config_prune": config_pruner("BLOCK_M", accumulators=2)})
+                 prune_configs_by={"early_config_prune": BACKWARD_DKDV_PRUNER})
 @triton.jit
 def _attention_backward_dkdv_kernel(
         Q, K, V, DO, LSE, DELTA, DK, DV,
@@ -339,7 +365,7 @@ def _dq_key_blocks(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, queries, k
 
 
 @triton.autotune(configs=BACKWARD_DQ_CONFIGS, key=TUNING_KEY,
-                 prune_configs_by={"early_config_prune": config_pruner("BLOCK_N", accumulators=1)})
+                 prune_configs_by={"early_config_prune": BACKWARD_DQ_PRUNER})
 @triton.jit
 def _attention_backward_dq_kernel(
         Q, K, V, DO, LSE, DELTA, DQ,
