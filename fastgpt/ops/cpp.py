@@ -10,7 +10,6 @@ Beneath each op: its fake (shape-only) version, which torch.compile traces with,
 formula, which calls the matching backward op.
 """
 
-import functools
 import importlib
 import os
 import runpy
@@ -62,16 +61,25 @@ def import_or_build(isa, package="fastgpt", csrc=CSRC):
     return None
 
 
-@functools.cache
+_NOT_LOADED = object()
+_load_result = _NOT_LOADED
+
+
 def _load():
-    """Load the extension once per process and register the Python side of its ops."""
-    reason = import_or_build(isa_for_capability(torch.backends.cpu.get_cpu_capability()))
-    if reason is not None:
-        warnings.warn(f"fastgpt: the C++ backend is unavailable ({reason}); CPU tensors take the "
-                      "reference path", RuntimeWarning, stacklevel=3)
-        return reason
-    _register_fake_and_autograd()
-    return None
+    """Load the extension once per process and register the Python side of its ops.
+
+    The result is cached in a module variable rather than with functools.cache, which torch.compile
+    would trace through (with a warning) whenever a compiled model asks whether the backend is here.
+    """
+    global _load_result
+    if _load_result is _NOT_LOADED:
+        _load_result = import_or_build(isa_for_capability(torch.backends.cpu.get_cpu_capability()))
+        if _load_result is None:
+            _register_fake_and_autograd()
+        else:
+            warnings.warn(f"fastgpt: the C++ backend is unavailable ({_load_result}); CPU tensors take the "
+                          "reference path", RuntimeWarning, stacklevel=3)
+    return _load_result
 
 
 def unavailable_reason(device=None):

@@ -1,0 +1,179 @@
+"""The C++ CPU extension beyond what tests/test_ops.py checks for every backend.
+
+Gradients against finite differences in fp64, the torch.library contract (opcheck), torch.compile,
+thread counts, the fallback when the extension cannot load, and a few training steps that must
+follow the reference path's loss curve.
+"""
+
+import textwrap
+
+import pytest
+import torch
+
+from fastgpt import ops
+from fastgpt.ops import cpp
+
+pytestmark = pytest.mark.skipif(cpp.unavailable_reason("cpu") is not None,
+                                reason=f"C++ extension unavailable: {cpp.unavailable_reason('cpu')}")
+
+# (B, H, Tq, Tk, D), small enough for finite differences: T = 1, Tk > Tq, odd head dims, and
+# sequences longer than one 64-wide block so the online softmax crosses blocks.
+GRADCHECK_ATTENTION_SHAPES = [(1, 1, 1, 1, 3), (1, 2, 5, 9, 7), (2, 1, 13, 13, 10), (1, 1, 70, 70, 5)]
+
+
+def fp64(*shape):
+    return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+
+@pytest.mark.parametrize("shape", GRADCHECK_ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_attention_gradcheck(shape):
+    b, h, t_q, t_k, d = shape
+    q, k, v = fp64(b, h, t_q, d), fp64(b, h, t_k, d), fp64(b, h, t_k, d)
+    assert torch.autograd.gradcheck(lambda q, k, v: ops.causal_attention(q, k, v, backend="cpp"), (q, k, v))
+
+
+def test_attention_gradcheck_on_qkv_views():
+    qkv = fp64(2, 11, 3, 2, 6)
+    def attention(qkv):
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        return ops.causal_attention(q, k, v, scale=0.7, backend="cpp")
+    assert torch.autograd.gradcheck(attention, (qkv,))
+
+
+@pytest.mark.parametrize("affine", ["weight+bias", "weight", "none"])
+@pytest.mark.parametrize("shape", [(1, 1), (4, 7), (3, 2, 37)], ids=lambda s: "x".join(map(str, s)))
+def test_layer_norm_gradcheck(shape, affine):
+    x = fp64(*shape)
+    weight = fp64(shape[-1]) if affine != "none" else None
+    bias = fp64(shape[-1]) if affine == "weight+bias" else None
+    inputs = tuple(t for t in (x, weight, bias) if t is not None)
+    def layer_norm(*tensors):
+        x, w, b = (list(tensors) + [None, None])[:3]
+        return ops.layer_norm(x, w, b if affine == "weight+bias" else None, backend="cpp")
+    assert torch.autograd.gradcheck(layer_norm, inputs)
+
+
+def attention_samples():
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for b, h, t_q, t_k, d in [(1, 1, 1, 1, 8), (2, 3, 17, 40, 48)]:
+            q = torch.randn(b, h, t_q, d, dtype=dtype, requires_grad=True)
+            k = torch.randn(b, h, t_k, d, dtype=dtype, requires_grad=True)
+            v = torch.randn(b, h, t_k, d, dtype=dtype, requires_grad=True)
+            yield q, k, v, d ** -0.5
+
+
+def layer_norm_samples():
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        x = torch.randn(5, 3, 40, dtype=dtype, requires_grad=True)
+        w = torch.randn(40, requires_grad=True)  # fp32 parameters, as under autocast
+        yield x, w.to(dtype) if dtype == torch.float64 else w, torch.randn(40, dtype=w.dtype), 1e-5
+        yield x, None, None, 1e-6
+
+
+@pytest.mark.parametrize("sample", list(attention_samples()), ids=lambda s: f"{s[0].dtype}-{tuple(s[0].shape)}-{s[1].shape[2]}")
+def test_opcheck_attention(sample):
+    torch.library.opcheck(torch.ops.fastgpt.causal_attention_forward.default, sample)
+    q, k, v, scale = sample
+    out, lse = torch.ops.fastgpt.causal_attention_forward(q, k, v, scale)
+    grad_out = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.fastgpt.causal_attention_backward.default,
+                          (grad_out, q.detach(), k.detach(), v.detach(), out.detach(), lse, scale))
+
+
+@pytest.mark.parametrize("sample", list(layer_norm_samples()), ids=lambda s: f"{s[0].dtype}-{s[1] is not None}")
+def test_opcheck_layer_norm(sample):
+    torch.library.opcheck(torch.ops.fastgpt.layer_norm_forward.default, sample)
+    x, w, _b, eps = sample
+    _y, mean, rstd = torch.ops.fastgpt.layer_norm_forward(*sample)
+    torch.library.opcheck(torch.ops.fastgpt.layer_norm_backward.default,
+                          (torch.randn_like(x), x.detach(), None if w is None else w.detach(), mean, rstd))
+
+
+def test_torch_compile_gives_the_eager_result():
+    def block(x, weight, bias):
+        h = ops.layer_norm(x, weight, bias, backend="cpp")
+        q, k, v = h.view(2, 19, 3, 2, 8).unbind(2)
+        y = ops.causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend="cpp")
+        return (y.transpose(1, 2).reshape(2, 19, 16) ** 2).sum()
+
+    x = torch.randn(2, 19, 48, requires_grad=True)
+    weight, bias = torch.randn(48, requires_grad=True), torch.randn(48, requires_grad=True)
+    eager = block(x, weight, bias)
+    eager_grads = torch.autograd.grad(eager, (x, weight, bias))
+    compiled = torch.compile(block, backend="inductor")(x, weight, bias)
+    compiled_grads = torch.autograd.grad(compiled, (x, weight, bias))
+    torch.testing.assert_close(compiled, eager)
+    for got, expected in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.fixture
+def thread_count():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_results_do_not_depend_on_the_thread_count(thread_count):
+    """One thread and several split the work differently (B * H = 1 deals a head's blocks out);
+    the answer must be the same up to summation order."""
+    q, k, v = (torch.randn(1, 1, 300, 40, requires_grad=True) for _ in range(3))
+    x = torch.randn(100, 96, requires_grad=True)
+    results = []
+    for threads in (1, 2, 4):
+        torch.set_num_threads(threads)
+        out = ops.causal_attention(q, k, v, backend="cpp")
+        y = ops.layer_norm(x, None, None, backend="cpp")
+        grads = torch.autograd.grad((out ** 2).sum() + (y ** 3).sum(), (q, k, v, x))
+        results.append((out, y) + grads)
+    for other in results[1:]:
+        for got, expected in zip(other, results[0]):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_picks_cpp_on_cpu():
+    assert ops.available_backends()["cpp"] is None
+    assert ops.resolve_backend("auto", torch.device("cpu")) == "cpp"
+    assert cpp.unavailable_reason(torch.device("meta")) == "the C++ extension only runs on CPU tensors"
+
+
+def test_missing_sources_give_a_reason(tmp_path):
+    reason = cpp.import_or_build("avx512", package="fastgpt_no_such_package", csrc=str(tmp_path))
+    assert reason.startswith("could not build the C++ extension:") and "are not here" in reason
+
+
+def test_failed_just_in_time_build_gives_a_reason(tmp_path, capsys):
+    """No compiled module and sources that do not compile: one line says it is compiling, then a reason."""
+    (tmp_path / "broken.cpp").write_text("this is not C++\n")
+    (tmp_path / "build_config.py").write_text(textwrap.dedent("""
+        SOURCES = ["broken.cpp"]
+        ISA_FLAGS = {"default": []}
+        COMPILE_FLAGS = ["-O0"]
+        LINK_FLAGS = []
+    """))
+    reason = cpp.import_or_build("default", package="fastgpt_no_such_package", csrc=str(tmp_path))
+    assert reason.startswith("could not build the C++ extension:")
+    assert "compiling the C++ extension" in capsys.readouterr().err
+
+
+def test_training_loss_follows_the_reference_path():
+    """A few optimizer steps of a small GPT: the cpp backend's loss curve is the reference's, to fp32 noise."""
+    from fastgpt.model import GPT, GPTConfig
+
+    data = torch.randint(0, 65, (4, 33), generator=torch.Generator().manual_seed(0))
+    curves = {}
+    for backend in ("reference", "cpp"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=48,
+                              dropout=0.0, bias=True, backend=backend))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        curve = []
+        for _ in range(8):
+            _, loss = model(data[:, :-1], data[:, 1:])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            curve.append(loss.item())
+        curves[backend] = torch.tensor(curve)
+    assert curves["cpp"][-1] < curves["cpp"][0]  # it learns
+    torch.testing.assert_close(curves["cpp"], curves["reference"], rtol=1e-4, atol=1e-4)
