@@ -2,9 +2,15 @@
 
 A rename within one directory is atomic, so a reader (or a resumed run) sees either the previous
 checkpoint or the new one whole, never a half-written file, even if the process is killed mid-save.
+
+A training run's directory holds ckpt.pt (always the newest checkpoint: what --resume reads),
+best.pt (the one with the lowest validation loss) and the newest `keep_last` as ckpt-<step>.pt.
+The extra names are hard links to the file written as ckpt.pt, so they cost no extra writes.
 """
 
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -36,6 +42,54 @@ def atomic_write(path, write):
 
 def save_checkpoint(path, payload):
     atomic_write(path, lambda handle: torch.save(payload, handle))
+
+
+def link_atomically(source, target):
+    """Make `target` name the file `source` names: a hard link, or a copy where links are unsupported."""
+    source, target = Path(source), Path(target)
+    temporary = target.parent / f".{target.name}.{os.getpid()}.tmp"
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(source, temporary)
+    except OSError:
+        with open(source, "rb") as original:
+            atomic_write(target, lambda handle: shutil.copyfileobj(original, handle))
+        return
+    os.replace(temporary, target)
+
+
+def remove_stale_temporaries(directory):
+    """Delete the temporary files of saves that a killed process never finished (they can be large)."""
+    for temporary in Path(directory).glob(".*.pt.*.tmp"):
+        temporary.unlink(missing_ok=True)
+
+
+class CheckpointFiles:
+    """The checkpoints of one training run in out_dir: ckpt.pt, best.pt and ckpt-<step>.pt."""
+
+    def __init__(self, out_dir, keep_last):
+        self.out_dir = Path(out_dir)
+        self.latest = self.out_dir / "ckpt.pt"
+        self.best = self.out_dir / "best.pt"
+        self.keep_last = keep_last
+
+    def save(self, payload, step, is_best):
+        save_checkpoint(self.latest, payload)
+        if is_best:
+            link_atomically(self.latest, self.best)
+        if self.keep_last:
+            link_atomically(self.latest, self.out_dir / f"ckpt-{step}.pt")
+            for old in self.numbered()[:-self.keep_last]:
+                old.unlink()
+
+    def numbered(self):
+        """The ckpt-<step>.pt files, oldest first."""
+        steps = {}
+        for path in self.out_dir.glob("ckpt-*.pt"):
+            match = re.fullmatch(r"ckpt-(\d+)\.pt", path.name)
+            if match:
+                steps[int(match.group(1))] = path
+        return [steps[step] for step in sorted(steps)]
 
 
 def load_checkpoint(path):

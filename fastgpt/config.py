@@ -41,6 +41,8 @@ class TrainConfig:
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.99, "AdamW beta2")
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0: no clipping)")
+    skip_nonfinite: bool = setting(False, "skip an optimizer step whose loss is NaN or infinite instead of "
+                                          "stopping the run")
     # evaluation, logging, output
     eval_interval: int = setting(200, "steps between train/val loss evaluations")
     eval_iters: int = setting(20, "batches per loss evaluation (fixed batches, the same every time)")
@@ -48,12 +50,16 @@ class TrainConfig:
     out_dir: str = setting("out", "directory for the checkpoint, metrics, loss plot and token cache")
     resume: bool = setting(False, "continue from out_dir/ckpt.pt instead of starting afresh")
     sample_tokens: int = setting(200, "tokens sampled at the end of training (0: none)")
+    keep_last: int = setting(2, "newest checkpoints also kept as ckpt-<step>.pt (0: none); ckpt.pt is always "
+                                "the newest and best.pt the one with the lowest val loss")
     # system
     seed: int = setting(1337, "seed for initialisation, batches and dropout")
     device: str = setting("auto", "where to train: auto (CUDA when present), cpu, cuda, cuda:N")
     dtype: str = setting("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", ["auto", "float32", "bfloat16"])
     compile: bool = setting(False, "compile the model with torch.compile")
     backend: str = setting("auto", "kernels for attention and LayerNorm", ["auto", "reference", "cpp", "triton", "torch"])
+    parallel: str = setting("ddp", "under torchrun, how the processes share the model: ddp (each holds all of it) "
+                                   "or fsdp (parameters, gradients and optimizer state sharded)", ["ddp", "fsdp"])
 
     def validate(self):
         """Refuse values that cannot work, with a message saying which and why."""
@@ -65,7 +71,8 @@ class TrainConfig:
         if self.n_embd % self.n_head:
             raise FastGPTError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
                                "each head gets n_embd / n_head channels")
-        for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_iters", "sample_tokens"):
+        for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_iters", "sample_tokens",
+                     "keep_last"):
             if getattr(self, name) < 0:
                 raise FastGPTError(f"{name} must not be negative (got {getattr(self, name)})")
         if self.min_lr > self.learning_rate:

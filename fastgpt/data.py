@@ -1,7 +1,7 @@
 """From raw text to batches: read the corpus, encode it once into a token cache, draw random blocks.
 
-The corpus is streamed in chunks and the tokens go to a numpy memmap on disk, so memory use does
-not grow with the corpus. The cache is reused as long as the corpus and the tokenizer are the same.
+The corpus is streamed in chunks into a token file on disk, and batches are read from that file a
+block at a time, so memory use does not grow with the corpus. The cache is reused as long as the corpus and the tokenizer are the same.
 The first (1 - val_fraction) of the tokens train the model; the rest measure it.
 """
 
@@ -9,6 +9,7 @@ import codecs
 import hashlib
 import json
 import os
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -107,6 +108,29 @@ def fit_tokenizer(kind, files, vocab_size):
     return train_tokenizer(kind, "", vocab_size)
 
 
+def chunk_encoder(tokenizer):
+    """A function from a text chunk to its token ids as a numpy array.
+
+    The char tokenizer's ids come from a table indexed by code point, looked up by numpy: going
+    character by character in Python would take minutes on a corpus of a few hundred MB.
+    """
+    if tokenizer.kind != "char":
+        return lambda chunk: np.asarray(tokenizer.encode(chunk), dtype=np.int64)
+    points = np.array([ord(c) for c in tokenizer.chars])
+    table = np.full(points.max() + 1, -1, dtype=np.int64)
+    table[points] = np.arange(len(points))
+
+    def encode(chunk):
+        codes = np.frombuffer(chunk.encode("utf-32-le"), dtype=np.uint32)
+        known = codes < len(table)
+        ids = np.where(known, table[np.where(known, codes, 0)], -1)
+        if (ids < 0).any():
+            # The tokenizer's own encode names the characters it never saw.
+            return np.asarray(tokenizer.encode(chunk), dtype=np.int64)
+        return ids
+    return encode
+
+
 def encode_corpus(files, tokenizer, cache_dir, progress=None):
     """Encode the corpus into cache_dir/tokens.bin (reused when corpus and tokenizer are unchanged).
 
@@ -125,16 +149,22 @@ def encode_corpus(files, tokenizer, cache_dir, progress=None):
             cached = {}
         if {k: cached.get(k) for k in meta} == meta and cached.get("tokens") == tokens_path.stat().st_size // np.dtype(dtype).itemsize:
             return np.memmap(tokens_path, dtype=dtype, mode="r")
-    partial = tokens_path.with_suffix(".bin.partial")
+    # A private partial file: several machines of one run may encode into a shared cache at once.
+    descriptor, partial = tempfile.mkstemp(dir=cache_dir, prefix="tokens.", suffix=".partial")
+    encode = chunk_encoder(tokenizer)
     count, characters = 0, 0
-    with open(partial, "wb") as out:
-        for chunk in read_chunks(files):
-            ids = np.asarray(tokenizer.encode(chunk), dtype=dtype)
-            out.write(ids.tobytes())
-            count += len(ids)
-            characters += len(chunk)
-            if progress:
-                progress(characters)
+    try:
+        with os.fdopen(descriptor, "wb") as out:
+            for chunk in read_chunks(files):
+                ids = encode(chunk).astype(dtype)
+                out.write(ids.tobytes())
+                count += len(ids)
+                characters += len(chunk)
+                if progress:
+                    progress(characters)
+    except BaseException:
+        os.unlink(partial)
+        raise
     os.replace(partial, tokens_path)
     meta_path.write_text(json.dumps({**meta, "tokens": count}))
     if count == 0:
@@ -146,26 +176,40 @@ class TokenBlocks:
     """Random blocks of block_size + 1 consecutive tokens from the train or validation split.
 
     The inputs are a block's first block_size tokens and the targets the same block shifted by one.
+    Blocks are read from the token cache's file, one pread each, rather than through its memmap:
+    touching a mapped page maps the page cache's whole folio around it, so a long run reading
+    through the memmap would end up holding much of the corpus in its resident memory.
     """
 
     def __init__(self, tokens, block_size, val_fraction):
         split = int(len(tokens) * (1 - val_fraction))
-        self.splits = {"train": tokens[:split], "val": tokens[split:]}
+        self.path, self.dtype = tokens.filename, tokens.dtype
+        self.ranges = {"train": (0, split), "val": (split, len(tokens))}
         self.block_size = block_size
-        for name, part in self.splits.items():
-            if len(part) < block_size + 1:
+        for name in self.ranges:
+            if self.size(name) < block_size + 1:
                 raise FastGPTError(
-                    f"the {name} split has {len(part)} tokens, fewer than block_size + 1 = {block_size + 1}; "
+                    f"the {name} split has {self.size(name)} tokens, fewer than block_size + 1 = {block_size + 1}; "
                     "use a longer corpus, a smaller --block-size or another --val-fraction")
+
+    def size(self, split):
+        """Tokens in a split."""
+        first, end = self.ranges[split]
+        return end - first
 
     def starts(self, split, batch_size, generator):
         """Random start positions of batch_size blocks in a split."""
-        return torch.randint(len(self.splits[split]) - self.block_size, (batch_size,), generator=generator)
+        return torch.randint(self.size(split) - self.block_size, (batch_size,), generator=generator)
 
     def batch(self, split, starts, device):
         """Inputs and targets (each (len(starts), block_size) int64) for the blocks at `starts`."""
-        offsets = starts.numpy()[:, None] + np.arange(self.block_size + 1)
-        block = torch.from_numpy(self.splits[split][offsets].astype(np.int64))
+        first = self.ranges[split][0]
+        length = (self.block_size + 1) * self.dtype.itemsize
+        with open(self.path, "rb") as handle:
+            rows = [os.pread(handle.fileno(), length, (first + start) * self.dtype.itemsize)
+                    for start in starts.tolist()]
+        block = torch.from_numpy(np.frombuffer(b"".join(rows), dtype=self.dtype).astype(np.int64))
+        block = block.view(len(rows), self.block_size + 1)
         x, y = block[:, :-1], block[:, 1:]
         if device.type == "cuda":
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)

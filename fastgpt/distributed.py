@@ -1,0 +1,142 @@
+"""Training in several processes with torch.distributed, as launched by torchrun.
+
+torchrun starts one process per device and tells each its place through environment variables
+(RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Without them the run is one process and
+every helper here does nothing, so the trainer has a single code path for both.
+
+Two ways to share the model, chosen by the `parallel` setting:
+
+- ddp: every process holds the whole model; gradients are averaged by DistributedDataParallel.
+- fsdp: parameters, gradients and optimizer state are sharded across the processes by
+  `torch.distributed.fsdp.fully_shard`, one shard group per transformer block, for models that
+  do not fit one device.
+"""
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from fastgpt.errors import FastGPTError
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process stands among the processes of one run."""
+
+    rank: int = 0
+    local_rank: int = 0  # rank among the processes on this machine: picks the GPU
+    size: int = 1
+
+    @property
+    def is_main(self):
+        """Rank 0 alone writes files and shows progress."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self):
+        return self.size > 1
+
+
+def join(device):
+    """This process's World and device, joining torchrun's process group when launched by torchrun.
+
+    Each process on a machine takes the GPU numbered by its local rank; the collective backend is
+    NCCL on CUDA and gloo on CPU.
+    """
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World(), device
+    world = World(rank=int(os.environ["RANK"]), local_rank=int(os.environ.get("LOCAL_RANK", "0")), size=size)
+    if device.type == "cuda":
+        if world.local_rank >= torch.cuda.device_count():
+            raise FastGPTError(f"local rank {world.local_rank} has no GPU: this machine has "
+                               f"{torch.cuda.device_count()}; start at most that many processes per node")
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    try:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    except (ValueError, RuntimeError) as error:
+        raise FastGPTError(f"cannot join the torchrun process group ({error}); launch with "
+                           "`torchrun --nproc_per_node=N -m fastgpt.train ...`") from None
+    return world, device
+
+
+def leave():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def parallelize(model, world, mode):
+    """The module to train through: the model itself, DDP around it, or the model sharded in place."""
+    if not world.is_distributed:
+        return model
+    if mode == "fsdp":
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    return DistributedDataParallel(model)
+
+
+@contextmanager
+def gradient_sync(module, enabled):
+    """Skip the gradient all-reduce on accumulation micro-steps: only the last one's sum matters."""
+    if enabled:
+        yield
+    elif isinstance(module, DistributedDataParallel):
+        with module.no_sync():
+            yield
+    elif isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def full_state(model, optimizer):
+    """The model's and optimizer's whole state, on the CPU, keyed by parameter name.
+
+    Under FSDP every process must call this (it gathers the shards); the result is the same as a
+    single process's, so any checkpoint loads into any number of processes and either mode.
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_state(model, optimizer, model_state, optimizer_state):
+    """Load what `full_state` returned into a model and optimizer, sharding it where they are sharded."""
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def sum_across(tensor, world):
+    """The element-wise sum of `tensor` over all processes (the tensor itself in a single process)."""
+    if world.is_distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def from_main(value, world):
+    """Rank 0's `value`, on every process (any picklable object)."""
+    if not world.is_distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(world):
+    if world.is_distributed:
+        dist.barrier()

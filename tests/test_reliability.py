@@ -1,0 +1,247 @@
+"""Training never loses work: exact resume, signals, kills mid-save, checkpoint rotation and guards."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import namedtuple
+
+import pytest
+import torch
+
+from fastgpt import train
+from fastgpt.checkpoint import load_checkpoint
+from fastgpt.model import GPT
+
+# Dropout on, so that resuming must restore dropout's random numbers too; logged every 2 steps and
+# evaluated every 3, so that interruptions fall between metric lines and checkpoints.
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
+        "--max-iters", "8", "--eval-interval", "3", "--eval-iters", "2", "--log-interval", "2",
+        "--sample-tokens", "0", "--warmup-iters", "2", "--dropout", "0.1", "--keep-last", "2"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(60)))
+    return path
+
+
+def args_for(corpus, out_dir, *extra):
+    return ["--data", str(corpus), "--out-dir", str(out_dir), *TINY, *extra]
+
+
+def metrics(out_dir):
+    """The metrics lines without their timings, which differ from run to run."""
+    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k not in ("tokens_per_sec", "elapsed_s")} for line in lines]
+
+
+def weights(out_dir):
+    return load_checkpoint(out_dir / "ckpt.pt")["model"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(corpus, tmp_path_factory):
+    """One uninterrupted run of 8 steps: what every interrupted run must reproduce."""
+    out_dir = tmp_path_factory.mktemp("straight")
+    assert train.main(args_for(corpus, out_dir)) == 0
+    return out_dir
+
+
+def assert_same_run(out_dir, reference):
+    assert metrics(out_dir) == metrics(reference)
+    for name, tensor in weights(reference).items():
+        assert torch.equal(weights(out_dir)[name], tensor), name
+
+
+def test_a_run_stopped_by_a_signal_and_resumed_equals_the_straight_run(corpus, straight_run, tmp_path,
+                                                                       monkeypatch, capsys):
+    # Ask to stop during step 5: between metric lines (2, 4, 6) and checkpoints (3, 6).
+    original_step = train.Trainer.train_step
+
+    def step_interrupted_at_5(self):
+        if self.step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original_step(self)
+    monkeypatch.setattr(train.Trainer, "train_step", step_interrupted_at_5)
+    assert train.main(args_for(corpus, tmp_path)) == 128 + signal.SIGTERM
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 5
+    assert "--resume" in capsys.readouterr().err
+    monkeypatch.setattr(train.Trainer, "train_step", original_step)
+
+    assert train.main(args_for(corpus, tmp_path, "--resume")) == 0
+    assert_same_run(tmp_path, straight_run)
+
+
+def test_a_run_killed_after_a_checkpoint_and_resumed_equals_the_straight_run(corpus, straight_run, tmp_path):
+    # What a run killed during its last step leaves behind: the step-6 checkpoint, but metric lines
+    # (written between checkpoints) up to step 8.
+    shutil.copytree(straight_run, tmp_path, dirs_exist_ok=True)
+    shutil.copy(straight_run / "ckpt-6.pt", tmp_path / "ckpt.pt")
+    assert train.main(args_for(corpus, tmp_path, "--resume")) == 0
+    assert_same_run(tmp_path, straight_run)
+    assert [line["step"] for line in metrics(tmp_path)] == [2, 3, 4, 6, 8], "steps after 6 must not be logged twice"
+
+
+def test_keep_last_rotates_checkpoints_and_best_has_the_lowest_val_loss(straight_run):
+    assert sorted(p.name for p in straight_run.glob("ckpt-*.pt")) == ["ckpt-6.pt", "ckpt-8.pt"]
+    assert load_checkpoint(straight_run / "ckpt.pt")["step"] == 8
+    evaluated = [line for line in metrics(straight_run) if "val_loss" in line]
+    best = min(evaluated, key=lambda line: line["val_loss"])
+    saved = load_checkpoint(straight_run / "best.pt")
+    assert (saved["step"], saved["best_val_loss"]) == (best["step"], best["val_loss"])
+
+
+def start_training(corpus, out_dir, *extra, script=None):
+    command = ["-c", script, *args_for(corpus, out_dir, *extra)] if script else ["-m", "fastgpt.train",
+                                                                                   *args_for(corpus, out_dir, *extra)]
+    return subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_ends_the_run_after_the_step_with_a_checkpoint(signum, corpus, tmp_path):
+    child = start_training(corpus, tmp_path, "--max-iters", "100000", "--log-interval", "1")
+    try:
+        while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
+            assert child.poll() is None, child.stderr.read()
+            time.sleep(0.1)
+        child.send_signal(signum)
+        _, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 128 + signum, err
+    assert f"stopped by {signum.name}" in err and "--resume" in err
+    step = load_checkpoint(tmp_path / "ckpt.pt")["step"]
+    assert step >= 1 and f"after step {step}" in err
+
+
+# Runs training, but its second checkpoint save writes half the file and then kills the process.
+KILLED_MID_SAVE = textwrap.dedent("""
+    import io, os, signal, sys, torch
+    from fastgpt import train
+    real_save, saves = torch.save, []
+    def save_half_then_die(payload, handle):
+        saves.append(payload)
+        if len(saves) < 2:
+            return real_save(payload, handle)
+        buffer = io.BytesIO()
+        real_save(payload, buffer)
+        handle.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+        handle.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    torch.save = save_half_then_die
+    sys.exit(train.main(sys.argv[1:]))
+""")
+
+
+def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(corpus, tmp_path):
+    child = start_training(corpus, tmp_path, script=KILLED_MID_SAVE)
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == -signal.SIGKILL, err
+    assert list(tmp_path.glob(".ckpt.pt.*.tmp")), "the kill should have come in the middle of a save"
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 3
+    assert train.main(args_for(corpus, tmp_path, "--resume")) == 0
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 8
+    assert not list(tmp_path.glob(".*.tmp")), "the half-written file should be cleaned up"
+
+
+def poison_training_loss(monkeypatch, at_step):
+    """Make the model's training loss NaN at one step (counted from 1), as a diverging run would."""
+    original_forward, calls = GPT.forward, []
+
+    def forward(self, idx, targets=None, cache=None):
+        logits, loss = original_forward(self, idx, targets, cache)
+        if self.training:
+            calls.append(None)
+            if len(calls) == at_step:
+                loss = loss * float("nan")
+        return logits, loss
+    monkeypatch.setattr(GPT, "forward", forward)
+
+
+def test_a_nonfinite_loss_stops_the_run_naming_the_step(corpus, tmp_path, monkeypatch, capsys):
+    poison_training_loss(monkeypatch, at_step=5)
+    assert train.main(args_for(corpus, tmp_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fastgpt: error: the loss became nan at step 5") and "--skip-nonfinite" in err[-1]
+    saved = load_checkpoint(tmp_path / "ckpt.pt")
+    assert saved["step"] == 3
+    assert all(torch.isfinite(tensor).all() for tensor in saved["model"].values())
+
+
+def test_skip_nonfinite_skips_the_step_and_trains_on(corpus, tmp_path, monkeypatch, capsys):
+    poison_training_loss(monkeypatch, at_step=5)
+    assert train.main(args_for(corpus, tmp_path, "--skip-nonfinite")) == 0
+    assert "skipped step 5" in capsys.readouterr().err
+    saved = load_checkpoint(tmp_path / "ckpt.pt")
+    assert saved["step"] == 8
+    assert all(torch.isfinite(tensor).all() for tensor in saved["model"].values())
+
+
+def error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("fastgpt: error: ") and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def test_no_room_for_a_checkpoint_is_refused_before_training(corpus, tmp_path, monkeypatch, capsys):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    assert train.main(args_for(corpus, tmp_path / "out")) == 2
+    assert "MB free but a checkpoint needs about" in error_line(capsys)
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_an_unwritable_output_directory_is_refused(corpus, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    assert train.main(args_for(corpus, tmp_path / "a-file" / "out")) == 2
+    assert "cannot write to the output directory" in error_line(capsys)
+
+
+def test_resume_refuses_a_checkpoint_with_another_vocabulary(corpus, straight_run, tmp_path, capsys):
+    shutil.copy(straight_run / "ckpt.pt", tmp_path / "ckpt.pt")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    assert train.main(args_for(corpus, tmp_path, "--tokenizer", "bpe", "--vocab-size", "300", "--resume")) == 2
+    assert "tokenizer char vs bpe" in error_line(capsys)
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+# Encodes a corpus into the token cache and draws a few batches, then prints its peak RSS in bytes.
+DATA_PIPELINE = textwrap.dedent("""
+    import resource, sys, torch
+    from fastgpt.data import TokenBlocks, corpus_files, encode_corpus, fit_tokenizer
+    files = corpus_files(sys.argv[1])
+    tokens = encode_corpus(files, fit_tokenizer("char", files, None), sys.argv[2])
+    blocks = TokenBlocks(tokens, 64, 0.1)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        blocks.batch("train", blocks.starts("train", 32, generator), torch.device("cpu"))
+    print(len(tokens), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+""")
+
+
+def peak_rss_of_data_pipeline(corpus_bytes, directory):
+    directory.mkdir()
+    line = "".join(chr(ord("a") + i % 26) for i in range(99)) + "\n"
+    block = line * 655  # about 64 KB
+    with open(directory / "corpus.txt", "w") as out:  # written a block at a time: never held whole
+        for _ in range(corpus_bytes // len(block)):
+            out.write(block)
+    result = subprocess.run([sys.executable, "-c", DATA_PIPELINE, str(directory / "corpus.txt"),
+                             str(directory / "cache")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    n_tokens, peak = map(int, result.stdout.split())
+    assert n_tokens == corpus_bytes // len(block) * len(block)
+    return peak
+
+
+def test_data_pipeline_memory_does_not_grow_with_the_corpus(tmp_path):
+    small = peak_rss_of_data_pipeline(1 << 20, tmp_path / "small")
+    large = peak_rss_of_data_pipeline(200 << 20, tmp_path / "large")
+    assert large - small < 40 << 20, f"peak RSS {large / 2**20:.0f} MiB for 200 MB vs {small / 2**20:.0f} MiB for 1 MB"
