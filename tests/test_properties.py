@@ -1,0 +1,106 @@
+"""Property tests (hypothesis): the ops over drawn shapes and dtypes on every backend that runs here,
+the tokenizers over drawn texts, and the data pipeline's fast char path against the tokenizer."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastgpt import ops
+from fastgpt.data import TokenBlocks, chunk_encoder, encode_corpus
+from fastgpt.errors import FastGPTError
+from fastgpt.tokenizers import tokenizer_from_state, train_tokenizer
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = [name for name, reason in ops.available_backends().items()
+            if reason is None and ops._module(name).unavailable_reason(DEVICE) is None]
+# Error allowed against float64, relative to the result's largest magnitude (at least 1).
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 6e-2}
+# Triton without a GPU runs in its interpreter: few, small examples.
+FEW = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def relative_error(actual, exact):
+    return (actual.double() - exact).abs().max().item() / max(1.0, exact.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@FEW
+@given(b=st.integers(1, 2), h=st.integers(1, 3), tq=st.integers(1, 20), extra=st.integers(0, 6),
+       d=st.sampled_from([8, 16, 24, 32]), dtype=st.sampled_from(list(TOLERANCE)), seed=st.integers(0, 2**16))
+def test_causal_attention_matches_float64_for_any_shape(backend, b, h, tq, extra, d, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, t, d, generator=generator).to(DEVICE, dtype) for t in (tq, tq + extra, tq + extra))
+    out = ops.causal_attention(q, k, v, backend=backend)
+    assert out.shape == q.shape and out.dtype == dtype
+    exact = ops.causal_attention(q.double(), k.double(), v.double(), backend="reference")
+    assert relative_error(out, exact) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@FEW
+@given(rows=st.lists(st.integers(1, 5), min_size=1, max_size=3), n=st.integers(1, 96), bias=st.booleans(),
+       dtype=st.sampled_from(list(TOLERANCE)), seed=st.integers(0, 2**16))
+def test_layer_norm_matches_float64_for_any_shape(backend, rows, n, bias, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(*rows, n, generator=generator) + 1).to(DEVICE, dtype)
+    weight = torch.randn(n, generator=generator).to(DEVICE, dtype)
+    b = torch.randn(n, generator=generator).to(DEVICE, dtype) if bias else None
+    out = ops.layer_norm(x, weight, b, backend=backend)
+    assert out.shape == x.shape and out.dtype == dtype
+    exact = ops.layer_norm(x.double(), weight.double(), b.double() if bias else None, backend="reference")
+    assert relative_error(out, exact) <= TOLERANCE[dtype]
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return train_tokenizer("bpe", "the cat sat on the mat; the dog ate the cat's hat. " * 20 + "naïve café 日本", 300)
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(min_size=1))
+def test_char_tokenizer_round_trips_its_training_text_and_survives_its_state(text):
+    tokenizer = train_tokenizer("char", text)
+    ids = tokenizer.encode(text)
+    assert all(0 <= i < tokenizer.vocab_size for i in ids)
+    assert tokenizer.decode(ids) == text
+    assert tokenizer_from_state(tokenizer.state_dict()).encode(text) == ids
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text())
+def test_bpe_tokenizer_round_trips_any_text_and_survives_its_state(bpe, text):
+    ids = bpe.encode(text)
+    assert all(0 <= i < bpe.vocab_size for i in ids)
+    assert bpe.decode(ids) == text
+    assert tokenizer_from_state(bpe.state_dict()).encode(text) == ids
+
+
+@settings(max_examples=100, deadline=None)
+@given(training=st.text(min_size=1), text=st.text())
+def test_fast_char_path_of_the_data_pipeline_equals_the_tokenizer(training, text):
+    tokenizer = train_tokenizer("char", training)
+    encode = chunk_encoder(tokenizer)
+    if set(text) <= set(training):
+        assert encode(text).tolist() == tokenizer.encode(text)
+    else:
+        with pytest.raises(FastGPTError, match="never saw"):
+            encode(text)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(min_size=40, max_size=400), block_size=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_batches_are_consecutive_tokens_of_the_cache_shifted_by_one(tmp_path_factory, text, block_size, seed):
+    tokenizer = train_tokenizer("char", text)
+    corpus = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    corpus.write_text(text, encoding="utf-8", newline="")
+    tokens = encode_corpus([corpus], tokenizer, corpus.parent / "cache")
+    assert tokenizer.decode(np.asarray(tokens).tolist()) == text
+    blocks = TokenBlocks(tokens, block_size, 0.5)
+    starts = blocks.starts("val", 4, torch.Generator().manual_seed(seed))
+    x, y = blocks.batch("val", starts, torch.device("cpu"))
+    split = len(tokens) // 2
+    for row, start in enumerate(starts.tolist()):
+        expected = torch.from_numpy(np.asarray(tokens[split + start:split + start + block_size + 1], dtype=np.int64))
+        assert torch.equal(x[row], expected[:-1]) and torch.equal(y[row], expected[1:])
