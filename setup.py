@@ -60,9 +60,11 @@ setup(
         "torch>=2.4",
         "numpy",
         "tiktoken>=0.7",
+        "regex",
+        "safetensors>=0.4",
         "tqdm",
         "matplotlib",
         "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.40"]},
 )

@@ -1,44 +1,37 @@
-"""Training speed (tokens/s) of the default model on each CPU backend, and on torch's built-ins.
+"""Training speed (tokens/s) of the default training config on each CPU backend, and on torch's built-ins.
 
     pytest benchmarks/test_training_speed.py
 
-"builtins" is the same model with its attention and LayerNorm calls sent to
-F.scaled_dot_product_attention and F.layer_norm (the model's `ops` swapped for the duration).
+"builtins" is the same model on fastgpt.ops' `torch` backend: its attention and LayerNorm calls go
+to F.scaled_dot_product_attention and F.layer_norm.
 fp32, and bf16 under autocast beside it. One step is forward, backward and an AdamW update on a
 batch of random tokens.
 """
 
-import types
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import QUICK, declare_ratios
-from fastgpt import model as model_module
 from fastgpt import ops
+from fastgpt.config import TrainConfig
 from fastgpt.model import GPT, GPTConfig
 
-BATCH, BLOCK = (2, 32) if QUICK else (16, 128)
-SHAPE = dict(n_layer=2, n_head=2, n_embd=64) if QUICK else {}  # else GPTConfig's defaults
-BUILTINS = types.SimpleNamespace(
-    causal_attention=lambda q, k, v, scale=None, backend=None: F.scaled_dot_product_attention(
-        q, k, v, is_causal=True, scale=scale),
-    layer_norm=lambda x, w, b, eps=1e-5, backend=None: F.layer_norm(x, x.shape[-1:], w, b, eps),
-)
+DEFAULTS = TrainConfig()  # what `python -m fastgpt.train` trains with no arguments
+BATCH, BLOCK = (2, 32) if QUICK else (DEFAULTS.batch_size, DEFAULTS.block_size)
+SHAPE = (dict(n_layer=2, n_head=2, n_embd=64) if QUICK
+         else dict(n_layer=DEFAULTS.n_layer, n_head=DEFAULTS.n_head, n_embd=DEFAULTS.n_embd))
+OPS_BACKEND = {"reference": "reference", "cpp": "cpp", "builtins": "torch"}
 
 declare_ratios("training", [("cpp vs reference", "cpp", "reference"), ("cpp vs builtins", "cpp", "builtins")])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("backend", ["reference", "cpp", "builtins"])
-def test_training_step(record, monkeypatch, backend, dtype):
-    if backend != "builtins" and ops.available_backends()[backend] is not None:
+def test_training_step(record, backend, dtype):
+    if ops.available_backends()[OPS_BACKEND[backend]] is not None:
         pytest.skip(f"{backend} unavailable")
-    if backend == "builtins":
-        monkeypatch.setattr(model_module, "ops", BUILTINS)
     torch.manual_seed(0)
-    config = GPTConfig(block_size=BLOCK, backend="reference" if backend == "builtins" else backend, **SHAPE)
+    config = GPTConfig(vocab_size=65, block_size=BLOCK, backend=OPS_BACKEND[backend], **SHAPE)
     model = GPT(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.randint(0, config.vocab_size, (BATCH, BLOCK + 1))

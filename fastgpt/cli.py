@@ -1,5 +1,6 @@
 """How command-line entry points report mistakes: one line, a non-zero exit, no traceback."""
 
+import argparse
 import sys
 
 from fastgpt.errors import FastGPTError
@@ -17,3 +18,10 @@ def run_cli(command):
         print("fastgpt: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises FastGPTError (one error line) instead of printing usage and exiting."""
+
+    def error(self, message):
+        raise FastGPTError(f"{message} (see --help)")

@@ -9,6 +9,7 @@ import difflib
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 
+from fastgpt.cli import ArgumentParser
 from fastgpt.errors import FastGPTError
 
 
@@ -22,6 +23,8 @@ class TrainConfig:
     data: str = setting("", "text file or directory of .txt files to train on (empty: the bundled Tiny Shakespeare)")
     tokenizer: str = setting("char", "how text becomes tokens", ["char", "bpe", "gpt2"])
     vocab_size: int = setting(1024, "vocabulary size the bpe tokenizer is trained to (char and gpt2 ignore it)")
+    init_from: str = setting("", "fine-tune the GPT-2 checkpoint (Hugging Face layout) in this directory: its "
+                                 "weights, shape and tokenizer replace n_layer, n_head, n_embd and tokenizer")
     val_fraction: float = setting(0.1, "share of the corpus, taken from its end, held out for validation")
     # model
     n_layer: int = setting(4, "number of transformer blocks")
@@ -33,7 +36,7 @@ class TrainConfig:
     # optimisation
     batch_size: int = setting(32, "sequences per micro-batch")
     grad_accum_steps: int = setting(1, "micro-batches accumulated into one optimizer step")
-    max_iters: int = setting(1600, "optimizer steps to train for")
+    max_iters: int = setting(1150, "optimizer steps to train for")
     learning_rate: float = setting(2e-3, "peak learning rate")
     min_lr: float = setting(2e-4, "learning rate at the end of the cosine decay")
     warmup_iters: int = setting(100, "steps of linear learning-rate warmup")
@@ -44,8 +47,8 @@ class TrainConfig:
     skip_nonfinite: bool = setting(False, "skip an optimizer step whose loss is NaN or infinite instead of "
                                           "stopping the run")
     # evaluation, logging, output
-    eval_interval: int = setting(200, "steps between train/val loss evaluations")
-    eval_iters: int = setting(20, "batches per loss evaluation (fixed batches, the same every time)")
+    eval_interval: int = setting(230, "steps between train/val loss evaluations")
+    eval_iters: int = setting(10, "batches per loss evaluation (fixed batches, the same every time)")
     log_interval: int = setting(10, "steps between lines in metrics.jsonl")
     out_dir: str = setting("out", "directory for the checkpoint, metrics, loss plot and token cache")
     resume: bool = setting(False, "continue from out_dir/ckpt.pt instead of starting afresh")
@@ -105,20 +108,13 @@ def _parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises FastGPTError instead of printing usage and exiting."""
-
-    def error(self, message):
-        raise FastGPTError(f"{message} (see --help)")
-
-
 def _field_type(f):
     return {"bool": _parse_bool, "int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
 
 
 def build_parser(config_class, prog, description, extra_arguments=()):
     """One --name flag per config field, with its default and meaning, plus --config."""
-    parser = _Parser(prog=prog, description=description)
+    parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file (flags win)")
     for args, kwargs in extra_arguments:
         parser.add_argument(*args, **kwargs)

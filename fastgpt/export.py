@@ -12,13 +12,12 @@ import sys
 import torch
 
 from fastgpt.checkpoint import load_trained_model
-from fastgpt.cli import run_cli
+from fastgpt.cli import ArgumentParser, run_cli
 from fastgpt.pretrained import export_pretrained
-from fastgpt.sample import Parser
 
 
 def build_parser():
-    parser = Parser(prog="python -m fastgpt.export", description=__doc__.splitlines()[0],
+    parser = ArgumentParser(prog="python -m fastgpt.export", description=__doc__.splitlines()[0],
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out-dir", default="out", help="directory holding ckpt.pt from fastgpt.train")
     parser.add_argument("--to", required=True, metavar="DIR", help="directory to write the GPT-2 checkpoint to")

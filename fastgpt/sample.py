@@ -16,7 +16,7 @@ import sys
 import torch
 
 from fastgpt.checkpoint import load_trained_model
-from fastgpt.cli import run_cli
+from fastgpt.cli import ArgumentParser, run_cli
 from fastgpt.errors import FastGPTError
 from fastgpt.model import Sampler
 from fastgpt.train import pick_device
@@ -99,20 +99,13 @@ def complete(model, tokenizer, prompt, **options):
     return texts
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse that raises FastGPTError (one error line) instead of printing usage and exiting."""
-
-    def error(self, message):
-        raise FastGPTError(f"{message} (see --help)")
-
-
 def _unescape(text):
     """`\\n`, `\\t` and other backslash escapes in a flag's value, so that stop strings can span lines."""
     return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
 def build_parser():
-    parser = Parser(prog="python -m fastgpt.sample", description=__doc__.splitlines()[0],
+    parser = ArgumentParser(prog="python -m fastgpt.sample", description=__doc__.splitlines()[0],
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out-dir", default="out", help="directory holding ckpt.pt from fastgpt.train")
     parser.add_argument("--init-from", metavar="DIR", help="sample from the GPT-2 checkpoint in DIR (Hugging Face "

@@ -12,6 +12,7 @@ generator), dropout's random numbers, the optimizer and the step, which fixes th
 SIGINT or SIGTERM ends the run after the current step, with a checkpoint.
 """
 
+import dataclasses
 import json
 import math
 import shlex
@@ -34,6 +35,7 @@ from fastgpt.data import TokenBlocks, corpus_files, encode_corpus, fit_tokenizer
 from fastgpt.errors import FastGPTError
 from fastgpt.model import GPT, GPTConfig
 from fastgpt.plots import plot_losses
+from fastgpt.pretrained import load_pretrained, read_config
 from fastgpt.tokenizers import tokenizer_from_state
 
 
@@ -146,15 +148,19 @@ class Trainer:
 
         resumed = self._load_resumable() if config.resume else None
         files = corpus_files(config.data)
+        self.pretrained = None
         if resumed:
             self.tokenizer = tokenizer_from_state(resumed["tokenizer"])
+        elif config.init_from:
+            self.pretrained, self.tokenizer = load_pretrained(config.init_from, config.backend)
         else:
             state = fit_tokenizer(config.tokenizer, files, config.vocab_size).state_dict() if self.world.is_main else None
             self.tokenizer = tokenizer_from_state(distributed.from_main(state, self.world))
-        self.blocks = TokenBlocks(self._token_cache(files), config.block_size, config.val_fraction)
-
         torch.manual_seed(config.seed)
         self.model_config, self.model = self._build_model()
+        # A pretrained model may have more positions (GPT-2: 1024) than the blocks it is fine-tuned on.
+        block_size = min(config.block_size, self.model_config.block_size)
+        self.blocks = TokenBlocks(self._token_cache(files), block_size, config.val_fraction)
         if self.world.is_main:
             self._check_room_for_checkpoint()
         self.parallel_model = distributed.parallelize(self.model, self.world, config.parallel)
@@ -177,9 +183,18 @@ class Trainer:
         self.stop = StopRequests()
 
     def _build_model(self):
-        """The model config and a freshly initialised model on the device."""
-        model_config = model_config_for(self.config, self.tokenizer.vocab_size)
-        return model_config, GPT(model_config).to(self.device)
+        """The model config and the model on the device: freshly initialised, or GPT-2's weights."""
+        if self.config.init_from:
+            # Fine-tuning: the shape comes from the pretrained checkpoint, not from n_layer/n_embd/...
+            model_config = dataclasses.replace(read_config(self.config.init_from), dropout=self.config.dropout,
+                                               backend=self.config.backend)
+        else:
+            model_config = model_config_for(self.config, self.tokenizer.vocab_size)
+        model = GPT(model_config)
+        if self.pretrained is not None:
+            model.load_state_dict(self.pretrained.state_dict())
+            self.pretrained = None  # the weights now live in the model
+        return model_config, model.to(self.device)
 
     def _prepare_out_dir(self):
         try:

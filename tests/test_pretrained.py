@@ -166,3 +166,23 @@ def test_pytorch_model_bin_without_the_transformer_prefix_loads_too(hf_dir, tmp_
     expected, _ = load_pretrained(hf_dir)
     idx = torch.tensor([[1, 2, 3]])
     assert torch.equal(loaded(idx)[0], expected(idx)[0])
+
+
+def test_training_with_init_from_fine_tunes_the_pretrained_weights(hf_dir, tmp_path):
+    """--init-from starts from GPT-2's weights and tokenizer, on blocks shorter than its 24 positions."""
+    from fastgpt import train
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    out = tmp_path / "run"
+    args = ["--data", str(corpus), "--init-from", str(hf_dir), "--out-dir", str(out), "--block-size", "16",
+            "--batch-size", "2", "--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1",
+            "--sample-tokens", "0", "--learning-rate", "0", "--min-lr", "0", "--backend", "reference"]
+    assert train.main(args) == 0
+    pretrained, _ = load_pretrained(hf_dir, backend="reference")
+    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
+    assert checkpoint["model_config"]["n_embd"] == 32 and checkpoint["model_config"]["block_size"] == 24
+    # With a learning rate of 0 the weights stay exactly GPT-2's.
+    for name, value in pretrained.state_dict().items():
+        torch.testing.assert_close(checkpoint["model"][name], value, rtol=0, atol=0)
+    assert train.main(args[:-2] + ["--max-iters", "3", "--resume", "--backend", "reference"]) == 0

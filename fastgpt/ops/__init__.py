@@ -36,8 +36,15 @@ class BackendUnavailable(RuntimeError):
     """A backend was asked for by name but cannot run here."""
 
 
+_loaded = {}
+
+
 def _module(name):
-    return importlib.import_module(_MODULES[name])
+    # A plain dict lookup after the first import: cheap on every call, and traceable by torch.compile.
+    module = _loaded.get(name)
+    if module is None:
+        module = _loaded[name] = importlib.import_module(_MODULES[name])
+    return module
 
 
 def available_backends():
