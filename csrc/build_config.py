@@ -36,12 +36,3 @@ def buildable_isas():
     wanted = os.environ.get("FASTGPT_ISAS")
     return [isa for isa in isas if isa in wanted.split(",")] if wanted else isas
 
-
-def isa_for_capability(capability):
-    """The build to load for a value of torch.backends.cpu.get_cpu_capability()."""
-    capability = capability.upper()
-    if capability.startswith("AVX512"):
-        return "avx512"
-    if capability == "AVX2":
-        return "avx2"
-    return "default"
