@@ -135,7 +135,9 @@ void attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at
     // power-of-two T does not map a column of it onto a single cache set.
     const int64_t keys_t_stride = t_k + kCachePadding;
     std::vector<T> keys_t(dim * keys_t_stride);
-    std::vector<T> scores(kBlockQ * kBlockK), acc(kBlockQ * dim), row_max(kBlockQ), row_sum(kBlockQ);
+    // Scratch for one block of queries; a short Tq (decoding) needs only as many rows as it has.
+    const int64_t block_rows = std::min(kBlockQ, t_q);
+    std::vector<T> scores(block_rows * kBlockK), acc(block_rows * dim), row_max(block_rows), row_sum(block_rows);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (heads * chunks), h = task / chunks % heads, chunk = task % chunks;
       const Rows<T> Q = head<T>(q, b, h), K = head<T>(k, b, h), V = head<T>(v, b, h);

@@ -37,6 +37,12 @@ class GPTConfig:
         return asdict(self)
 
 
+def dropout(x, p, training):
+    """F.dropout, skipped outright when it would change nothing (evaluation, or p = 0): a one-token
+    decoding step is short enough for a call that does nothing to show in its time."""
+    return F.dropout(x, p, training) if training and p > 0 else x
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (GPT-2 has one), eps 1e-5, computed by fastgpt.ops."""
 
@@ -57,7 +63,7 @@ class CausalSelfAttention(nn.Module):
         # One projection makes queries, keys and values for all heads at once.
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
         self.n_head = config.n_head
         self.backend = config.backend
 
@@ -74,28 +80,39 @@ class CausalSelfAttention(nn.Module):
         # regularisation comes from dropout on the residual branches and the embeddings.
         y = ops.causal_attention(q, k, v, backend=self.backend)
         y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return dropout(self.c_proj(y), self.dropout, self.training)
 
 
 class KVCache:
     """The keys and values one attention layer has computed so far, in (B, H, T, D) tensors.
 
     Earlier tokens' keys and values never change (attention is causal), so decoding computes them
-    once and each new token only adds its own row.
+    once and each new token only adds its own row. The rows live in one buffer sized for the whole
+    context (block_size), allocated at the first append, so adding a token writes one row instead of
+    copying every cached row into a new, longer tensor.
     """
 
-    def __init__(self):
-        self.k = self.v = None
+    def __init__(self, block_size):
+        self.block_size = block_size
+        self.length = 0
+        self.k = self.v = None  # (B, H, block_size, D) buffers, once something is cached
 
     def __len__(self):
-        return 0 if self.k is None else self.k.shape[2]
+        return self.length
 
     def append(self, k, v):
-        """Add the new tokens' k and v; return the keys and values of all the tokens so far."""
-        if self.k is not None:
-            k, v = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
-        self.k, self.v = k, v
-        return k, v
+        """Add the new tokens' k and v; return (views of) the keys and values of all the tokens so far."""
+        end = self.length + k.shape[2]
+        if end > self.block_size:
+            raise ValueError(f"the cache holds at most {self.block_size} positions, not {end}")
+        if self.k is None:
+            B, H, _, D = k.shape
+            self.k = k.new_empty(B, H, self.block_size, D)
+            self.v = v.new_empty(B, H, self.block_size, D)
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class MLP(nn.Module):
@@ -103,11 +120,11 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x):
         # GPT-2 uses the tanh approximation of GELU; matching it lets GPT-2 weights load unchanged.
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")), self.dropout, self.training)
 
 
 class Block(nn.Module):
@@ -131,7 +148,6 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd, config.bias, config.backend),
         ))
@@ -162,7 +178,7 @@ class GPT(nn.Module):
 
     def new_cache(self):
         """An empty key/value cache for `forward(..., cache=)`: one KVCache per block."""
-        return [KVCache() for _ in self.transformer.h]
+        return [KVCache(self.config.block_size) for _ in self.transformer.h]
 
     def forward(self, idx, targets=None, cache=None):
         """Logits for each position of idx (B, T); with targets, also the mean cross-entropy loss.
@@ -175,7 +191,7 @@ class GPT(nn.Module):
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of length {past + T} is longer than the block size {self.config.block_size}")
         positions = torch.arange(past, past + T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        x = dropout(self.transformer.wte(idx) + self.transformer.wpe(positions), self.config.dropout, self.training)
         for block, layer_cache in zip(self.transformer.h, cache or [None] * len(self.transformer.h)):
             x = block(x, layer_cache)
         x = self.transformer.ln_f(x)
@@ -203,7 +219,7 @@ class GPT(nn.Module):
 
         return load_pretrained(directory, backend)[0]
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all: the cheapest way to run small decoding steps
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.0,
                  generator=None, use_cache=True):
         """Extend idx (B, T) by max_new_tokens tokens, one at a time, yielding each new (B, 1) column.

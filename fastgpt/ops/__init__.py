@@ -52,10 +52,22 @@ def available_backends():
     return {name: _module(name).unavailable_reason(None) for name in BACKENDS}
 
 
+# What `resolve_backend` decided for each (request, device type): the answer cannot change within a
+# process (the C++ build is loaded once; Triton fixes its interpreter setting when first imported),
+# and looking it up is what keeps the ops cheap enough for one-token decoding steps.
+_resolved = {}
+
+
 def resolve_backend(backend, device):
     """The name of the backend that will run an op on `device`, given what the caller asked for."""
     requested = backend if backend not in (None, "auto") else os.environ.get("FASTGPT_BACKEND", "auto")
-    requested = requested.strip().lower() or "auto"
+    name = _resolved.get((requested, device.type))
+    if name is None:
+        name = _resolved[(requested, device.type)] = _resolve(requested.strip().lower() or "auto", device)
+    return name
+
+
+def _resolve(requested, device):
     if requested == "auto":
         for name in _AUTO_ORDER.get(device.type, ()):
             if _module(name).unavailable_reason(device) is None:
