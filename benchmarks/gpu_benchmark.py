@@ -14,10 +14,10 @@ it measured. Installs nothing. What is measured, all bf16:
 - LayerNorm, rows of 768 to 8192 values: Triton, F.layer_norm, the reference path; achieved
   bandwidth against a device copy measured in the same run;
 - GPT-2 small (124M, T = 1024) training steps with backend="triton" and with torch's built-ins
-  (F.scaled_dot_product_attention, F.layer_norm), eager, bf16 autocast, fused AdamW; model FLOPs
+  (F.scaled_dot_product_attention, F.layer_norm, F.gelu), eager, bf16 autocast, fused AdamW; model FLOPs
   utilisation against a bf16 matmul measured in the same run.
 
-FLOPs and bytes are counted as in /work/shared/notes/performance-anchors.md: attention forward
+FLOPs and bytes are counted as FlashAttention's and Triton's benchmarks count them: attention forward
 4*B*H*T*T*D / 2 (causal), forward+backward 3.5 times that; LayerNorm forward 2*M*N*size bytes,
 backward 3*M*N*size; training 6*N + 12*L*H*Q*T FLOPs per token.
 """
@@ -30,7 +30,6 @@ import platform
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -63,13 +62,6 @@ TARGETS = {
     "layer_norm_vs_torch": 1.5,               # forward+backward
     "training_vs_builtins": 1.1,
 }
-
-BUILTINS = types.SimpleNamespace(
-    causal_attention=lambda q, k, v, scale=None, backend=None: F.scaled_dot_product_attention(
-        q, k, v, is_causal=True, scale=scale),
-    layer_norm=lambda x, w, b, eps=1e-5, backend=None: F.layer_norm(x, x.shape[-1:], w, b, eps),
-)
-
 
 class Timer:
     """Median times in ms. On the GPU, kernels are timed by triton.testing.do_bench (CUDA events, the
@@ -212,34 +204,28 @@ def bench_matmul(sizes, device, timer):
 
 
 def bench_training(sizes, device, matmul_tflops):
-    from fastgpt import model as model_module
     from fastgpt.model import GPT, GPTConfig
 
     shape = sizes["model"]
     rows = []
-    for variant in ("triton", "builtins"):
+    # "builtins" is the same model on fastgpt.ops' `torch` backend: SDPA, F.layer_norm and F.gelu.
+    for variant, backend in (("triton", "triton"), ("builtins", "torch")):
         torch.manual_seed(0)
-        config = GPTConfig(**shape, backend="triton" if variant == "triton" else "reference")
-        model = GPT(config).to(device)
+        model = GPT(GPTConfig(**shape, backend=backend)).to(device)
         optimizer = model.configure_optimizer(6e-4, 0.1, (0.9, 0.95), device.type)
         tokens = torch.randint(0, shape["vocab_size"], (sizes["train_batch"], shape["block_size"] + 1), device=device)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        saved_ops = model_module.ops
-        if variant == "builtins":  # the same model, its attention and LayerNorm sent to torch's built-ins
-            model_module.ops = BUILTINS
-        try:
-            def step():
-                with torch.autocast(device.type, dtype=sizes["dtype"]):
-                    _, loss = model(inputs, targets)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                return loss
 
-            step_ms = Timer(device, 1).steps(step, sizes["train_warmup"], sizes["train_steps"])
-            loss = step().item()
-        finally:
-            model_module.ops = saved_ops
+        def step():
+            with torch.autocast(device.type, dtype=sizes["dtype"]):
+                _, loss = model(inputs, targets)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+
+        step_ms = Timer(device, 1).steps(step, sizes["train_warmup"], sizes["train_steps"])
+        loss = step().item()
         tokens_per_step = inputs.numel()
         head_dim = shape["n_embd"] // shape["n_head"]
         flops_per_token = (6 * model.num_parameters()

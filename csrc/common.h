@@ -163,10 +163,21 @@ void matmul(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t a_row_
 }
 
 // dst (cols x rows, rows dst_stride apart) = src^T, src being rows x cols with rows src_stride apart.
+//
+// The source rows are usually far apart (q, k and v are views of one (B, T, 3, H, D) projection),
+// too far for the hardware prefetcher to guess the next one, and a scalar copy that waits for each
+// row to arrive from memory spent most of its time stalled. So rows a few ahead are requested
+// while the current one is copied.
 template <typename T>
 void transpose(const T* src, int64_t src_stride, int64_t rows, int64_t cols, T* dst, int64_t dst_stride) {
-  for (int64_t i = 0; i < rows; ++i)
+  constexpr int64_t kRowsAhead = 8, kLine = 64 / sizeof(T);
+  for (int64_t i = 0; i < std::min(rows, kRowsAhead); ++i)
+    for (int64_t j = 0; j < cols; j += kLine) __builtin_prefetch(src + i * src_stride + j);
+  for (int64_t i = 0; i < rows; ++i) {
+    if (i + kRowsAhead < rows)
+      for (int64_t j = 0; j < cols; j += kLine) __builtin_prefetch(src + (i + kRowsAhead) * src_stride + j);
     for (int64_t j = 0; j < cols; ++j) dst[j * dst_stride + i] = src[i * src_stride + j];
+  }
 }
 
 }  // namespace fastgpt

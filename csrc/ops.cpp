@@ -22,6 +22,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& rstd);
+at::Tensor gelu_forward(const at::Tensor& x);
+at::Tensor gelu_backward(const at::Tensor& grad_y, const at::Tensor& x);
 
 TORCH_LIBRARY(fastgpt, m) {
   // lse: the log-sum-exp of each query's scores, (B, H, Tq), fp32 (fp64 for fp64 inputs).
@@ -33,6 +35,9 @@ TORCH_LIBRARY(fastgpt, m) {
   m.def("layer_norm_forward(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor y, Tensor mean, Tensor rstd)");
   m.def("layer_norm_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor rstd) "
         "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+  // GELU with the tanh approximation (GPT-2's); the output and grad_x are contiguous, in x's dtype.
+  m.def("gelu_forward(Tensor x) -> Tensor");
+  m.def("gelu_backward(Tensor grad_y, Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
@@ -40,6 +45,8 @@ TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
   m.impl("causal_attention_backward", &causal_attention_backward);
   m.impl("layer_norm_forward", &layer_norm_forward);
   m.impl("layer_norm_backward", &layer_norm_backward);
+  m.impl("gelu_forward", &gelu_forward);
+  m.impl("gelu_backward", &gelu_backward);
 }
 
 }  // namespace fastgpt

@@ -4,7 +4,7 @@ Token and position embeddings feed a stack of blocks; each block is pre-LayerNor
 self-attention followed by a GELU MLP, each with a residual connection; a final LayerNorm and a
 language-model head, tied to the token embedding, turn the last hidden states into next-token logits.
 
-Attention and LayerNorm go through `fastgpt.ops`, which runs them on the fastest backend available
+Attention, LayerNorm and GELU go through `fastgpt.ops`, which runs them on the fastest backend available
 for the tensors' device (fused C++ on CPU, Triton on GPU) or on the plain-PyTorch reference.
 
 Generation decodes one token at a time with a key/value cache, so each new token costs one row of
@@ -121,10 +121,11 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
+        self.backend = config.backend
 
     def forward(self, x):
         # GPT-2 uses the tanh approximation of GELU; matching it lets GPT-2 weights load unchanged.
-        return dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")), self.dropout, self.training)
+        return dropout(self.c_proj(ops.gelu(self.c_fc(x), backend=self.backend)), self.dropout, self.training)
 
 
 class Block(nn.Module):

@@ -53,6 +53,12 @@ def test_layer_norm_gradcheck(shape, affine):
     assert torch.autograd.gradcheck(layer_norm, inputs)
 
 
+@pytest.mark.parametrize("shape", [(1,), (5, 37), (2, 3, 17)], ids=lambda s: "x".join(map(str, s)))
+def test_gelu_gradcheck(shape):
+    x = (fp64(*shape) * 3).detach().requires_grad_()  # over the bend and into both tails
+    assert torch.autograd.gradcheck(lambda x: ops.gelu(x, backend="cpp"), (x,))
+
+
 def attention_samples():
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         for b, h, t_q, t_k, d in [(1, 1, 1, 1, 8), (2, 3, 17, 40, 48)]:
@@ -89,9 +95,16 @@ def test_opcheck_layer_norm(sample):
                           (torch.randn_like(x), x.detach(), None if w is None else w.detach(), mean, rstd))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_opcheck_gelu(dtype):
+    x = torch.randn(7, 3, 41, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastgpt.gelu_forward.default, (x,))
+    torch.library.opcheck(torch.ops.fastgpt.gelu_backward.default, (torch.randn_like(x), x.detach()))
+
+
 def test_torch_compile_gives_the_eager_result():
     def block(x, weight, bias):
-        h = ops.layer_norm(x, weight, bias, backend="cpp")
+        h = ops.gelu(ops.layer_norm(x, weight, bias, backend="cpp"), backend="cpp")
         q, k, v = h.view(2, 19, 3, 2, 8).unbind(2)
         y = ops.causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), backend="cpp")
         return (y.transpose(1, 2).reshape(2, 19, 16) ** 2).sum()

@@ -45,6 +45,9 @@ def assert_close_to_float64(actual, reference_same_dtype, exact, dtype, what):
     Errors are relative to the largest magnitude in the float64 result (at least 1), so that
     gradients summed over many rows (dweight, dbias) are judged on the same footing as outputs.
     """
+    if exact.numel() == 0:
+        assert actual.numel() == 0, f"{what}: {actual.numel()} values where none were expected"
+        return
     magnitude = max(1.0, exact.abs().max().item())
     fused_error = max_error(actual, exact) / magnitude
     reference_error = max_error(reference_same_dtype, exact) / magnitude
@@ -186,6 +189,59 @@ def _compare_layer_norm(backend, x, weight, bias, grad_out, dtype):
         assert fused.shape == exact.shape and torch.isfinite(fused).all(), f"{what} is malformed"
         # Parameter gradients come back in the parameters' dtype, which may differ from x's.
         assert_close_to_float64(fused, ref, exact, fused.dtype, f"{backend} layer_norm {what}")
+
+
+# Lengths below, around and not a multiple of the vector width, and an empty tensor.
+GELU_SHAPES = [(1,), (0, 5), (3, 17), (2, 5, 100), (64, 512)]
+
+
+@needs_backend
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("shape", GELU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gelu_matches_reference_and_float64(backend, shape, dtype):
+    x = torch.randn(shape, device=DEVICE, dtype=dtype) * 4
+    _compare_gelu(backend, x, torch.randn_like(x), dtype)
+
+
+@needs_backend
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gelu_on_non_contiguous_input(backend):
+    x = torch.randn(40, 96, device=DEVICE).t() * 3  # (96, 40), columns strided
+    assert not x.is_contiguous()
+    _compare_gelu(backend, x, torch.randn(96, 40, device=DEVICE).t().contiguous().t(), torch.float32)
+
+
+@needs_backend
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gelu_saturates_like_float64_far_into_both_tails(backend):
+    x = torch.tensor([-1e4, -60.0, -20.0, -6.0, -1e-7, 0.0, 1e-7, 6.0, 20.0, 1e4], device=DEVICE, requires_grad=True)
+    out = ops.gelu(x, backend=backend)
+    out.backward(torch.ones_like(out))
+    x64 = x.detach().double().requires_grad_(True)
+    exact = reference.gelu(x64)
+    exact.backward(torch.ones_like(exact))
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
+
+
+def _compare_gelu(backend, x, grad_out, dtype):
+    results = {}
+    for name, cast in (("fused", None), ("reference", None), ("float64", torch.float64)):
+        (xl,) = leaf([x], cast)
+        out = ops.gelu(xl, backend=backend) if name == "fused" else reference.gelu(xl)
+        out.backward(grad_out.to(out.dtype))
+        results[name] = (out, xl.grad)
+    for i, what in enumerate(("output", "dx")):
+        fused, ref, exact = (results[n][i] for n in ("fused", "reference", "float64"))
+        assert fused.dtype == dtype and fused.shape == exact.shape
+        assert torch.isfinite(fused).all(), f"{what} has non-finite values"
+        assert_close_to_float64(fused, ref, exact, dtype, f"{backend} gelu {what}")
+
+
+def test_reference_gelu_is_the_tanh_formula():
+    x = torch.linspace(-8, 8, 1001, dtype=torch.float64)
+    formula = 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x ** 3)))
+    torch.testing.assert_close(reference.gelu(x), formula)
 
 
 def test_reference_attention_matches_torch_sdpa():

@@ -1,12 +1,16 @@
 """The fused operations of the model, and the one place that decides which backend runs them.
 
-Backends that implement the same two ops:
+The ops: causal attention, LayerNorm, and GELU (the tanh approximation GPT-2 uses). Backends that
+implement all three:
 
 - ``reference``: plain PyTorch (``fastgpt/ops/reference.py``), the ground truth;
 - ``cpp``: the C++ CPU extension (``csrc/``), for CPU tensors;
 - ``triton``: the Triton kernels (``kernels/``), for CUDA tensors, or for CPU tensors when
   ``TRITON_INTERPRET=1`` runs them through Triton's interpreter (how machines without a GPU test them);
 - ``torch``: PyTorch's own fused built-ins, never chosen by ``auto``; the yardstick of benchmarks.
+
+GELU is elementwise: on CPU the C++ kernel beats PyTorch's (whose tanh is slow); on a GPU,
+PyTorch's own kernel already moves each element once, so the Triton backend uses it.
 
 ``backend=None`` or ``"auto"`` takes the fastest backend that can run on the tensors' device and
 falls back to the reference otherwise. The environment variable ``FASTGPT_BACKEND`` changes that
@@ -101,6 +105,12 @@ def layer_norm(x, weight, bias, eps=1e-5, *, backend=None):
     _check_layer_norm_inputs(x, weight, bias)
     name = resolve_backend(backend, x.device)
     return _module(name).layer_norm(x, weight, bias, float(eps))
+
+
+def gelu(x, *, backend=None):
+    """GELU with GPT-2's tanh approximation: x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3))) / 2."""
+    name = resolve_backend(backend, x.device)
+    return _module(name).gelu(x)
 
 
 def _check_attention_inputs(q, k, v):

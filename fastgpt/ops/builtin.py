@@ -1,4 +1,4 @@
-"""The `torch` backend: PyTorch's own fused built-ins (F.scaled_dot_product_attention, F.layer_norm).
+"""The `torch` backend: PyTorch's own fused built-ins (F.scaled_dot_product_attention, F.layer_norm, F.gelu).
 
 Not part of `auto`: it is here so that benchmarks can run the very same model on torch's built-ins
 and compare it with fastgpt's kernels through the one dispatch point.
@@ -6,6 +6,8 @@ and compare it with fastgpt's kernels through the one dispatch point.
 
 import torch
 import torch.nn.functional as F
+
+from fastgpt.ops import reference
 
 
 def unavailable_reason(device=None):
@@ -29,3 +31,7 @@ def layer_norm(x, weight, bias, eps):
         return F.layer_norm(x.float(), x.shape[-1:], weight.float(),
                             None if bias is None else bias.float(), eps).to(x.dtype)
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+# The reference GELU already is PyTorch's built-in one.
+gelu = reference.gelu

@@ -102,6 +102,10 @@ def layer_norm(x, weight, bias, eps):
     return y
 
 
+def gelu(x):
+    return torch.ops.fastgpt.gelu_forward(x)
+
+
 def _statistics_dtype(dtype):
     """The kernels keep statistics (log-sum-exp, mean, rstd) in fp32, or fp64 for fp64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -164,3 +168,21 @@ def _register_fake_and_autograd():
 
     torch.library.register_autograd("fastgpt::layer_norm_forward", layer_norm_backward,
                                     setup_context=layer_norm_setup_context)
+
+    # ---- GELU ----
+    @torch.library.register_fake("fastgpt::gelu_forward")
+    def _(x):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("fastgpt::gelu_backward")
+    def _(grad_y, x):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    def gelu_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    def gelu_backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        return torch.ops.fastgpt.gelu_backward(grad_y, x)
+
+    torch.library.register_autograd("fastgpt::gelu_forward", gelu_backward, setup_context=gelu_setup_context)

@@ -146,3 +146,12 @@ _layer_norm_forward.register_autograd(_layer_norm_grad, setup_context=_layer_nor
 
 def layer_norm(x, weight, bias, eps):
     return _layer_norm_forward(x, weight, bias, eps)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# GELU
+# ---------------------------------------------------------------------------------------------
+
+# PyTorch's CUDA GELU is already one elementwise pass that reads and writes each element once,
+# which is all a Triton kernel could do: this backend uses it (the reference path's GELU).
+from fastgpt.ops.reference import gelu  # noqa: E402
