@@ -43,7 +43,7 @@ def test_attention(record, matmul_gflops, name, t, dtype, which):
     grad_out = torch.randn(B, H, t, D, dtype=dtype)
 
     def step():
-        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))  # as CausalSelfAttention splits them
         if backward:
             attention(q, k, v).backward(grad_out)
             qkv.grad = None

@@ -18,6 +18,8 @@ import warnings
 
 import torch
 
+from fastgpt.ops.attention_autograd import register_attention_autograd
+
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "csrc")
 
 
@@ -121,20 +123,7 @@ def _register_fake_and_autograd():
     def _(grad_out, q, k, v, out, lse, scale):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
-    def attention_setup_context(ctx, inputs, output):
-        q, k, v, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
-        ctx.mark_non_differentiable(lse)
-
-    def attention_backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.fastgpt.causal_attention_backward(grad_out, q, k, v, out, lse, ctx.scale)
-        return dq, dk, dv, None
-
-    torch.library.register_autograd("fastgpt::causal_attention_forward", attention_backward,
-                                    setup_context=attention_setup_context)
+    register_attention_autograd("fastgpt::causal_attention_forward", torch.ops.fastgpt.causal_attention_backward)
 
     # ---- LayerNorm ----
     @torch.library.register_fake("fastgpt::layer_norm_forward")

@@ -15,6 +15,7 @@ import importlib.util
 import torch
 
 from fastgpt.kernels import interpreting
+from fastgpt.ops.attention_autograd import register_attention_autograd
 
 NO_GPU = "no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels on CPU tensors through Triton's interpreter, for testing)"
 
@@ -67,7 +68,7 @@ def _(q, k, v, scale):
 def _attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         out: torch.Tensor, lse: torch.Tensor, scale: float
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _kernels("attention").attention_backward(grad_out, q, k, v, out, lse, scale)
+    return _kernels("attention").attention_backward(grad_out.contiguous(), q, k, v, out, lse, scale)
 
 
 @_attention_backward.register_fake
@@ -75,21 +76,7 @@ def _(grad_out, q, k, v, out, lse, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _attention_setup_context(ctx, inputs, output):
-    q, k, v, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.scale = scale
-
-
-def _attention_grad(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    # The log-sum-exp is an internal output: nothing downstream differentiates it (grad_lse is None).
-    dq, dk, dv = _attention_backward(grad_out.contiguous(), q, k, v, out, lse, ctx.scale)
-    return dq, dk, dv, None
-
-
-_attention_forward.register_autograd(_attention_grad, setup_context=_attention_setup_context)
+register_attention_autograd(_attention_forward, _attention_backward)
 
 
 def causal_attention(q, k, v, scale):
