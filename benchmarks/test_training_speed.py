@@ -44,4 +44,4 @@ def test_training_step(record, backend, dtype):
         optimizer.step()
 
     record("training", f"{config.n_layer}L {config.n_embd}d B{BATCH} T{BLOCK} {str(dtype).replace('torch.', '')}",
-           backend, step, rounds=3 if QUICK else 5, tokens_per_s=lambda seconds: BATCH * BLOCK / seconds)
+           backend, step, rounds=3 if QUICK else 11, tokens_per_s=lambda seconds: BATCH * BLOCK / seconds)

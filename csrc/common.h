@@ -69,10 +69,14 @@ struct Rows {
 // a[r * a_row_stride + p * a_col_stride], and a transposed operand is the same kernel with the two
 // strides swapped. B is read by rows, which must be contiguous (the caller transposes if need be).
 
+// Four rows divide the attention kernels' 64-row blocks evenly, and on the diagonal, where a group
+// of rows is computed up to the keys its last row sees, smaller groups compute fewer masked scores.
+// (With AVX-512, 4 x 4 tiles measured 2-4% faster than 6 x 4 on attention forward and backward.)
+constexpr int kTileRows = 4;
 #if defined(CPU_CAPABILITY_AVX512)
-constexpr int kTileRows = 6, kTileVecs = 4;  // 24 accumulators of the 32 vector registers
+constexpr int kTileVecs = 4;  // 16 accumulators of the 32 vector registers
 #else
-constexpr int kTileRows = 4, kTileVecs = 2;  // 8 accumulators of the 16 vector registers
+constexpr int kTileVecs = 2;  // 8 accumulators of the 16 vector registers
 #endif
 
 template <typename T, int kRows, int kVecs, bool kFullWidth>
@@ -127,12 +131,11 @@ inline void matmul_column_tile(int64_t rows, int64_t cols, int64_t depth, T alph
     matmul_tile<T, decltype(rows_left)::value, kVecs, kFullWidth>(
         cols, depth, alpha, a + r * a_row_stride, a_row_stride, a_col_stride, b, ldb, c + r * ldc, ldc, accumulate);
   };
-  switch (rows - r) {  // kTileRows is at most 6
+  static_assert(kTileRows == 4, "the leftover rows are dispatched for tiles of four rows");
+  switch (rows - r) {
     case 1: rest(std::integral_constant<int, 1>{}); break;
     case 2: rest(std::integral_constant<int, 2>{}); break;
     case 3: rest(std::integral_constant<int, 3>{}); break;
-    case 4: rest(std::integral_constant<int, 4>{}); break;
-    case 5: rest(std::integral_constant<int, 5>{}); break;
     default: break;
   }
 }

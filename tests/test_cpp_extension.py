@@ -5,6 +5,9 @@ thread counts, the fallback when the extension cannot load, and a few training s
 follow the reference path's loss curve.
 """
 
+import os
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -148,6 +151,40 @@ def test_auto_picks_cpp_on_cpu():
     assert ops.available_backends()["cpp"] is None
     assert ops.resolve_backend("auto", torch.device("cpu")) == "cpp"
     assert cpp.unavailable_reason(torch.device("meta")) == "the C++ extension only runs on CPU tensors"
+
+
+ISA_CHECK = textwrap.dedent("""
+    import sys
+    import torch
+    from fastgpt import ops
+    from fastgpt.ops import reference
+    q, k, v = (torch.randn(2, 3, 37, 48, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    x = torch.randn(5, 77, dtype=torch.float64, requires_grad=True)
+    w, b = torch.randn(77, dtype=torch.float64), torch.randn(77, dtype=torch.float64)
+    for op in (ops, reference):
+        fused = op is ops
+        out = ops.causal_attention(q, k, v, backend="cpp") if fused else reference.causal_attention(q, k, v, 48 ** -0.5)
+        y = ops.layer_norm(x, w, b, backend="cpp") if fused else reference.layer_norm(x, w, b, 1e-5)
+        z = ops.gelu(x, backend="cpp") if fused else reference.gelu(x)
+        results = [out, y, z, *torch.autograd.grad((out ** 2).sum() + (y ** 3).sum() + z.sum(), (q, k, v, x))]
+        if fused:
+            first = results
+    for got, expected in zip(first, results):
+        torch.testing.assert_close(got, expected)
+    print(torch.backends.cpu.get_cpu_capability(), *sorted(m for m in sys.modules if m.startswith("fastgpt._C")))
+""")
+
+
+@pytest.mark.parametrize("isa", ["avx2", "default"])
+def test_the_builds_for_other_cpus_compute_the_same(isa):
+    """This CPU loads the AVX-512 build; ATEN_CPU_CAPABILITY makes torch (and so fastgpt) act as on an
+    older CPU, which loads the AVX2 or the baseline build: each must give the reference's results."""
+    if isa == "avx2" and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        pytest.skip("this CPU has no AVX2")
+    result = subprocess.run([sys.executable, "-c", ISA_CHECK], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "ATEN_CPU_CAPABILITY": isa})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == [isa.upper(), f"fastgpt._C_{isa}"]
 
 
 def test_missing_sources_give_a_reason(tmp_path):
