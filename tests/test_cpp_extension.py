@@ -62,6 +62,19 @@ def test_gelu_gradcheck(shape):
     assert torch.autograd.gradcheck(lambda x: ops.gelu(x, backend="cpp"), (x,))
 
 
+def test_attention_across_many_key_blocks_matches_the_reference_in_float64():
+    """Long enough for several of the forward's and the backward's key blocks: in fp64 the blockwise
+    online softmax and the reference's one softmax agree to rounding."""
+    q, k, v = fp64(1, 2, 600, 24), fp64(1, 2, 700, 24), fp64(1, 2, 700, 24)
+    grad_out = torch.randn(1, 2, 600, 24, dtype=torch.float64)
+    fused = ops.causal_attention(q, k, v, backend="cpp")
+    expected = ops.causal_attention(q, k, v, backend="reference")
+    torch.testing.assert_close(fused, expected, rtol=1e-10, atol=1e-10)
+    for got, want in zip(torch.autograd.grad(fused, (q, k, v), grad_out),
+                         torch.autograd.grad(expected, (q, k, v), grad_out)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
 def attention_samples():
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         for b, h, t_q, t_k, d in [(1, 1, 1, 1, 8), (2, 3, 17, 40, 48)]:

@@ -58,7 +58,8 @@ def assert_close_to_float64(actual, reference_same_dtype, exact, dtype, what):
 
 
 # (B, H, Tq, Tk, D): T=1, T not a multiple of any block, head dims that are not powers of two,
-# B*H = 1, and key/value longer than the queries (decoding with a cache).
+# B*H = 1, key/value longer than the queries (decoding with a cache), and keys spanning several
+# blocks, so that the online softmax rescales its running sums.
 ATTENTION_SHAPES = [
     (1, 1, 1, 1, 16),
     (2, 3, 100, 100, 48),
@@ -66,6 +67,7 @@ ATTENTION_SHAPES = [
     (1, 1, 64, 64, 64),
     (2, 2, 17, 17, 96),
     (1, 2, 5, 70, 32),
+    (1, 1, 300, 560, 16),  # several key blocks of every kernel's width, with Tk > Tq
 ]
 
 
