@@ -20,6 +20,7 @@
 
 #include <cmath>
 #include <tuple>
+#include <utility>
 
 namespace fastgpt {
 namespace {
@@ -27,34 +28,68 @@ namespace {
 // Rows per task: enough to amortise scheduling, few enough to balance two threads on small inputs.
 constexpr int64_t kRowsPerTask = 16;
 
+// The sum over a row of n elements of term(j, count), a vector for elements j .. j + count - 1 that
+// must be 0 in the lanes past the row's end. Four running sums instead of one: each vector add waits
+// for the one before it to finish (3-4 cycles), so with a single sum the statistics passes, not
+// memory, bounded the speed of the kernels. The order of additions changes only the rounding.
+template <typename scalar_t, typename Term>
+acc_t<scalar_t> row_sum(int64_t n, const Term& term) {
+  using A = acc_t<scalar_t>;
+  using V = Vec<scalar_t>;
+  constexpr int64_t W = V::size();
+  V s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
+  int64_t j = 0;
+  for (; j + 4 * W <= n; j += 4 * W) {
+    s0 += term(j, W);
+    s1 += term(j + W, W);
+    s2 += term(j + 2 * W, W);
+    s3 += term(j + 3 * W, W);
+  }
+  for (; j < n; j += W) s0 += term(j, std::min<int64_t>(W, n - j));
+  return at::vec::vec_reduce_all<A>([](auto& a, auto& b) { return a + b; }, (s0 + s1) + (s2 + s3));
+}
+
 template <typename scalar_t>
 acc_t<scalar_t> sum_of(const scalar_t* x, int64_t n) {
-  using A = acc_t<scalar_t>;
-  Vec<scalar_t> total(A(0));
-  for (int64_t j = 0; j < n; j += Vec<scalar_t>::size()) {
-    total += load(x + j, std::min<int64_t>(Vec<scalar_t>::size(), n - j));
-  }
-  return at::vec::vec_reduce_all<A>([](auto& a, auto& b) { return a + b; }, total);
+  return row_sum<scalar_t>(n, [&](int64_t j, int64_t count) { return load(x + j, count); });
 }
 
 template <typename scalar_t>
 acc_t<scalar_t> sum_of_squared_deviations(const scalar_t* x, int64_t n, acc_t<scalar_t> mean) {
-  using A = acc_t<scalar_t>;
-  Vec<scalar_t> total(A(0));
-  for (int64_t j = 0; j < n; j += Vec<scalar_t>::size()) {
-    const int64_t count = std::min<int64_t>(Vec<scalar_t>::size(), n - j);
+  using V = Vec<scalar_t>;
+  return row_sum<scalar_t>(n, [&](int64_t j, int64_t count) {
     // Lanes past the row's end load as 0: mask them so they add nothing.
-    const auto deviation = Vec<scalar_t>::set(Vec<scalar_t>(A(0)), load(x + j, count) - Vec<scalar_t>(mean), count);
-    total = at::vec::fmadd(deviation, deviation, total);
+    const V deviation = V::set(V(acc_t<scalar_t>(0)), load(x + j, count) - V(mean), count);
+    return deviation * deviation;
+  });
+}
+
+// The row functions below take plain values, not the captures of the parallel_for lambda: a vector
+// store may alias anything (the intrinsics' types are declared so), and after each one the
+// compiler would reload every captured pointer and length from memory.
+
+// One row of the forward: y = (x - mean) * rstd * w + b; returns {mean, rstd}.
+template <typename scalar_t>
+std::pair<acc_t<scalar_t>, acc_t<scalar_t>> layer_norm_row(const scalar_t* x, scalar_t* y, int64_t n,
+                                                           const acc_t<scalar_t>* w, const acc_t<scalar_t>* b,
+                                                           acc_t<scalar_t> eps) {
+  using A = acc_t<scalar_t>;
+  using V = Vec<scalar_t>;
+  const A mean = sum_of(x, n) / n;
+  const A rstd = A(1) / std::sqrt(sum_of_squared_deviations(x, n, mean) / n + eps);
+  const V mean_v(mean), rstd_v(rstd);
+  for (int64_t j = 0; j < n; j += V::size()) {
+    const int64_t count = std::min<int64_t>(V::size(), n - j);
+    const V xhat = (load(x + j, count) - mean_v) * rstd_v;
+    store(y + j, at::vec::fmadd(xhat, V::loadu(w + j, count), V::loadu(b + j, count)), count);
   }
-  return at::vec::vec_reduce_all<A>([](auto& a, auto& b) { return a + b; }, total);
+  return {mean, rstd};
 }
 
 template <typename scalar_t>
 void layer_norm_forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                double eps, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
   using A = acc_t<scalar_t>;
-  using V = Vec<scalar_t>;
   const int64_t n = x.size(-1), rows = x.numel() / std::max<int64_t>(n, 1);
   const scalar_t* x_data = x.data_ptr<scalar_t>();
   const A* w = weight.data_ptr<A>();
@@ -65,20 +100,33 @@ void layer_norm_forward_kernel(const at::Tensor& x, const at::Tensor& weight, co
 
   at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const scalar_t* x_row = x_data + row * n;
-      scalar_t* y_row = y_data + row * n;
-      const A row_mean = sum_of(x_row, n) / n;
-      const A row_rstd = A(1) / std::sqrt(sum_of_squared_deviations(x_row, n, row_mean) / n + A(eps));
-      const V mean_v(row_mean), rstd_v(row_rstd);
-      for (int64_t j = 0; j < n; j += V::size()) {
-        const int64_t count = std::min<int64_t>(V::size(), n - j);
-        const V xhat = (load(x_row + j, count) - mean_v) * rstd_v;
-        store(y_row + j, at::vec::fmadd(xhat, V::loadu(w + j, count), V::loadu(b + j, count)), count);
-      }
-      mean_data[row] = row_mean;
-      rstd_data[row] = row_rstd;
+      std::tie(mean_data[row], rstd_data[row]) = layer_norm_row(x_data + row * n, y_data + row * n, n, w, b, A(eps));
     }
   });
+}
+
+// One row of the backward: dx, and the row's terms of dw and db added to the partials dw, db.
+template <typename scalar_t>
+void layer_norm_backward_row(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t n,
+                             const acc_t<scalar_t>* w, acc_t<scalar_t> mean, acc_t<scalar_t> rstd,
+                             acc_t<scalar_t>* dw, acc_t<scalar_t>* db) {
+  using V = Vec<scalar_t>;
+  const V mean_v(mean), rstd_v(rstd);
+  // First passes: the two row means that dx needs. g = dy * w is 0 past the row's end.
+  const auto g_at = [&](int64_t j, int64_t count) { return load(dy + j, count) * V::loadu(w + j, count); };
+  const V mean_g(row_sum<scalar_t>(n, g_at) / n);
+  const V mean_g_xhat(row_sum<scalar_t>(n, [&](int64_t j, int64_t count) {
+    return g_at(j, count) * ((load(x + j, count) - mean_v) * rstd_v);
+  }) / n);
+  // Last pass (the row is still in L1): dx, and the row's share of dw and db.
+  for (int64_t j = 0; j < n; j += V::size()) {
+    const int64_t count = std::min<int64_t>(V::size(), n - j);
+    const V dy_j = load(dy + j, count);
+    const V xhat = (load(x + j, count) - mean_v) * rstd_v;
+    store(dx + j, rstd_v * (dy_j * V::loadu(w + j, count) - mean_g - xhat * mean_g_xhat), count);
+    at::vec::fmadd(dy_j, xhat, V::loadu(dw + j, count)).store(dw + j, count);
+    (dy_j + V::loadu(db + j, count)).store(db + j, count);
+  }
 }
 
 template <typename scalar_t>
@@ -86,7 +134,6 @@ void layer_norm_backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, c
                                 const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& dx,
                                 at::Tensor& dweight_partials, at::Tensor& dbias_partials) {
   using A = acc_t<scalar_t>;
-  using V = Vec<scalar_t>;
   const int64_t n = x.size(-1), rows = x.numel() / std::max<int64_t>(n, 1);
   const scalar_t* x_data = x.data_ptr<scalar_t>();
   const scalar_t* dy_data = grad_y.data_ptr<scalar_t>();
@@ -96,33 +143,12 @@ void layer_norm_backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, c
   scalar_t* dx_data = dx.data_ptr<scalar_t>();
 
   at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    // Each thread adds its rows' dw and db terms to its own partials, summed once at the end.
     A* dw = dweight_partials.data_ptr<A>() + at::get_thread_num() * n;
     A* db = dbias_partials.data_ptr<A>() + at::get_thread_num() * n;
     for (int64_t row = begin; row < end; ++row) {
-      const scalar_t* x_row = x_data + row * n;
-      const scalar_t* dy_row = dy_data + row * n;
-      const V mean_v(mean_data[row]), rstd_v(rstd_data[row]);
-      // First pass: the two row means that dx needs.
-      V sum_g(A(0)), sum_g_xhat(A(0));
-      for (int64_t j = 0; j < n; j += V::size()) {
-        const int64_t count = std::min<int64_t>(V::size(), n - j);
-        const V g = load(dy_row + j, count) * V::loadu(w + j, count);  // 0 past the row's end
-        sum_g += g;
-        sum_g_xhat = at::vec::fmadd(g, (load(x_row + j, count) - mean_v) * rstd_v, sum_g_xhat);
-      }
-      auto add = [](auto& a, auto& b) { return a + b; };
-      const V mean_g(at::vec::vec_reduce_all<A>(add, sum_g) / n);
-      const V mean_g_xhat(at::vec::vec_reduce_all<A>(add, sum_g_xhat) / n);
-      // Second pass (the row is still in L1): dx, and this thread's share of dw and db.
-      for (int64_t j = 0; j < n; j += V::size()) {
-        const int64_t count = std::min<int64_t>(V::size(), n - j);
-        const V dy = load(dy_row + j, count);
-        const V xhat = (load(x_row + j, count) - mean_v) * rstd_v;
-        const V g = dy * V::loadu(w + j, count);
-        store(dx_data + row * n + j, rstd_v * (g - mean_g - xhat * mean_g_xhat), count);
-        at::vec::fmadd(dy, xhat, V::loadu(dw + j, count)).store(dw + j, count);
-        (dy + V::loadu(db + j, count)).store(db + j, count);
-      }
+      layer_norm_backward_row(x_data + row * n, dy_data + row * n, dx_data + row * n, n, w, mean_data[row],
+                              rstd_data[row], dw, db);
     }
   });
 }
