@@ -4,16 +4,19 @@
     FASTGPT_BENCH_QUICK=1 pytest benchmarks/    # tiny shapes, a few rounds: keeps them from rotting
     FASTGPT_BENCH_RESULTS=benchmarks/results/cpu-2025-01-01 pytest benchmarks/   # also save .md/.json
 
-Each benchmark records its median under a (table, row, column) key through the `record` fixture;
+Each benchmark times the implementations of one step side by side through the `compare` fixture,
+which files each one's median under a (table, row, column) key;
 at the end of the session the tables are printed with the ratios between columns (and saved when
 FASTGPT_BENCH_RESULTS names a file prefix). Times drift on a shared machine: only ratios measured in
 the same run mean anything.
 """
 
+import ctypes
 import datetime
 import json
 import os
 import platform
+import statistics
 import time
 from collections import defaultdict
 
@@ -21,6 +24,31 @@ import pytest
 import torch
 
 QUICK = os.environ.get("FASTGPT_BENCH_QUICK") == "1"
+
+
+def _keep_freed_memory_in_the_process():
+    """Make glibc keep the memory of freed tensors for the next ones, as a caching allocator would.
+
+    PyTorch allocates CPU tensors with malloc. By default glibc serves large blocks with fresh mmaps,
+    or trims freed ones back to the operating system, under thresholds that move with the history of
+    the process; a tensor's pages then have to be faulted in and zeroed again, which costs a
+    memory-bound op such as LayerNorm (25 MB in, 25 MB out) more than its own work, and more or less
+    at random depending on what ran before. Fixed thresholds (the largest mmap threshold glibc
+    accepts, 32 MB; no trimming below 1 GB) make every implementation run on memory the process
+    already has, so that the benchmarks compare kernels rather than page faults.
+    """
+    if platform.system() != "Linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)
+    libc.mallopt(m_trim_threshold, 1024 * 1024 * 1024)
+
+
+_keep_freed_memory_in_the_process()
 THREADS = int(os.environ.get("FASTGPT_BENCH_THREADS", "2"))
 
 # table -> row -> column -> {"median_ms": ..., plus extras such as "gflops"}
@@ -61,19 +89,42 @@ def matmul_gflops():
 
 
 @pytest.fixture
-def record(benchmark):
-    """run(table, row, column, fn, rounds, **extras): benchmark fn and file its median."""
-    def run(table, row, column, fn, rounds, **extras):
-        benchmark.group = f"{table} | {row}"
-        benchmark.name = column
-        benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)
-        stats = getattr(benchmark, "stats", None)
-        median = stats.stats.median if stats is not None else median_seconds(fn, rounds)
-        entry = {"median_ms": median * 1e3}
-        for key, value in extras.items():
-            entry[key] = value(median) if callable(value) else value
-        _RESULTS[table][row][column] = entry
-        return median
+def compare(benchmark):
+    """run(table, row, steps, rounds, **extras): time implementations of one step side by side.
+
+    `steps` maps a column name to a function that runs one step. Each round gives every step a turn,
+    starting from a different one each round, so that whatever else the machine does meanwhile
+    (other processes, clock changes) falls on all of them alike and the ratio of two medians is a
+    fair comparison. A turn is two calls, of which only the second is timed: the first lets the
+    memory allocator settle on this step's own sizes. (After another step has freed tensors of other
+    sizes, the first call may have to fault fresh pages in from the operating system, which can cost
+    a memory-bound op such as LayerNorm more than its own work.) pytest-benchmark times the rounds
+    as a whole; each column's median goes into the results table, with `extras` (functions of that
+    median in seconds).
+    """
+    def run(table, row, steps, rounds, **extras):
+        names = list(steps)
+        times = {name: [] for name in names}
+        for name in names:  # warm-up: first calls load extensions and fill caches
+            steps[name]()
+
+        def one_round():
+            first = len(times[names[0]]) % len(names)
+            for name in names[first:] + names[:first]:
+                steps[name]()
+                start = time.perf_counter()
+                steps[name]()
+                times[name].append(time.perf_counter() - start)
+
+        benchmark.group = table
+        benchmark.extra_info.update(row=row, implementations=names)
+        benchmark.pedantic(one_round, rounds=rounds, iterations=1)
+        for name in names:
+            median = statistics.median(times[name])
+            entry = {"median_ms": median * 1e3}
+            for key, value in extras.items():
+                entry[key] = value(median) if callable(value) else value
+            _RESULTS[table][row][name] = entry
     return run
 
 

@@ -34,26 +34,26 @@ for which in PASSES:
 
 @pytest.mark.parametrize("which", PASSES)
 @pytest.mark.parametrize("t,dtype", CASES, ids=lambda c: str(c).replace("torch.", ""))
-@pytest.mark.parametrize("name", list(IMPLEMENTATIONS))
-def test_attention(record, matmul_gflops, name, t, dtype, which):
-    attention = IMPLEMENTATIONS[name]
+def test_attention(compare, matmul_gflops, t, dtype, which):
     backward = which == "forward+backward"
     # q, k and v as the model makes them: transposed views of one (B, T, 3, H, D) projection.
     qkv = torch.randn(B, t, 3, H, D, dtype=dtype, requires_grad=backward)
     grad_out = torch.randn(B, H, t, D, dtype=dtype)
 
-    def step():
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))  # as CausalSelfAttention splits them
-        if backward:
-            attention(q, k, v).backward(grad_out)
-            qkv.grad = None
-        else:
-            with torch.no_grad():
-                attention(q, k, v)
+    def step_of(attention):
+        def step():
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))  # as CausalSelfAttention splits them
+            if backward:
+                attention(q, k, v).backward(grad_out)
+                qkv.grad = None
+            else:
+                with torch.no_grad():
+                    attention(q, k, v)
+        return step
 
     flops = 2 * B * H * t * t * D * (3.5 if backward else 1.0)
     rounds = 3 if QUICK else (5 if t >= 1024 else 15)
     row = f"B{B} H{H} T{t} D{D} {str(dtype).replace('torch.', '')}"
-    record(f"attention {which}", row, name, step, rounds,
-           gflops=lambda seconds: flops / seconds / 1e9,
-           percent_of_matmul=lambda seconds: 100 * flops / seconds / 1e9 / matmul_gflops)
+    compare(f"attention {which}", row, {name: step_of(fn) for name, fn in IMPLEMENTATIONS.items()}, rounds,
+            gflops=lambda seconds: flops / seconds / 1e9,
+            percent_of_matmul=lambda seconds: 100 * flops / seconds / 1e9 / matmul_gflops)

@@ -31,24 +31,24 @@ declare_ratios("gelu forward+backward", [("cpp vs torch", "cpp", "torch")])
 
 @pytest.mark.parametrize("which", PASSES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("name", list(IMPLEMENTATIONS) + ["copy"])
-def test_gelu(record, name, dtype, which):
+def test_gelu(compare, dtype, which):
     backward = which == "forward+backward"
-    if name == "copy" and backward:
-        pytest.skip("the copy is the forward's floor only")
     x = torch.randn(SHAPE, dtype=dtype, requires_grad=backward)
     grad_y = torch.randn(SHAPE, dtype=dtype)
 
-    def step():
-        if name == "copy":
-            x.clone()
-        elif backward:
-            IMPLEMENTATIONS[name](x).backward(grad_y)
-            x.grad = None
-        else:
-            with torch.no_grad():
-                IMPLEMENTATIONS[name](x)
+    def step_of(gelu):
+        def step():
+            if backward:
+                gelu(x).backward(grad_y)
+                x.grad = None
+            else:
+                with torch.no_grad():
+                    gelu(x)
+        return step
 
+    steps = {name: step_of(fn) for name, fn in IMPLEMENTATIONS.items()}
+    if not backward:
+        steps["copy"] = x.clone  # the forward's floor
     bytes_moved = (3 if backward else 2) * x.numel() * x.element_size()
-    record(f"gelu {which}", "x".join(map(str, SHAPE)) + f" {str(dtype).replace('torch.', '')}", name, step,
-           rounds=5 if QUICK else 40, gb_per_s=lambda seconds: bytes_moved / seconds / 1e9)
+    compare(f"gelu {which}", "x".join(map(str, SHAPE)) + f" {str(dtype).replace('torch.', '')}", steps,
+            rounds=5 if QUICK else 40, gb_per_s=lambda seconds: bytes_moved / seconds / 1e9)

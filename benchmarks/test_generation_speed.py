@@ -32,21 +32,15 @@ MODELS = {"tiny": dict(n_layer=1, n_head=2, n_embd=32, block_size=32)} if QUICK 
 declare_ratios("generation", [("cache vs no-cache", "cache", "no-cache")])
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
-def model(request):
-    torch.manual_seed(DEFAULTS.seed)
-    model = GPT(GPTConfig(vocab_size=65, backend=DEFAULTS.backend, **MODELS[request.param])).eval()
-    model.label = request.param
-    return model
-
-
 def decode(model, use_cache):
     prompt = torch.zeros(1, 1, dtype=torch.long)
     return torch.cat(list(model.generate(prompt, NEW_TOKENS, temperature=0, use_cache=use_cache)), dim=1)
 
 
-@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
-def test_greedy_decoding(record, model, use_cache):
-    assert decode(model, use_cache).shape == (1, NEW_TOKENS)  # also the warm-up: loads the C++ extension
-    record("generation", f"{NEW_TOKENS} new tokens, {model.label} model", "cache" if use_cache else "no-cache",
-           lambda: decode(model, use_cache), rounds=3, tokens_per_s=lambda seconds: NEW_TOKENS / seconds)
+@pytest.mark.parametrize("label", list(MODELS))
+def test_greedy_decoding(compare, label):
+    torch.manual_seed(DEFAULTS.seed)
+    model = GPT(GPTConfig(vocab_size=65, backend=DEFAULTS.backend, **MODELS[label])).eval()
+    compare("generation", f"{NEW_TOKENS} new tokens, {label} model",
+            {"cache": lambda: decode(model, True), "no-cache": lambda: decode(model, False)}, rounds=3,
+            tokens_per_s=lambda seconds: NEW_TOKENS / seconds)

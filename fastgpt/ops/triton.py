@@ -15,6 +15,7 @@ import importlib.util
 import torch
 
 from fastgpt.kernels import interpreting
+from fastgpt.ops import reference
 from fastgpt.ops.attention_autograd import register_attention_autograd
 
 NO_GPU = "no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels on CPU tensors through Triton's interpreter, for testing)"
@@ -141,4 +142,4 @@ def layer_norm(x, weight, bias, eps):
 
 # PyTorch's CUDA GELU is already one elementwise pass that reads and writes each element once,
 # which is all a Triton kernel could do: this backend uses it (the reference path's GELU).
-from fastgpt.ops.reference import gelu  # noqa: E402
+gelu = reference.gelu
