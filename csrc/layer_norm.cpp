@@ -18,6 +18,7 @@
 
 #include "common.h"
 
+#include <array>
 #include <cmath>
 #include <tuple>
 #include <utility>
@@ -28,40 +29,53 @@ namespace {
 // Rows per task: enough to amortise scheduling, few enough to balance two threads on small inputs.
 constexpr int64_t kRowsPerTask = 16;
 
-// The sum over a row of n elements of term(j, count), a vector for elements j .. j + count - 1 that
-// must be 0 in the lanes past the row's end. Four running sums instead of one: each vector add waits
-// for the one before it to finish (3-4 cycles), so with a single sum the statistics passes, not
-// memory, bounded the speed of the kernels. The order of additions changes only the rounding.
-template <typename scalar_t, typename Term>
-acc_t<scalar_t> row_sum(int64_t n, const Term& term) {
+// The sums over a row of n elements of the K vectors term(j, count) returns (an array of K vectors
+// for elements j .. j + count - 1, which must be 0 in the lanes past the row's end). Each sum is kept
+// as two running sums over alternating vectors, plus one for a ragged tail: a vector add waits for
+// the one before it to finish (3-4 cycles), and with a single running sum per statistic these
+// passes, not memory, bounded the speed of the kernels. The order of additions changes only the
+// rounding.
+template <typename scalar_t, size_t K, typename Term>
+std::array<acc_t<scalar_t>, K> row_sums(int64_t n, const Term& term) {
   using A = acc_t<scalar_t>;
   using V = Vec<scalar_t>;
   constexpr int64_t W = V::size();
-  V s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
+  std::array<V, K> even, odd;
+  even.fill(V(A(0)));
+  odd.fill(V(A(0)));
   int64_t j = 0;
-  for (; j + 4 * W <= n; j += 4 * W) {
-    s0 += term(j, W);
-    s1 += term(j + W, W);
-    s2 += term(j + 2 * W, W);
-    s3 += term(j + 3 * W, W);
+  for (; j + 2 * W <= n; j += 2 * W) {
+    const std::array<V, K> a = term(j, W), b = term(j + W, W);
+    for (size_t k = 0; k < K; ++k) {
+      even[k] += a[k];
+      odd[k] += b[k];
+    }
   }
-  for (; j < n; j += W) s0 += term(j, std::min<int64_t>(W, n - j));
-  return at::vec::vec_reduce_all<A>([](auto& a, auto& b) { return a + b; }, (s0 + s1) + (s2 + s3));
+  if (j < n) {
+    const std::array<V, K> a = term(j, n - j);
+    for (size_t k = 0; k < K; ++k) even[k] += a[k];
+  }
+  std::array<A, K> sums;
+  for (size_t k = 0; k < K; ++k) {
+    sums[k] = at::vec::vec_reduce_all<A>([](auto& x, auto& y) { return x + y; }, even[k] + odd[k]);
+  }
+  return sums;
 }
 
 template <typename scalar_t>
 acc_t<scalar_t> sum_of(const scalar_t* x, int64_t n) {
-  return row_sum<scalar_t>(n, [&](int64_t j, int64_t count) { return load(x + j, count); });
+  using V = Vec<scalar_t>;
+  return row_sums<scalar_t, 1>(n, [&](int64_t j, int64_t count) { return std::array<V, 1>{load(x + j, count)}; })[0];
 }
 
 template <typename scalar_t>
 acc_t<scalar_t> sum_of_squared_deviations(const scalar_t* x, int64_t n, acc_t<scalar_t> mean) {
   using V = Vec<scalar_t>;
-  return row_sum<scalar_t>(n, [&](int64_t j, int64_t count) {
+  return row_sums<scalar_t, 1>(n, [&](int64_t j, int64_t count) {
     // Lanes past the row's end load as 0: mask them so they add nothing.
     const V deviation = V::set(V(acc_t<scalar_t>(0)), load(x + j, count) - V(mean), count);
-    return deviation * deviation;
-  });
+    return std::array<V, 1>{deviation * deviation};
+  })[0];
 }
 
 // The row functions below take plain values, not the captures of the parallel_for lambda: a vector
@@ -112,12 +126,12 @@ void layer_norm_backward_row(const scalar_t* x, const scalar_t* dy, scalar_t* dx
                              acc_t<scalar_t>* dw, acc_t<scalar_t>* db) {
   using V = Vec<scalar_t>;
   const V mean_v(mean), rstd_v(rstd);
-  // First passes: the two row means that dx needs. g = dy * w is 0 past the row's end.
-  const auto g_at = [&](int64_t j, int64_t count) { return load(dy + j, count) * V::loadu(w + j, count); };
-  const V mean_g(row_sum<scalar_t>(n, g_at) / n);
-  const V mean_g_xhat(row_sum<scalar_t>(n, [&](int64_t j, int64_t count) {
-    return g_at(j, count) * ((load(x + j, count) - mean_v) * rstd_v);
-  }) / n);
+  // First pass: the two row means that dx needs. g = dy * w is 0 past the row's end.
+  const auto [sum_g, sum_g_xhat] = row_sums<scalar_t, 2>(n, [&](int64_t j, int64_t count) {
+    const V g = load(dy + j, count) * V::loadu(w + j, count);
+    return std::array<V, 2>{g, g * ((load(x + j, count) - mean_v) * rstd_v)};
+  });
+  const V mean_g(sum_g / n), mean_g_xhat(sum_g_xhat / n);
   // Last pass (the row is still in L1): dx, and the row's share of dw and db.
   for (int64_t j = 0; j < n; j += V::size()) {
     const int64_t count = std::min<int64_t>(V::size(), n - j);
