@@ -31,10 +31,9 @@ constexpr int64_t kRowsPerTask = 16;
 
 // The sums over a row of n elements of the K vectors term(j, count) returns (an array of K vectors
 // for elements j .. j + count - 1, which must be 0 in the lanes past the row's end). Each sum is kept
-// as two running sums over alternating vectors, plus one for a ragged tail: a vector add waits for
-// the one before it to finish (3-4 cycles), and with a single running sum per statistic these
-// passes, not memory, bounded the speed of the kernels. The order of additions changes only the
-// rounding.
+// as two running sums over alternating vectors: a vector add waits for the one before it to finish
+// (3-4 cycles), and with a single running sum per statistic these passes, not memory, bounded the
+// speed of the kernels. The order of additions changes only the rounding.
 template <typename scalar_t, size_t K, typename Term>
 std::array<acc_t<scalar_t>, K> row_sums(int64_t n, const Term& term) {
   using A = acc_t<scalar_t>;
@@ -51,8 +50,8 @@ std::array<acc_t<scalar_t>, K> row_sums(int64_t n, const Term& term) {
       odd[k] += b[k];
     }
   }
-  if (j < n) {
-    const std::array<V, K> a = term(j, n - j);
+  for (; j < n; j += W) {  // at most two vectors left, the last one partial
+    const std::array<V, K> a = term(j, std::min<int64_t>(W, n - j));
     for (size_t k = 0; k < K; ++k) even[k] += a[k];
   }
   std::array<A, K> sums;
