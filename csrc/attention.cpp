@@ -207,25 +207,20 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, 
   const int64_t dim = q.size(3), offset = t_k - t_q;
   const int64_t k_blocks = ceil_div(t_k, kBackwardBlockK), chunks = dq_partials.size(0);
 
-  // delta_i = do_i . o_i, one number per query.
-  at::Tensor delta = at::empty({batch, heads, t_q}, lse.options());
-  at::parallel_for(0, batch * heads * t_q, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / (heads * t_q), h = row / t_q % heads, i = row % t_q;
-      delta.data_ptr<T>()[row] = dot(head<T>(grad_out, b, h).row(i), head<T>(out, b, h).row(i), dim);
-    }
-  });
-
   at::parallel_for(0, batch * heads * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> probs(kBlockQ * kBackwardBlockK), dprobs(kBlockQ * kBackwardBlockK);
     std::vector<T> dk_acc(kBackwardBlockK * dim), dv_acc(kBackwardBlockK * dim);
     std::vector<T> keys_t(dim * kKeysTStride), values_t(dim * kKeysTStride);  // K_j^T, V_j^T
+    std::vector<T> head_delta(t_q);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / chunks, chunk = task % chunks, b = bh / heads, h = bh % heads;
       const Rows<T> Q = head<T>(q, b, h), K = head<T>(k, b, h), V = head<T>(v, b, h);
       const Rows<T> dO = head<T>(grad_out, b, h), dK = head<T>(dk, b, h), dV = head<T>(dv, b, h);
+      const Rows<T> O = head<T>(out, b, h);
       const T* head_lse = lse.data_ptr<T>() + bh * t_q;
-      const T* head_delta = delta.data_ptr<T>() + bh * t_q;
+      // delta_i = do_i . o_i, one number per query, computed where it is used rather than in a pass
+      // of its own over dO and O. (When a head is split over several tasks, each computes it.)
+      for (int64_t i = 0; i < t_q; ++i) head_delta[i] = dot(dO.row(i), O.row(i), dim);
       T* dq_partial = dq_partials.data_ptr<T>() + (chunk * batch * heads + bh) * t_q * dim;
       std::fill(dq_partial, dq_partial + t_q * dim, T(0));
 
