@@ -58,8 +58,8 @@ struct Rows {
 
 // ---- Small matrix products -----------------------------------------------------------------------
 //
-// The attention tiles are small (64 x 64 x D): BLAS spends much of its time packing them, and the
-// BLAS in torch's wheels runs AVX2 code on AMD CPUs. This is the textbook register-blocked kernel
+// The attention tiles are small (at most 64 x 256 x D): BLAS spends much of its time packing them,
+// and the BLAS in torch's wheels runs AVX2 code on AMD CPUs. This is the textbook register-blocked kernel
 // instead: C (m x n) = alpha * A B (+ C), computed in tiles of kTileRows x (kTileVecs vectors),
 // whose accumulators stay in registers while p runs over the shared dimension:
 //
