@@ -220,7 +220,6 @@ class GPT(nn.Module):
 
         return load_pretrained(directory, backend)[0]
 
-    @torch.inference_mode()  # no autograd bookkeeping at all: the cheapest way to run small decoding steps
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.0,
                  generator=None, use_cache=True):
         """Extend idx (B, T) by max_new_tokens tokens, one at a time, yielding each new (B, 1) column.
@@ -241,14 +240,19 @@ class GPT(nn.Module):
             if idx.size(1) - start > block_size:
                 start = idx.size(1) - max(1, block_size // 2)
                 cache = None
-            if not use_cache:
-                logits, _ = self(idx[:, start:])
-            elif cache is None:
-                cache = self.new_cache()
-                logits, _ = self(idx[:, start:], cache=cache)
-            else:
-                logits, _ = self(idx[:, -1:], cache=cache)
-            next_token = sampler(logits[:, -1, :].float(), idx, generator)
+            # Inference mode skips all autograd bookkeeping, which no_grad still does per op: the
+            # cheapest way to run steps this small. The token is copied out of it, so that callers
+            # get an ordinary tensor (one they may, say, train on later).
+            with torch.inference_mode():
+                if not use_cache:
+                    logits, _ = self(idx[:, start:])
+                elif cache is None:
+                    cache = self.new_cache()
+                    logits, _ = self(idx[:, start:], cache=cache)
+                else:
+                    logits, _ = self(idx[:, -1:], cache=cache)
+                next_token = sampler(logits[:, -1, :].float(), idx, generator)
+            next_token = next_token.clone()
             idx = torch.cat((idx, next_token), dim=1)
             yield next_token
 

@@ -66,6 +66,17 @@ def test_a_full_window_continues_from_its_newest_half_at_positions_from_zero():
     assert second == model(sequence[-8:].view(1, -1))[0][0, -1].argmax()
 
 
+def test_generated_tokens_are_ordinary_tensors_a_model_can_train_on():
+    """Decoding runs in inference mode, but what it hands out must not be inference tensors."""
+    model = tiny_model(backend="cpp" if "cpp" in CPU_BACKENDS else "reference")
+    steps = list(model.generate(torch.zeros(2, 1, dtype=torch.long), 3))
+    assert not any(step.is_inference() for step in steps)
+    model.train()
+    _, loss = model(steps[0], steps[1])  # the embedding keeps its input for the backward
+    loss.backward()
+    assert model.transformer.wte.weight.grad is not None
+
+
 def test_top_k_of_one_and_a_tiny_top_p_are_greedy():
     model = tiny_model()
     prompt = torch.randint(0, 32, (2, 4))
