@@ -12,7 +12,8 @@
 //
 // Statistics are in fp32 (fp64 for fp64 input) whatever the storage type. A row is a few
 // kilobytes, so it stays in L1 between the passes over it: each kernel reads its inputs from memory
-// once and writes its output once, which is as fast as LayerNorm can go (it is memory-bound).
+// once and writes its output once. LayerNorm is memory-bound when its arithmetic keeps up, which
+// takes several independent running sums per statistic (see row_sums).
 // The forward keeps mean and rstd for the backward. The backward parallelises over rows too; each
 // thread sums dw and db for its rows into its own partial, and the partials are added once at the end.
 
