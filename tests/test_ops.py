@@ -108,20 +108,29 @@ def test_attention_on_non_contiguous_views(backend):
 
 def _compare_attention(backend, inputs, grad_out, dtype):
     scale = inputs[0].shape[-1] ** -0.5
+    _compare(f"{backend} attention", lambda q, k, v: ops.causal_attention(q, k, v, backend=backend),
+             lambda q, k, v: reference.causal_attention(q, k, v, scale), inputs, grad_out,
+             ("output", "dq", "dk", "dv"), dtype)
+
+
+def _compare(op, fused, ref, tensors, grad_out, names, dtype=None):
+    """Run `fused` and `ref` on leaf copies of `tensors`, and `ref` again in float64, each followed by
+    a backward of grad_out; check the fused output and gradients (named by `names`) against both.
+
+    dtype: the dtype every fused result must have (None: each keeps its own, as LayerNorm's
+    parameter gradients come back in the parameters' dtype, which may differ from x's).
+    """
     results = {}
-    for name, cast in (("fused", None), ("reference", None), ("float64", torch.float64)):
-        q, k, v = leaf(inputs, cast)
-        if name == "fused":
-            out = ops.causal_attention(q, k, v, backend=backend)
-        else:
-            out = reference.causal_attention(q, k, v, scale)
+    for name, run, cast in (("fused", fused, None), ("reference", ref, None), ("float64", ref, torch.float64)):
+        leaves = leaf(tensors, cast)
+        out = run(*leaves)
         out.backward(grad_out.to(out.dtype))
-        results[name] = (out, q.grad, k.grad, v.grad)
-    for i, what in enumerate(("output", "dq", "dk", "dv")):
-        fused, ref, exact = (results[n][i] for n in ("fused", "reference", "float64"))
-        assert fused.dtype == dtype and fused.shape == exact.shape
-        assert torch.isfinite(fused).all(), f"{what} has non-finite values"
-        assert_close_to_float64(fused, ref, exact, dtype, f"{backend} attention {what}")
+        results[name] = [out] + [t.grad for t in leaves]
+    for i, what in enumerate(names):
+        result, ref_result, exact = (results[n][i] for n in ("fused", "reference", "float64"))
+        assert result.shape == exact.shape and (dtype is None or result.dtype == dtype), f"{what} is malformed"
+        assert torch.isfinite(result).all(), f"{what} has non-finite values"
+        assert_close_to_float64(result, ref_result, exact, dtype or result.dtype, f"{op} {what}")
 
 
 @needs_backend
@@ -174,25 +183,18 @@ def test_layer_norm_low_precision_input_with_float32_parameters(backend):
 
 
 def _compare_layer_norm(backend, x, weight, bias, grad_out, dtype):
+    def with_parameters(layer_norm):  # the leaves are x and whichever of weight and bias are given
+        def call(x, *parameters):
+            given = iter(parameters)
+            w = next(given) if weight is not None else None
+            b = next(given) if bias is not None else None
+            return layer_norm(x, w, b)
+        return call
+
     present = [t for t in (x, weight, bias) if t is not None]
-    results = {}
-    for name, cast in (("fused", None), ("reference", None), ("float64", torch.float64)):
-        tensors = iter(leaf(present, cast))
-        xl = next(tensors)
-        wl = next(tensors) if weight is not None else None
-        bl = next(tensors) if bias is not None else None
-        if name == "fused":
-            out = ops.layer_norm(xl, wl, bl, 1e-5, backend=backend)
-        else:
-            out = reference.layer_norm(xl, wl, bl, 1e-5)
-        out.backward(grad_out.to(out.dtype))
-        results[name] = [out] + [t.grad for t in (xl, wl, bl) if t is not None]
     names = ["output", "dx"] + (["dweight"] if weight is not None else []) + (["dbias"] if bias is not None else [])
-    for i, what in enumerate(names):
-        fused, ref, exact = (results[n][i] for n in ("fused", "reference", "float64"))
-        assert fused.shape == exact.shape and torch.isfinite(fused).all(), f"{what} is malformed"
-        # Parameter gradients come back in the parameters' dtype, which may differ from x's.
-        assert_close_to_float64(fused, ref, exact, fused.dtype, f"{backend} layer_norm {what}")
+    _compare(f"{backend} layer_norm", with_parameters(lambda x, w, b: ops.layer_norm(x, w, b, 1e-5, backend=backend)),
+             with_parameters(lambda x, w, b: reference.layer_norm(x, w, b, 1e-5)), present, grad_out, names)
 
 
 # Lengths below, around and not a multiple of the vector width, and an empty tensor.
@@ -229,17 +231,8 @@ def test_gelu_saturates_like_float64_far_into_both_tails(backend):
 
 
 def _compare_gelu(backend, x, grad_out, dtype):
-    results = {}
-    for name, cast in (("fused", None), ("reference", None), ("float64", torch.float64)):
-        (xl,) = leaf([x], cast)
-        out = ops.gelu(xl, backend=backend) if name == "fused" else reference.gelu(xl)
-        out.backward(grad_out.to(out.dtype))
-        results[name] = (out, xl.grad)
-    for i, what in enumerate(("output", "dx")):
-        fused, ref, exact = (results[n][i] for n in ("fused", "reference", "float64"))
-        assert fused.dtype == dtype and fused.shape == exact.shape
-        assert torch.isfinite(fused).all(), f"{what} has non-finite values"
-        assert_close_to_float64(fused, ref, exact, dtype, f"{backend} gelu {what}")
+    _compare(f"{backend} gelu", lambda x: ops.gelu(x, backend=backend), reference.gelu, [x], grad_out,
+             ("output", "dx"), dtype)
 
 
 def test_reference_gelu_is_the_tanh_formula():
