@@ -24,6 +24,7 @@ import pytest
 import torch
 
 QUICK = os.environ.get("FASTGPT_BENCH_QUICK") == "1"
+THREADS = int(os.environ.get("FASTGPT_BENCH_THREADS", "2"))
 
 
 def _keep_freed_memory_in_the_process():
@@ -49,7 +50,6 @@ def _keep_freed_memory_in_the_process():
 
 
 _keep_freed_memory_in_the_process()
-THREADS = int(os.environ.get("FASTGPT_BENCH_THREADS", "2"))
 
 # table -> row -> column -> {"median_ms": ..., plus extras such as "gflops"}
 _RESULTS = defaultdict(lambda: defaultdict(dict))
@@ -74,8 +74,7 @@ def median_seconds(fn, rounds, warmup=1):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2]
+    return statistics.median(times)
 
 
 @pytest.fixture(scope="session")
