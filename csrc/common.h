@@ -47,6 +47,16 @@ inline void store(scalar_t* data, const Vec<scalar_t>& value, int64_t count = Ve
   }
 }
 
+// Calls body(i, count) for the vectors of [begin, end): whole vectors (count = the vector width, which
+// the compiler sees, so loads and stores are not masked), then one partial vector for the tail.
+template <typename scalar_t, typename Body>
+inline void for_each_vector(int64_t begin, int64_t end, const Body& body) {
+  constexpr int64_t W = Vec<scalar_t>::size();
+  int64_t i = begin;
+  for (; i + W <= end; i += W) body(i, W);
+  if (i < end) body(i, end - i);
+}
+
 // A matrix in memory whose rows are `row_stride` elements apart and whose columns are adjacent: a
 // (T, D) slice of a (B, H, T, D) tensor, whatever the strides of B, H and T.
 template <typename T>

@@ -1,0 +1,83 @@
+// The row-level pieces of the CPU LayerNorm (the math is in layer_norm.cpp): vectorised sums over
+// a row, and the forward of one row, which the fused decoding step (decode.cpp) applies too.
+#pragma once
+
+#include "common.h"
+
+#include <array>
+#include <cmath>
+#include <utility>
+
+namespace fastgpt {
+
+// The sums over a row of n elements of the K vectors term(j, count) returns (an array of K vectors
+// for elements j .. j + count - 1, which must be 0 in the lanes past the row's end). Each sum is kept
+// as two running sums over alternating vectors: a vector add waits for the one before it to finish
+// (3-4 cycles), and with a single running sum per statistic these passes, not memory, bounded the
+// speed of the kernels. The order of additions changes only the rounding.
+template <typename scalar_t, size_t K, typename Term>
+inline std::array<acc_t<scalar_t>, K> row_sums(int64_t n, const Term& term) {
+  using A = acc_t<scalar_t>;
+  using V = Vec<scalar_t>;
+  constexpr int64_t W = V::size();
+  std::array<V, K> even, odd;
+  even.fill(V(A(0)));
+  odd.fill(V(A(0)));
+  int64_t j = 0;
+  for (; j + 2 * W <= n; j += 2 * W) {
+    const std::array<V, K> a = term(j, W), b = term(j + W, W);
+    for (size_t k = 0; k < K; ++k) {
+      even[k] += a[k];
+      odd[k] += b[k];
+    }
+  }
+  for (; j < n; j += W) {  // at most two vectors left, the last one partial
+    const std::array<V, K> a = term(j, std::min<int64_t>(W, n - j));
+    for (size_t k = 0; k < K; ++k) even[k] += a[k];
+  }
+  std::array<A, K> sums;
+  for (size_t k = 0; k < K; ++k) {
+    sums[k] = at::vec::vec_reduce_all<A>([](auto& x, auto& y) { return x + y; }, even[k] + odd[k]);
+  }
+  return sums;
+}
+
+template <typename scalar_t>
+inline acc_t<scalar_t> sum_of(const scalar_t* x, int64_t n) {
+  using V = Vec<scalar_t>;
+  return row_sums<scalar_t, 1>(n, [&](int64_t j, int64_t count) { return std::array<V, 1>{load(x + j, count)}; })[0];
+}
+
+template <typename scalar_t>
+inline acc_t<scalar_t> sum_of_squared_deviations(const scalar_t* x, int64_t n, acc_t<scalar_t> mean) {
+  using V = Vec<scalar_t>;
+  return row_sums<scalar_t, 1>(n, [&](int64_t j, int64_t count) {
+    // Lanes past the row's end load as 0: mask them so they add nothing.
+    const V deviation = V::set(V(acc_t<scalar_t>(0)), load(x + j, count) - V(mean), count);
+    return std::array<V, 1>{deviation * deviation};
+  })[0];
+}
+
+// The row functions below take plain values, not the captures of the parallel_for lambda: a vector
+// store may alias anything (the intrinsics' types are declared so), and after each one the
+// compiler would reload every captured pointer and length from memory.
+
+// One row of the forward: y = (x - mean) * rstd * w + b; returns {mean, rstd}.
+template <typename scalar_t>
+inline std::pair<acc_t<scalar_t>, acc_t<scalar_t>> layer_norm_row(const scalar_t* x, scalar_t* y, int64_t n,
+                                                           const acc_t<scalar_t>* w, const acc_t<scalar_t>* b,
+                                                           acc_t<scalar_t> eps) {
+  using A = acc_t<scalar_t>;
+  using V = Vec<scalar_t>;
+  const A mean = sum_of(x, n) / n;
+  const A rstd = A(1) / std::sqrt(sum_of_squared_deviations(x, n, mean) / n + eps);
+  const V mean_v(mean), rstd_v(rstd);
+  for (int64_t j = 0; j < n; j += V::size()) {
+    const int64_t count = std::min<int64_t>(V::size(), n - j);
+    const V xhat = (load(x + j, count) - mean_v) * rstd_v;
+    store(y + j, at::vec::fmadd(xhat, V::loadu(w + j, count), V::loadu(b + j, count)), count);
+  }
+  return {mean, rstd};
+}
+
+}  // namespace fastgpt
