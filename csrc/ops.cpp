@@ -24,6 +24,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(
     const at::Tensor& mean, const at::Tensor& rstd);
 at::Tensor gelu_forward(const at::Tensor& x);
 at::Tensor gelu_backward(const at::Tensor& grad_y, const at::Tensor& x);
+at::Tensor decode_block(const at::Tensor& x, const at::Tensor& ln_1_weight, const c10::optional<at::Tensor>& ln_1_bias,
+                        const at::Tensor& attn_weight, const c10::optional<at::Tensor>& attn_bias,
+                        const at::Tensor& attn_proj_weight, const c10::optional<at::Tensor>& attn_proj_bias,
+                        const at::Tensor& ln_2_weight, const c10::optional<at::Tensor>& ln_2_bias,
+                        const at::Tensor& fc_weight, const c10::optional<at::Tensor>& fc_bias,
+                        const at::Tensor& mlp_proj_weight, const c10::optional<at::Tensor>& mlp_proj_bias,
+                        at::Tensor& k_cache, at::Tensor& v_cache, int64_t position, double eps);
 
 TORCH_LIBRARY(fastgpt, m) {
   // lse: the log-sum-exp of each query's scores, (B, H, Tq), fp32 (fp64 for fp64 inputs).
@@ -38,6 +45,13 @@ TORCH_LIBRARY(fastgpt, m) {
   // GELU with the tanh approximation (GPT-2's); the output and grad_x are contiguous, in x's dtype.
   m.def("gelu_forward(Tensor x) -> Tensor");
   m.def("gelu_backward(Tensor grad_y, Tensor x) -> Tensor");
+  // One block of the model for one new token per sequence (x: (batch, channels)), inference only:
+  // writes the token's keys and values into row `position` of the (batch, heads, capacity, head_dim)
+  // caches and returns the block's output.
+  m.def("decode_block(Tensor x, Tensor ln_1_weight, Tensor? ln_1_bias, Tensor attn_weight, Tensor? attn_bias, "
+        "Tensor attn_proj_weight, Tensor? attn_proj_bias, Tensor ln_2_weight, Tensor? ln_2_bias, "
+        "Tensor fc_weight, Tensor? fc_bias, Tensor mlp_proj_weight, Tensor? mlp_proj_bias, "
+        "Tensor(a!) k_cache, Tensor(b!) v_cache, int position, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
@@ -47,6 +61,7 @@ TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
   m.impl("layer_norm_backward", &layer_norm_backward);
   m.impl("gelu_forward", &gelu_forward);
   m.impl("gelu_backward", &gelu_backward);
+  m.impl("decode_block", &decode_block);
 }
 
 }  // namespace fastgpt

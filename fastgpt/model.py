@@ -44,16 +44,17 @@ def dropout(x, p, training):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (GPT-2 has one), eps 1e-5, computed by fastgpt.ops."""
+    """LayerNorm with an optional bias (GPT-2 has one), eps 1e-5 (GPT-2's), computed by fastgpt.ops."""
 
     def __init__(self, n_embd, bias, backend):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(n_embd))
         self.bias = nn.Parameter(torch.zeros(n_embd)) if bias else None
+        self.eps = 1e-5
         self.backend = backend
 
     def forward(self, x):
-        return ops.layer_norm(x, self.weight, self.bias, 1e-5, backend=self.backend)
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend)
 
 
 class CausalSelfAttention(nn.Module):
@@ -100,19 +101,27 @@ class KVCache:
     def __len__(self):
         return self.length
 
-    def append(self, k, v):
-        """Add the new tokens' k and v; return (views of) the keys and values of all the tokens so far."""
-        end = self.length + k.shape[2]
+    def extend(self, n, batch, n_head, head_dim, like):
+        """Count n more positions; return the two buffers and the first new row, which the caller fills.
+
+        The buffers are allocated at the first call, with `like`'s dtype and device.
+        """
+        start, end = self.length, self.length + n
         if end > self.block_size:
             raise ValueError(f"the cache holds at most {self.block_size} positions, not {end}")
         if self.k is None:
-            B, H, _, D = k.shape
-            self.k = k.new_empty(B, H, self.block_size, D)
-            self.v = v.new_empty(B, H, self.block_size, D)
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
+            self.k = like.new_empty(batch, n_head, self.block_size, head_dim)
+            self.v = like.new_empty(batch, n_head, self.block_size, head_dim)
         self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k, self.v, start
+
+    def append(self, k, v):
+        """Add the new tokens' k and v; return (views of) the keys and values of all the tokens so far."""
+        B, H, T, D = k.shape
+        k_buffer, v_buffer, start = self.extend(T, B, H, D, k)
+        k_buffer[:, :, start:start + T] = k
+        v_buffer[:, :, start:start + T] = v
+        return k_buffer[:, :, :start + T], v_buffer[:, :, :start + T]
 
 
 class MLP(nn.Module):
@@ -140,6 +149,28 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), cache)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+    def decode(self, x, cache, decoder):
+        """forward for one new token per sequence (x: (B, 1, C)), with a cache, as the backend's one
+        fused op (`decoder`, from ops.block_decoder); inference only."""
+        B, _, C = x.shape
+        n_head = self.attn.n_head
+        k_buffer, v_buffer, position = cache.extend(1, B, n_head, C // n_head, x)
+        return decoder(x.view(B, C), self.decode_parameters(), k_buffer, v_buffer, position,
+                       self.ln_1.eps).view(B, 1, C)
+
+    def decode_parameters(self):
+        """The block's parameters in the fused op's order: weight and bias (or None) of ln_1, the
+        attention's two projections, ln_2, and the MLP's two projections.
+
+        They are read from the modules' registries (`_modules`, `_parameters`) rather than as
+        attributes: nn.Module resolves each attribute in Python (its __getattr__), and twenty such
+        lookups per block took as long as the fused op itself.
+        """
+        modules = self._modules
+        attn, mlp = modules["attn"]._modules, modules["mlp"]._modules
+        layers = (modules["ln_1"], attn["c_attn"], attn["c_proj"], modules["ln_2"], mlp["c_fc"], mlp["c_proj"])
+        return tuple(p for layer in layers for p in (layer._parameters["weight"], layer._parameters.get("bias")))
 
 
 class GPT(nn.Module):
@@ -193,8 +224,12 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {past + T} is longer than the block size {self.config.block_size}")
         positions = torch.arange(past, past + T, device=idx.device)
         x = dropout(self.transformer.wte(idx) + self.transformer.wpe(positions), self.config.dropout, self.training)
+        # One new token per sequence, in inference: where the backend fuses a whole block into one op
+        # for this case (ops.block_decoder), each block is that op instead of a dozen or so.
+        inference = not torch.is_grad_enabled() and not (self.training and self.config.dropout > 0)
+        decoder = ops.block_decoder(x, self.config.backend) if cache and T == 1 and inference else None
         for block, layer_cache in zip(self.transformer.h, cache or [None] * len(self.transformer.h)):
-            x = block(x, layer_cache)
+            x = block.decode(x, layer_cache, decoder) if decoder else block(x, layer_cache)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)
         if targets is None:

@@ -186,6 +186,13 @@ ISA_CHECK = textwrap.dedent("""
             first = results
     for got, expected in zip(first, results):
         torch.testing.assert_close(got, expected)
+    # The fused decoding step: a block decoded token by token is the block run over the whole sequence.
+    from fastgpt.model import Block, GPTConfig, KVCache
+    block = Block(GPTConfig(n_embd=80, n_head=2, block_size=7, backend="reference")).double().eval()
+    tokens, cache = torch.randn(3, 7, 80, dtype=torch.float64), KVCache(7)
+    with torch.no_grad():
+        decoded = [block.decode(tokens[:, t:t + 1], cache, ops.block_decoder(tokens, "cpp")) for t in range(7)]
+        torch.testing.assert_close(torch.cat(decoded, dim=1), block(tokens))
     print(torch.backends.cpu.get_cpu_capability(), *sorted(m for m in sys.modules if m.startswith("fastgpt._C")))
 """)
 

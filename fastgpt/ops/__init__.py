@@ -9,6 +9,9 @@ implement all three:
   ``TRITON_INTERPRET=1`` runs them through Triton's interpreter (how machines without a GPU test them);
 - ``torch``: PyTorch's own fused built-ins, never chosen by ``auto``; the yardstick of benchmarks.
 
+A fourth op, a whole block for one new token per sequence, speeds up decoding where a backend
+offers it (see ``block_decoder``); the model otherwise runs the block op by op.
+
 GELU is elementwise: on CPU the C++ kernel beats PyTorch's (whose tanh is slow); on a GPU,
 PyTorch's own kernel already moves each element once, so the Triton backend uses it.
 
@@ -111,6 +114,26 @@ def gelu(x, *, backend=None):
     """GELU with GPT-2's tanh approximation: x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3))) / 2."""
     name = resolve_backend(backend, x.device)
     return _module(name).gelu(x)
+
+
+def block_decoder(x, backend=None):
+    """The backend's fused op for one whole block of the model and one new token per sequence, or None.
+
+    Decoding with a key/value cache does little arithmetic per token, and run as a dozen or so
+    PyTorch operations per block, each one's fixed cost outweighs its work. So a backend may offer
+    the block as one op, for inference only (no autograd, no dropout). The C++ backend does, for
+    float32 and float64 CPU tensors (csrc/decode.cpp). It is called as
+
+        op(x, parameters, k_cache, v_cache, position, eps) -> the block's output, (B, C)
+
+    with x the new tokens' residual stream (B, C); parameters the block's tensors in the order
+    ln_1 (weight, bias), attention projection (weight, bias), its output projection, ln_2, MLP
+    expansion, MLP output projection, each bias possibly None; k_cache and v_cache the
+    (B, H, capacity, D) buffers, whose row `position` the op fills with the tokens' keys and values
+    before attending over rows 0 .. position. None means the caller runs the block op by op.
+    """
+    module = _module(resolve_backend(backend, x.device))
+    return module.decode_block if x.dtype in getattr(module, "DECODE_BLOCK_DTYPES", ()) else None
 
 
 def _check_attention_inputs(q, k, v):

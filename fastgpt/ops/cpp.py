@@ -108,6 +108,14 @@ def gelu(x):
     return torch.ops.fastgpt.gelu_forward(x)
 
 
+# csrc/decode.cpp runs in these dtypes; a bf16 model decodes op by op.
+DECODE_BLOCK_DTYPES = (torch.float32, torch.float64)
+
+
+def decode_block(x, parameters, k_cache, v_cache, position, eps):
+    return torch.ops.fastgpt.decode_block(x, *parameters, k_cache, v_cache, position, eps)
+
+
 def _statistics_dtype(dtype):
     """The kernels keep statistics (log-sum-exp, mean, rstd) in fp32, or fp64 for fp64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -175,3 +183,8 @@ def _register_fake_and_autograd():
         return torch.ops.fastgpt.gelu_backward(grad_y, x)
 
     torch.library.register_autograd("fastgpt::gelu_forward", gelu_backward, setup_context=gelu_setup_context)
+
+    # ---- one block of one decoding step (inference only: no autograd) ----
+    @torch.library.register_fake("fastgpt::decode_block")
+    def _(x, *parameters_caches_position_eps):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -1,0 +1,175 @@
+"""The fused decoding step (csrc/decode.cpp): one block of the model for one new token, as one op.
+
+It must be Block.forward with a key/value cache, to within rounding: checked against the block run
+op by op on the reference backend, in float64 and in float32, on awkward shapes; a model must use it
+exactly when it may (one new token per sequence, no autograd, no dropout, a float32 or float64 CPU
+tensor); and it must keep the torch.library contract.
+"""
+
+import pytest
+import torch
+
+from fastgpt import ops
+from fastgpt.model import GPT, Block, GPTConfig, KVCache
+from fastgpt.ops import cpp
+
+pytestmark = pytest.mark.skipif(cpp.unavailable_reason("cpu") is not None,
+                                reason=f"C++ extension unavailable: {cpp.unavailable_reason('cpu')}")
+
+# (batch, n_embd, n_head, position of the new token, cache capacity, biases)
+SHAPES = [
+    (1, 32, 2, 0, 16, True),      # the first token: nothing cached yet
+    (3, 96, 2, 20, 21, True),     # head dim 48; the new token takes the cache's last row
+    (2, 160, 2, 37, 64, False),   # head dim 80; no biases anywhere
+    (1, 40, 5, 130, 200, True),   # head dim 8, narrower than a vector; a width that is no multiple of one
+    (2, 128, 4, 63, 128, True),   # the default model's width, half its context cached
+]
+
+
+def random_block(n_embd, n_head, capacity, bias, dtype):
+    """A block whose LayerNorm gains and all biases are random too (not ones and zeros)."""
+    block = Block(GPTConfig(n_embd=n_embd, n_head=n_head, block_size=capacity, bias=bias, backend="reference"))
+    with torch.no_grad():
+        for parameter in block.parameters():
+            if parameter.dim() == 1:
+                parameter.uniform_(-1, 1)
+    return block.to(dtype).eval()
+
+
+def filled_cache(block, batch, position, capacity, dtype):
+    """A cache holding the keys and values of `position` random tokens."""
+    cache = KVCache(capacity)
+    if position:
+        block(torch.randn(batch, position, block.ln_1.weight.numel(), dtype=dtype), cache)
+    return cache
+
+
+def copy_of(cache, dtype=torch.float64):
+    copy = KVCache(cache.block_size)
+    copy.length = cache.length
+    if cache.k is not None:
+        copy.k, copy.v = cache.k.to(dtype, copy=True), cache.v.to(dtype, copy=True)
+    return copy
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(map(str, s)))
+@torch.no_grad()
+def test_the_fused_step_is_the_block_forward(shape):
+    batch, n_embd, n_head, position, capacity, bias = shape
+    torch.manual_seed(position)
+    block = random_block(n_embd, n_head, capacity, bias, torch.float64)
+    cache = filled_cache(block, batch, position, capacity, torch.float64)
+    before = copy_of(cache)
+    fused_cache = copy_of(cache)
+    x = torch.randn(batch, 1, n_embd, dtype=torch.float64)
+
+    expected = block(x, cache)
+    got = block.decode(x, fused_cache, cpp.decode_block)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    # The new token's keys and values were written, and nothing else moved.
+    assert len(fused_cache) == len(cache) == position + 1
+    for fused_rows, rows in ((fused_cache.k, cache.k), (fused_cache.v, cache.v)):
+        torch.testing.assert_close(fused_rows[:, :, :position + 1], rows[:, :, :position + 1], rtol=0, atol=1e-12)
+
+    # float32: about as far from the float64 result as the block run op by op in float32 is.
+    block.float()
+    got32 = block.decode(x.float(), copy_of(before, torch.float32), cpp.decode_block).double()
+    reference32 = block(x.float(), copy_of(before, torch.float32)).double()
+    reference_error = (reference32 - expected).abs().max().item()
+    assert (got32 - expected).abs().max().item() <= max(4 * reference_error, 1e-5)
+
+
+@pytest.mark.parametrize("batch, n_embd, n_head, bias", [(3, 80, 2, True), (1, 48, 1, False)])
+@torch.no_grad()
+def test_decoding_token_by_token_gives_the_forward_of_the_whole_sequence(batch, n_embd, n_head, bias):
+    torch.manual_seed(1)
+    block = random_block(n_embd, n_head, 24, bias, torch.float64)
+    tokens = torch.randn(batch, 24, n_embd, dtype=torch.float64)
+    cache = KVCache(24)
+    decoded = torch.cat([block.decode(tokens[:, t:t + 1], cache, cpp.decode_block) for t in range(24)], dim=1)
+    torch.testing.assert_close(decoded, block(tokens), rtol=0, atol=1e-12)
+
+
+def test_the_model_decodes_with_the_fused_step_to_the_logits_of_the_full_forward():
+    torch.manual_seed(2)
+    model = GPT(GPTConfig(vocab_size=50, block_size=20, n_layer=3, n_head=3, n_embd=48, backend="cpp"))
+    model.double().eval()
+    idx = torch.randint(0, 50, (2, 20))
+    with torch.inference_mode():
+        full, _ = model(idx)
+        cache = model.new_cache()
+        pieces = [model(idx[:, :3], cache=cache)[0]] + [model(idx[:, t:t + 1], cache=cache)[0] for t in range(3, 20)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-10)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the calls of the C++ backend's fused step."""
+    calls = []
+    original = cpp.decode_block
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(cpp, "decode_block", counted)
+    return calls
+
+
+def one_step(model, dtype_context=torch.no_grad):
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long), cache=cache)  # four tokens at once: op by op
+    with dtype_context():
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+
+
+@pytest.mark.parametrize("case, expected_calls", [
+    ("cpp, inference", 2), ("cpp, training mode without dropout", 2), ("cpp, float64", 2),
+    ("cpp, training mode with dropout", 0), ("cpp, autograd on", 0), ("cpp, bfloat16", 0), ("reference", 0),
+])
+def test_the_model_takes_the_fused_step_exactly_when_it_may(fused_calls, case, expected_calls):
+    backend = case.split(",")[0]
+    dropout = 0.1 if "with dropout" in case else 0.0
+    model = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=dropout,
+                          backend=backend))
+    model.train("training mode" in case)
+    if "float64" in case:
+        model.double()
+    if "bfloat16" in case:
+        model.bfloat16()
+    one_step(model, torch.enable_grad if "autograd" in case else torch.no_grad)
+    assert len(fused_calls) == expected_calls
+
+
+def test_block_decoder_offers_the_fused_step_for_float32_and_float64_cpu_tensors_only():
+    assert ops.block_decoder(torch.zeros(1, 8), "cpp") is cpp.decode_block
+    assert ops.block_decoder(torch.zeros(1, 8, dtype=torch.float64), "auto") is cpp.decode_block
+    assert ops.block_decoder(torch.zeros(1, 8, dtype=torch.bfloat16), "cpp") is None
+    assert ops.block_decoder(torch.zeros(1, 8), "reference") is None
+    assert ops.block_decoder(torch.zeros(1, 8), "torch") is None
+
+
+def decode_block_arguments(dtype, bias, batch=2, n_embd=24, n_head=3, capacity=6, position=3):
+    block = random_block(n_embd, n_head, capacity, bias, dtype).requires_grad_(False)  # the op has no backward
+    caches = [torch.randn(batch, n_head, capacity, n_embd // n_head, dtype=dtype) for _ in range(2)]
+    return (torch.randn(batch, n_embd, dtype=dtype), *block.decode_parameters(), *caches, position, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_opcheck_decode_block(dtype, bias):
+    torch.library.opcheck(torch.ops.fastgpt.decode_block.default, decode_block_arguments(dtype, bias))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a[:13] + (a[13][:, :, :, :4], a[14]) + a[15:], "k_cache and v_cache must both be"),
+    (lambda a: a[:15] + (6,) + a[16:], "position 6 is outside the cache's 6 rows"),
+    (lambda a: (a[0].bfloat16(),) + a[1:], "supports float32 and float64"),
+    (lambda a: a[:3] + (a[3].t(),) + a[4:], "attn_weight has shape"),
+    (lambda a: (a[0],) + (a[1].double(),) + a[2:], "ln_1_weight must have x's dtype"),
+])
+@torch.no_grad()
+def test_decode_block_refuses_tensors_that_do_not_fit(change, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fastgpt.decode_block(*change(decode_block_arguments(torch.float32, True)))
