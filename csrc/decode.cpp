@@ -25,8 +25,9 @@
 #include "gelu.h"
 #include "layer_norm.h"
 
+#include <algorithm>
+#include <array>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 namespace fastgpt {
@@ -170,9 +171,14 @@ at::Tensor parameter(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef s
   return t.contiguous();
 }
 
-// A bias, or an undefined tensor for a layer without one.
+// A Linear layer's bias, or an undefined tensor (a null pointer to the kernel) for a layer without one.
 at::Tensor optional_bias(const c10::optional<at::Tensor>& t, const at::Tensor& x, int64_t n, const char* name) {
   return t.has_value() ? parameter(*t, x, {n}, name) : at::Tensor();
+}
+
+// A LayerNorm's bias: layer_norm_row always adds one, so a LayerNorm without one adds zeros.
+at::Tensor layer_norm_bias(const c10::optional<at::Tensor>& t, const at::Tensor& x, int64_t n, const char* name) {
+  return t.has_value() ? parameter(*t, x, {n}, name) : at::zeros({n}, x.options());
 }
 
 }  // namespace
@@ -193,7 +199,7 @@ at::Tensor decode_block(const at::Tensor& x, const at::Tensor& ln_1_weight, cons
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
               "fastgpt::decode_block: k_cache and v_cache must both be (batch, heads, capacity, head_dim)");
   const int64_t heads = k_cache.size(1), capacity = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(0) == batch && heads * k_cache.size(3) == c,
+  TORCH_CHECK(k_cache.size(0) == batch && heads * k_cache.size(3) == c && c > 0,
               "fastgpt::decode_block: the caches' shape ", k_cache.sizes(), " does not fit x's ", x.sizes());
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "fastgpt::decode_block: the caches must be contiguous");
   TORCH_CHECK(0 <= position && position < capacity, "fastgpt::decode_block: position ", position,
@@ -204,14 +210,13 @@ at::Tensor decode_block(const at::Tensor& x, const at::Tensor& ln_1_weight, cons
 
   const at::Tensor tensors[] = {
       parameter(ln_1_weight, x, {c}, "ln_1_weight"),
-      // layer_norm_row adds a bias; without one, it adds zeros.
-      ln_1_bias.has_value() ? parameter(*ln_1_bias, x, {c}, "ln_1_bias") : at::zeros({c}, x.options()),
+      layer_norm_bias(ln_1_bias, x, c, "ln_1_bias"),
       parameter(attn_weight, x, {3 * c, c}, "attn_weight"),
       optional_bias(attn_bias, x, 3 * c, "attn_bias"),
       parameter(attn_proj_weight, x, {c, c}, "attn_proj_weight"),
       optional_bias(attn_proj_bias, x, c, "attn_proj_bias"),
       parameter(ln_2_weight, x, {c}, "ln_2_weight"),
-      ln_2_bias.has_value() ? parameter(*ln_2_bias, x, {c}, "ln_2_bias") : at::zeros({c}, x.options()),
+      layer_norm_bias(ln_2_bias, x, c, "ln_2_bias"),
       parameter(fc_weight, x, {hidden, c}, "fc_weight"),
       optional_bias(fc_bias, x, hidden, "fc_bias"),
       parameter(mlp_proj_weight, x, {c, hidden}, "mlp_proj_weight"),
@@ -219,6 +224,7 @@ at::Tensor decode_block(const at::Tensor& x, const at::Tensor& ln_1_weight, cons
 
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty_like(xc);
+  if (batch == 0) return y;
   at::Tensor scratch = at::empty({batch, 6 * c + hidden}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastgpt::decode_block", [&] {
     const auto data = [&](int i) { return tensors[i].defined() ? tensors[i].data_ptr<scalar_t>() : nullptr; };

@@ -22,6 +22,10 @@
 #include "common.h"
 
 namespace fastgpt {
+// Internal linkage, as if each file that includes this had written it: the compiler inlines these
+// as freely as when they lived in gelu.cpp alone, and no build's copy can stand in for another's
+// (each instruction set's build holds its own).
+namespace {
 
 constexpr int64_t kGeluElementsPerTask = 1 << 14;
 constexpr double kSqrt2OverPi = 0.7978845608028654;
@@ -49,4 +53,5 @@ void gelu_forward_kernel(const scalar_t* x, scalar_t* y, int64_t n) {
   });
 }
 
+}  // namespace
 }  // namespace fastgpt

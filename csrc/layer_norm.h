@@ -9,6 +9,10 @@
 #include <utility>
 
 namespace fastgpt {
+// Internal linkage, as if each file that includes this had written it: the compiler inlines these
+// as freely as when they lived in layer_norm.cpp alone, and no build's copy can stand in for another's
+// (each instruction set's build holds its own).
+namespace {
 
 // The sums over a row of n elements of the K vectors term(j, count) returns (an array of K vectors
 // for elements j .. j + count - 1, which must be 0 in the lanes past the row's end). Each sum is kept
@@ -80,4 +84,5 @@ inline std::pair<acc_t<scalar_t>, acc_t<scalar_t>> layer_norm_row(const scalar_t
   return {mean, rstd};
 }
 
+}  // namespace
 }  // namespace fastgpt

@@ -47,7 +47,7 @@ TORCH_LIBRARY(fastgpt, m) {
   m.def("gelu_backward(Tensor grad_y, Tensor x) -> Tensor");
   // One block of the model for one new token per sequence (x: (batch, channels)), inference only:
   // writes the token's keys and values into row `position` of the (batch, heads, capacity, head_dim)
-  // caches and returns the block's output.
+  // caches and returns the block's output. eps is both LayerNorms' (GPT-2 gives them one value).
   m.def("decode_block(Tensor x, Tensor ln_1_weight, Tensor? ln_1_bias, Tensor attn_weight, Tensor? attn_bias, "
         "Tensor attn_proj_weight, Tensor? attn_proj_bias, Tensor ln_2_weight, Tensor? ln_2_bias, "
         "Tensor fc_weight, Tensor? fc_bias, Tensor mlp_proj_weight, Tensor? mlp_proj_bias, "

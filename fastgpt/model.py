@@ -101,26 +101,31 @@ class KVCache:
     def __len__(self):
         return self.length
 
-    def extend(self, n, batch, n_head, head_dim, like):
-        """Count n more positions; return the two buffers and the first new row, which the caller fills.
+    def reserve(self, n, batch, n_head, head_dim, like):
+        """The two buffers, once it is checked that they have room for n more positions.
 
+        The caller writes the new rows (from row len(self) on), then counts them with `advance`.
         The buffers are allocated at the first call, with `like`'s dtype and device.
         """
-        start, end = self.length, self.length + n
-        if end > self.block_size:
-            raise ValueError(f"the cache holds at most {self.block_size} positions, not {end}")
+        if self.length + n > self.block_size:
+            raise ValueError(f"the cache holds at most {self.block_size} positions, not {self.length + n}")
         if self.k is None:
             self.k = like.new_empty(batch, n_head, self.block_size, head_dim)
             self.v = like.new_empty(batch, n_head, self.block_size, head_dim)
-        self.length = end
-        return self.k, self.v, start
+        return self.k, self.v
+
+    def advance(self, n):
+        """Count n new rows, once they are written (a failed write leaves the cache as it was)."""
+        self.length += n
 
     def append(self, k, v):
         """Add the new tokens' k and v; return (views of) the keys and values of all the tokens so far."""
         B, H, T, D = k.shape
-        k_buffer, v_buffer, start = self.extend(T, B, H, D, k)
+        k_buffer, v_buffer = self.reserve(T, B, H, D, k)
+        start = self.length
         k_buffer[:, :, start:start + T] = k
         v_buffer[:, :, start:start + T] = v
+        self.advance(T)
         return k_buffer[:, :, :start + T], v_buffer[:, :, :start + T]
 
 
@@ -155,9 +160,11 @@ class Block(nn.Module):
         fused op (`decoder`, from ops.block_decoder); inference only."""
         B, _, C = x.shape
         n_head = self.attn.n_head
-        k_buffer, v_buffer, position = cache.extend(1, B, n_head, C // n_head, x)
-        return decoder(x.view(B, C), self.decode_parameters(), k_buffer, v_buffer, position,
-                       self.ln_1.eps).view(B, 1, C)
+        k_buffer, v_buffer = cache.reserve(1, B, n_head, C // n_head, x)
+        # One eps serves both LayerNorms: the model gives every LayerNorm GPT-2's 1e-5.
+        y = decoder(x.view(B, C), self.decode_parameters(), k_buffer, v_buffer, len(cache), self.ln_1.eps)
+        cache.advance(1)
+        return y.view(B, 1, C)
 
     def decode_parameters(self):
         """The block's parameters in the fused op's order: weight and bias (or None) of ln_1, the
@@ -225,8 +232,10 @@ class GPT(nn.Module):
         positions = torch.arange(past, past + T, device=idx.device)
         x = dropout(self.transformer.wte(idx) + self.transformer.wpe(positions), self.config.dropout, self.training)
         # One new token per sequence, in inference: where the backend fuses a whole block into one op
-        # for this case (ops.block_decoder), each block is that op instead of a dozen or so.
-        inference = not torch.is_grad_enabled() and not (self.training and self.config.dropout > 0)
+        # for this case (ops.block_decoder), each block is that op instead of about twenty. Not
+        # under autocast, whose choice of precision per op the fused op would not follow.
+        inference = (not torch.is_grad_enabled() and not (self.training and self.config.dropout > 0)
+                     and not torch.is_autocast_enabled(x.device.type))
         decoder = ops.block_decoder(x, self.config.backend) if cache and T == 1 and inference else None
         for block, layer_cache in zip(self.transformer.h, cache or [None] * len(self.transformer.h)):
             x = block.decode(x, layer_cache, decoder) if decoder else block(x, layer_cache)

@@ -23,6 +23,7 @@ SHAPES = [
     (2, 160, 2, 37, 64, False),   # head dim 80; no biases anywhere
     (1, 40, 5, 130, 200, True),   # head dim 8, narrower than a vector; a width that is no multiple of one
     (2, 128, 4, 63, 128, True),   # the default model's width, half its context cached
+    (2, 42, 3, 9, 16, True),      # products whose rows do not come in whole groups of four (3C = 126)
 ]
 
 
@@ -36,11 +37,17 @@ def random_block(n_embd, n_head, capacity, bias, dtype):
     return block.to(dtype).eval()
 
 
+UNWRITTEN = 7.0  # what the cache's rows hold until a token's keys and values are written there
+
+
 def filled_cache(block, batch, position, capacity, dtype):
-    """A cache holding the keys and values of `position` random tokens."""
+    """A cache holding the keys and values of `position` random tokens, and UNWRITTEN after them."""
+    n_embd, n_head = block.ln_1.weight.numel(), block.attn.n_head
     cache = KVCache(capacity)
+    for rows in cache.reserve(0, batch, n_head, n_embd // n_head, torch.empty((), dtype=dtype)):
+        rows.fill_(UNWRITTEN)
     if position:
-        block(torch.randn(batch, position, block.ln_1.weight.numel(), dtype=dtype), cache)
+        block(torch.randn(batch, position, n_embd, dtype=dtype), cache)
     return cache
 
 
@@ -70,6 +77,7 @@ def test_the_fused_step_is_the_block_forward(shape):
     assert len(fused_cache) == len(cache) == position + 1
     for fused_rows, rows in ((fused_cache.k, cache.k), (fused_cache.v, cache.v)):
         torch.testing.assert_close(fused_rows[:, :, :position + 1], rows[:, :, :position + 1], rtol=0, atol=1e-12)
+        assert torch.all(fused_rows[:, :, position + 1:] == UNWRITTEN)
 
     # float32: about as far from the float64 result as the block run op by op in float32 is.
     block.float()
@@ -90,7 +98,7 @@ def test_decoding_token_by_token_gives_the_forward_of_the_whole_sequence(batch, 
     torch.testing.assert_close(decoded, block(tokens), rtol=0, atol=1e-12)
 
 
-def test_the_model_decodes_with_the_fused_step_to_the_logits_of_the_full_forward():
+def test_the_model_decodes_with_the_fused_step_to_the_logits_of_the_full_forward(fused_calls):
     torch.manual_seed(2)
     model = GPT(GPTConfig(vocab_size=50, block_size=20, n_layer=3, n_head=3, n_embd=48, backend="cpp"))
     model.double().eval()
@@ -100,6 +108,28 @@ def test_the_model_decodes_with_the_fused_step_to_the_logits_of_the_full_forward
         cache = model.new_cache()
         pieces = [model(idx[:, :3], cache=cache)[0]] + [model(idx[:, t:t + 1], cache=cache)[0] for t in range(3, 20)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-10)
+    assert len(fused_calls) == 17 * 3  # every one-token step, every block
+
+
+@torch.no_grad()
+def test_the_fused_step_does_not_depend_on_the_thread_count():
+    """Enough sequences, heads and cached keys that the products and the heads are split over threads."""
+    torch.manual_seed(3)
+    block = random_block(512, 8, 300, True, torch.float32)
+    cache = filled_cache(block, 4, 255, 300, torch.float32)
+    x = torch.randn(4, 1, 512)
+    threads_before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            step_cache = copy_of(cache, torch.float32)
+            results.append((block.decode(x, step_cache, cpp.decode_block), step_cache.k, step_cache.v))
+    finally:
+        torch.set_num_threads(threads_before)
+    for other in results[1:]:
+        for got, expected in zip(other, results[0]):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture
@@ -116,17 +146,10 @@ def fused_calls(monkeypatch):
     return calls
 
 
-def one_step(model, dtype_context=torch.no_grad):
-    cache = model.new_cache()
-    with torch.no_grad():
-        model(torch.zeros(1, 4, dtype=torch.long), cache=cache)  # four tokens at once: op by op
-    with dtype_context():
-        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
-
-
 @pytest.mark.parametrize("case, expected_calls", [
     ("cpp, inference", 2), ("cpp, training mode without dropout", 2), ("cpp, float64", 2),
-    ("cpp, training mode with dropout", 0), ("cpp, autograd on", 0), ("cpp, bfloat16", 0), ("reference", 0),
+    ("cpp, training mode with dropout", 0), ("cpp, autograd on", 0), ("cpp, bfloat16", 0),
+    ("cpp, autocast", 0), ("cpp, no cache", 0), ("reference", 0),
 ])
 def test_the_model_takes_the_fused_step_exactly_when_it_may(fused_calls, case, expected_calls):
     backend = case.split(",")[0]
@@ -138,13 +161,19 @@ def test_the_model_takes_the_fused_step_exactly_when_it_may(fused_calls, case, e
         model.double()
     if "bfloat16" in case:
         model.bfloat16()
-    one_step(model, torch.enable_grad if "autograd" in case else torch.no_grad)
+    cache = None if "no cache" in case else model.new_cache()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled="autocast" in case):
+        if cache is not None:
+            with torch.no_grad():
+                model(torch.zeros(1, 4, dtype=torch.long), cache=cache)  # four tokens at once: op by op
+        with torch.enable_grad() if "autograd" in case else torch.no_grad():
+            model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
     assert len(fused_calls) == expected_calls
 
 
 def test_block_decoder_offers_the_fused_step_for_float32_and_float64_cpu_tensors_only():
     assert ops.block_decoder(torch.zeros(1, 8), "cpp") is cpp.decode_block
-    assert ops.block_decoder(torch.zeros(1, 8, dtype=torch.float64), "auto") is cpp.decode_block
+    assert ops.block_decoder(torch.zeros(1, 8, dtype=torch.float64), "cpp") is cpp.decode_block
     assert ops.block_decoder(torch.zeros(1, 8, dtype=torch.bfloat16), "cpp") is None
     assert ops.block_decoder(torch.zeros(1, 8), "reference") is None
     assert ops.block_decoder(torch.zeros(1, 8), "torch") is None

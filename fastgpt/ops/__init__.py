@@ -119,7 +119,7 @@ def gelu(x, *, backend=None):
 def block_decoder(x, backend=None):
     """The backend's fused op for one whole block of the model and one new token per sequence, or None.
 
-    Decoding with a key/value cache does little arithmetic per token, and run as a dozen or so
+    Decoding with a key/value cache does little arithmetic per token, and run as about twenty
     PyTorch operations per block, each one's fixed cost outweighs its work. So a backend may offer
     the block as one op, for inference only (no autograd, no dropout). The C++ backend does, for
     float32 and float64 CPU tensors (csrc/decode.cpp). It is called as

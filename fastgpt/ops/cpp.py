@@ -184,7 +184,8 @@ def _register_fake_and_autograd():
 
     torch.library.register_autograd("fastgpt::gelu_forward", gelu_backward, setup_context=gelu_setup_context)
 
-    # ---- one block of one decoding step (inference only: no autograd) ----
+    # ---- one block of one decoding step (inference only: it has no autograd formula, and as it
+    # writes into the caches, torch.library would not take one) ----
     @torch.library.register_fake("fastgpt::decode_block")
     def _(x, *parameters_caches_position_eps):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
