@@ -32,7 +32,7 @@
 // bf16 inputs are widened to fp32 once at the op boundary and the kernels run in fp32; fp64 runs in
 // fp64 for gradcheck. The tile products are the register-blocked `matmul` of common.h.
 
-#include "common.h"
+#include "row_ops.h"
 
 #include <cmath>
 #include <limits>
@@ -55,55 +55,6 @@ constexpr int64_t kCachePadding = 16;
 constexpr int64_t kKeysTStride = kBackwardBlockK + kCachePadding;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// ---- Row operations on one tile row, vectorised ------------------------------------------------
-
-template <typename T>
-T max_of(const T* x, int64_t n) {
-  using V = at::vec::Vectorized<T>;
-  const V lowest(-std::numeric_limits<T>::infinity());
-  V best = lowest;
-  for (int64_t j = 0; j < n; j += V::size()) {
-    const int64_t count = std::min<int64_t>(V::size(), n - j);
-    best = at::vec::maximum(best, V::set(lowest, V::loadu(x + j, count), count));
-  }
-  return at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, best);
-}
-
-// x_j <- exp(x_j - shift) for j < visible and 0 for visible <= j < n; returns the sum.
-template <typename T>
-T exponentiate_and_sum(T* x, int64_t visible, int64_t n, T shift) {
-  using V = at::vec::Vectorized<T>;
-  const V zero(T(0)), shift_v(shift);
-  V total = zero;
-  for (int64_t j = 0; j < n; j += V::size()) {
-    const int64_t count = std::min<int64_t>(V::size(), std::max<int64_t>(visible - j, 0));
-    const V e = V::set(zero, (V::loadu(x + j) - shift_v).exp_u20(), count);
-    e.store(x + j, std::min<int64_t>(V::size(), n - j));
-    total += e;
-  }
-  return at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, total);
-}
-
-template <typename T>
-void scale_row(T* x, int64_t n, T factor) {
-  using V = at::vec::Vectorized<T>;
-  for (int64_t j = 0; j < n; j += V::size()) {
-    const int64_t count = std::min<int64_t>(V::size(), n - j);
-    (V::loadu(x + j, count) * V(factor)).store(x + j, count);
-  }
-}
-
-template <typename T>
-T dot(const T* a, const T* b, int64_t n) {
-  using V = at::vec::Vectorized<T>;
-  V total(T(0));
-  for (int64_t j = 0; j < n; j += V::size()) {
-    const int64_t count = std::min<int64_t>(V::size(), n - j);
-    total = at::vec::fmadd(V::loadu(a + j, count), V::loadu(b + j, count), total);
-  }
-  return at::vec::vec_reduce_all<T>([](V& x, V& y) { return x + y; }, total);
-}
 
 // How many of the `cols` keys starting at k0 the query at position `query_position` may see.
 int64_t visible_keys(int64_t query_position, int64_t k0, int64_t cols) {
@@ -220,7 +171,7 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, 
       const T* head_lse = lse.data_ptr<T>() + bh * t_q;
       // delta_i = do_i . o_i, one number per query, computed where it is used rather than in a pass
       // of its own over dO and O. (When a head is split over several tasks, each computes it.)
-      for (int64_t i = 0; i < t_q; ++i) head_delta[i] = dot(dO.row(i), O.row(i), dim);
+      for (int64_t i = 0; i < t_q; ++i) head_delta[i] = dot_rows<T, 1>(dO.row(i), dim, O.row(i))[0];
       T* dq_partial = dq_partials.data_ptr<T>() + (chunk * batch * heads + bh) * t_q * dim;
       std::fill(dq_partial, dq_partial + t_q * dim, T(0));
 
@@ -250,7 +201,7 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, 
             const int64_t visible = visible_keys(offset + q0 + i, k0, cols);
             T* p = probs.data() + i * kBackwardBlockK;
             T* ds = dprobs.data() + i * kBackwardBlockK;
-            exponentiate_and_sum(p, visible, cols, head_lse[q0 + i]);
+            exponentiate_and_sum(p, visible, cols, head_lse[q0 + i]);  // the sum is not needed: lse normalises
             const Vt row_delta(head_delta[q0 + i]);
             for (int64_t j = 0; j < cols; j += Vt::size()) {
               const int64_t count = std::clamp<int64_t>(visible - j, 0, Vt::size());

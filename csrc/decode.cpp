@@ -24,6 +24,7 @@
 
 #include "gelu.h"
 #include "layer_norm.h"
+#include "row_ops.h"
 
 #include <algorithm>
 #include <array>
@@ -41,24 +42,6 @@ constexpr int64_t kMultiplyAddsPerTask = 1 << 15;
 // Weight rows per group: the dot products of kRowsPerGroup rows with one input are computed
 // together, so each input vector is loaded once for all of them.
 constexpr int kRowsPerGroup = 4;
-
-// The dot products of kRows rows (n elements each, consecutive in memory) with x.
-template <typename T, int kRows>
-inline std::array<T, kRows> dot_rows(const T* rows, int64_t n, const T* x) {
-  using V = at::vec::Vectorized<T>;
-  std::array<V, kRows> acc;
-  acc.fill(V(T(0)));
-  for_each_vector<T>(0, n, [&](int64_t i, int64_t count) {
-    const V xv = V::loadu(x + i, count);  // lanes past n read as 0, so they add nothing
-#pragma GCC unroll 8
-    for (int r = 0; r < kRows; ++r) acc[r] = at::vec::fmadd(V::loadu(rows + r * n + i, count), xv, acc[r]);
-  });
-  std::array<T, kRows> sums;
-  for (int r = 0; r < kRows; ++r) {
-    sums[r] = at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, acc[r]);
-  }
-  return sums;
-}
 
 // Calls body(o, dots) for `rows` consecutive rows in groups of kRowsPerGroup, and for the rows left
 // over one at a time; dots[r] is row (o + r)'s dot product with x.
@@ -91,21 +74,13 @@ void linear(const T* x, int64_t batch, int64_t in, const T* w, const T* bias, in
 }
 
 // a = softmax(q K^T * scale) V over the first `keys` rows of one head's cache (K, V: rows of D).
-// `scores` has room for `keys` numbers.
+// `scores` has room for `keys` numbers rounded up to whole vectors (see exponentiate_and_sum).
 template <typename T>
 void attend(const T* q, const T* k, const T* v, int64_t keys, int64_t d, T scale, T* scores, T* a) {
-  using V = at::vec::Vectorized<T>;
   for_each_row_group(k, 0, keys, d, q, [&](int64_t t, const auto& dots) {
     for (size_t r = 0; r < dots.size(); ++r) scores[t + r] = dots[r] * scale;
   });
-  const T highest = *std::max_element(scores, scores + keys);
-  V total(T(0));
-  for_each_vector<T>(0, keys, [&](int64_t t, int64_t count) {
-    const V e = (V::loadu(scores + t, count) - V(highest)).exp_u20();
-    e.store(scores + t, count);
-    total = total + V::set(V(T(0)), e, count);  // lanes past `keys` hold exp(-highest): leave them out
-  });
-  const T sum = at::vec::vec_reduce_all<T>([](V& x, V& y) { return x + y; }, total);
+  const T sum = exponentiate_and_sum(scores, keys, keys, max_of(scores, keys));
   // a (1 x D) = (1 / sum) * scores (1 x keys) V (keys x D): the tile product of common.h.
   matmul<T>(1, d, keys, T(1) / sum, scores, 0, 1, v, d, a, d, /*accumulate=*/false);
 }
@@ -146,7 +121,8 @@ void decode_block_kernel(const T* x, int64_t batch, int64_t c, int64_t hidden, c
   const T scale = T(1) / std::sqrt(T(d));
   const int64_t grain = std::max<int64_t>(1, kMultiplyAddsPerTask / (2 * keys * d));
   at::parallel_for(0, batch * heads, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> scores(keys);
+    constexpr int64_t W = at::vec::Vectorized<T>::size();
+    std::vector<T> scores((keys + W - 1) / W * W);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / heads, j = task % heads;
       attend(qkv + b * 3 * c + j * d, head_rows(k_cache, b, j), head_rows(v_cache, b, j), keys, d, scale,

@@ -1,0 +1,73 @@
+// Vectorised operations on rows of numbers, shared by the attention kernels (on rows of a tile) and
+// the fused decoding step (on one query's scores and on weight rows).
+#pragma once
+
+#include "common.h"
+
+#include <algorithm>
+#include <array>
+#include <limits>
+
+namespace fastgpt {
+// Internal linkage, as if each file that includes this had written it: the compiler inlines these
+// as freely as when they lived in attention.cpp alone, and no build's copy can stand in for another's
+// (each instruction set's build holds its own).
+namespace {
+
+template <typename T>
+T max_of(const T* x, int64_t n) {
+  using V = at::vec::Vectorized<T>;
+  const V lowest(-std::numeric_limits<T>::infinity());
+  V best = lowest;
+  for (int64_t j = 0; j < n; j += V::size()) {
+    const int64_t count = std::min<int64_t>(V::size(), n - j);
+    best = at::vec::maximum(best, V::set(lowest, V::loadu(x + j, count), count));
+  }
+  return at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, best);
+}
+
+// x_j <- exp(x_j - shift) for j < visible and 0 for visible <= j < n; returns the sum. It reads whole
+// vectors, so x must have room for n rounded up to a whole number of vectors.
+template <typename T>
+T exponentiate_and_sum(T* x, int64_t visible, int64_t n, T shift) {
+  using V = at::vec::Vectorized<T>;
+  const V zero(T(0)), shift_v(shift);
+  V total = zero;
+  for (int64_t j = 0; j < n; j += V::size()) {
+    const int64_t count = std::min<int64_t>(V::size(), std::max<int64_t>(visible - j, 0));
+    const V e = V::set(zero, (V::loadu(x + j) - shift_v).exp_u20(), count);
+    e.store(x + j, std::min<int64_t>(V::size(), n - j));
+    total += e;
+  }
+  return at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, total);
+}
+
+template <typename T>
+void scale_row(T* x, int64_t n, T factor) {
+  using V = at::vec::Vectorized<T>;
+  for (int64_t j = 0; j < n; j += V::size()) {
+    const int64_t count = std::min<int64_t>(V::size(), n - j);
+    (V::loadu(x + j, count) * V(factor)).store(x + j, count);
+  }
+}
+
+// The dot products of kRows rows (n elements each, consecutive in memory) with x.
+template <typename T, int kRows>
+std::array<T, kRows> dot_rows(const T* rows, int64_t n, const T* x) {
+  using V = at::vec::Vectorized<T>;
+  std::array<V, kRows> acc;
+  acc.fill(V(T(0)));
+  for_each_vector<T>(0, n, [&](int64_t i, int64_t count) {
+    const V xv = V::loadu(x + i, count);  // lanes past n read as 0, so they add nothing
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) acc[r] = at::vec::fmadd(V::loadu(rows + r * n + i, count), xv, acc[r]);
+  });
+  std::array<T, kRows> sums;
+  for (int r = 0; r < kRows; ++r) {
+    sums[r] = at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, acc[r]);
+  }
+  return sums;
+}
+
+}  // namespace
+}  // namespace fastgpt
