@@ -1,5 +1,8 @@
 """The model itself: shapes, causality, learning, and saving without loss."""
 
+import subprocess
+import sys
+
 import torch
 
 from fastgpt.checkpoint import load_trained_model, save_checkpoint
@@ -94,3 +97,21 @@ def test_generation_continues_past_the_block_size():
     model = GPT(tiny_config()).eval()
     out = list(model.generate(torch.zeros(1, 1, dtype=torch.long), 40, temperature=0))
     assert len(out) == 40
+
+
+COMPILE_CHECK = """
+import torch, torch._dynamo
+from fastgpt.model import GPT, GPTConfig
+model = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=16))
+idx = torch.randint(0, 20, (2, 16))
+explained = torch._dynamo.explain(model)(idx, idx)
+print(explained.graph_count, explained.graph_break_count)
+"""
+
+
+def test_torch_compile_traces_the_whole_forward_in_a_fresh_process():
+    """The first forward of a process is also the first to ask which backend runs the ops, which
+    imports and loads modules: torch.compile must still trace the forward as one graph."""
+    result = subprocess.run([sys.executable, "-c", COMPILE_CHECK], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["1", "0"]

@@ -24,6 +24,8 @@ import importlib
 import math
 import os
 
+import torch
+
 BACKENDS = ("reference", "cpp", "triton", "torch")
 
 # Each backend lives in its own module, imported on first use so that `import fastgpt` stays cheap
@@ -61,16 +63,21 @@ def available_backends():
 
 # What `resolve_backend` decided for each (request, device type): the answer cannot change within a
 # process (the C++ build is loaded once; Triton fixes its interpreter setting when first imported),
-# and looking it up is what keeps the ops cheap enough for one-token decoding steps.
+# and looking it up is what keeps the ops cheap enough for one-token decoding steps. For the same
+# reason torch.compile may take the answer as a constant: it calls resolve_backend while tracing
+# instead of tracing into it, whose first call imports and loads modules (which it cannot trace, and
+# which used to make it give up on the whole model's forward in a fresh process).
 _resolved = {}
 
 
+@torch._dynamo.assume_constant_result
 def resolve_backend(backend, device):
     """The name of the backend that will run an op on `device`, given what the caller asked for."""
     requested = backend if backend not in (None, "auto") else os.environ.get("FASTGPT_BACKEND", "auto")
     name = _resolved.get((requested, device.type))
     if name is None:
         name = _resolved[(requested, device.type)] = _resolve(requested.strip().lower() or "auto", device)
+        _module(name)  # imported now, so that the ops that follow only look it up
     return name
 
 
