@@ -15,9 +15,11 @@ offers it (see ``block_decoder``); the model otherwise runs the block op by op.
 GELU is elementwise: on CPU the C++ kernel beats PyTorch's (whose tanh is slow); on a GPU,
 PyTorch's own kernel already moves each element once, so the Triton backend uses it.
 
-``backend=None`` or ``"auto"`` takes the fastest backend that can run on the tensors' device and
-falls back to the reference otherwise. The environment variable ``FASTGPT_BACKEND`` changes that
-default; an explicitly named backend that cannot run raises :class:`BackendUnavailable`.
+``backend=None`` or ``"auto"`` takes the process's default: the backend named by ``use_backend``
+(how a training run or a sampler applies its ``--backend`` setting), else the environment variable
+``FASTGPT_BACKEND``, else the fastest backend that can run on the tensors' device, falling back to
+the reference. The backend is a run-time choice, never part of a model. An explicitly named backend
+that cannot run raises :class:`BackendUnavailable`.
 """
 
 import importlib
@@ -68,12 +70,23 @@ def available_backends():
 # instead of tracing into it, whose first call imports and loads modules (which it cannot trace, and
 # which used to make it give up on the whole model's forward in a fresh process).
 _resolved = {}
+_default_backend = None
+
+
+def use_backend(name):
+    """Make `name` the backend of every op call that names none (None or "auto": the automatic choice).
+
+    Set it before compiling a model: torch.compile takes the resolved backend as a constant.
+    """
+    global _default_backend
+    _default_backend = None if name in (None, "auto") else name
 
 
 @torch._dynamo.assume_constant_result
 def resolve_backend(backend, device):
     """The name of the backend that will run an op on `device`, given what the caller asked for."""
-    requested = backend if backend not in (None, "auto") else os.environ.get("FASTGPT_BACKEND", "auto")
+    requested = backend if backend not in (None, "auto") else (
+        _default_backend or os.environ.get("FASTGPT_BACKEND", "auto"))
     name = _resolved.get((requested, device.type))
     if name is None:
         name = _resolved[(requested, device.type)] = _resolve(requested.strip().lower() or "auto", device)
