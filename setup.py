@@ -33,7 +33,7 @@ def cpp_extensions():
     if not os.path.exists(config_path):
         return []
     config = runpy.run_path(config_path)
-    sources = [os.path.join("csrc", name) for name in config["SOURCES"]]
+    sources = [os.path.relpath(path, HERE) for path in config["source_paths"](os.path.join(HERE, "csrc"))]
     return [CppExtension(
         name="fastgpt." + config["module_name"](isa),
         sources=sources,
@@ -51,7 +51,7 @@ setup(
     python_requires=">=3.10",
     # The Triton kernels live in the top-level kernels/ folder of the repository but install as
     # fastgpt.kernels: an unrelated package on the index is called `kernels`.
-    packages=["fastgpt", "fastgpt.ops", "fastgpt.kernels"],
+    packages=["fastgpt", "fastgpt.ops", "fastgpt.ops.definitions", "fastgpt.kernels"],
     package_dir={"fastgpt": "fastgpt", "fastgpt.kernels": "kernels"},
     package_data={"fastgpt": ["data/*.txt"]},
     ext_modules=cpp_extensions(),

@@ -7,10 +7,9 @@ floats per vector with AVX-512, 8 with AVX2, a plain loop otherwise); without th
 to the plain version whatever -m flags say.
 """
 
+import glob
 import os
 import platform
-
-SOURCES = ["attention.cpp", "decode.cpp", "gelu.cpp", "layer_norm.cpp", "ops.cpp"]
 
 ISA_FLAGS = {
     "avx512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
@@ -22,6 +21,11 @@ ISA_FLAGS = {
 # -fopenmp on both the compile and the link line, else at::parallel_for runs on one thread.
 COMPILE_FLAGS = ["-O3", "-fopenmp", "-Wno-unknown-pragmas"]
 LINK_FLAGS = ["-fopenmp"]
+
+
+def source_paths(csrc):
+    """Every .cpp file in the folder `csrc`: each op's kernels, and module.cpp, the Python module."""
+    return sorted(glob.glob(os.path.join(csrc, "*.cpp")))
 
 
 def module_name(isa):

@@ -213,4 +213,9 @@ at::Tensor decode_block(const at::Tensor& x, const at::Tensor& ln_1_weight, cons
   return y;
 }
 
+// The CPU implementation of the fused decoding step; its schema is in fastgpt/ops/cpp.py.
+TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
+  m.impl("cpp_decode_block", &decode_block);
+}
+
 }  // namespace fastgpt

@@ -56,4 +56,10 @@ at::Tensor gelu_backward(const at::Tensor& grad_y, const at::Tensor& x) {
   return grad_x;
 }
 
+// The CPU implementations of the op's kernels; their schemas are in fastgpt/ops/definitions/gelu.py.
+TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
+  m.impl("cpp_gelu_forward", &gelu_forward);
+  m.impl("cpp_gelu_backward", &gelu_backward);
+}
+
 }  // namespace fastgpt

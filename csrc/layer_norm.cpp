@@ -148,4 +148,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(
   return {dx, dweight_partials.sum(0), dbias_partials.sum(0)};
 }
 
+// The CPU implementations of the op's kernels; their schemas are in fastgpt/ops/definitions/layer_norm.py.
+TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
+  m.impl("cpp_layer_norm_forward", &layer_norm_forward);
+  m.impl("cpp_layer_norm_backward", &layer_norm_backward);
+}
+
 }  // namespace fastgpt

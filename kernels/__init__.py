@@ -1,8 +1,9 @@
 """Triton kernels of fastgpt, installed as the subpackage `fastgpt.kernels`.
 
-One module per fused op, named after it: `attention.py` (causal flash attention) and
-`layer_norm.py`. Each holds the math in its docstring, the kernels, and the launchers that
-`fastgpt/ops/triton.py` wraps as PyTorch operators. Importing this package does not import Triton;
+One module per fused op, named after it: `causal_attention.py` (causal flash attention) and
+`layer_norm.py`. Each holds the math in its docstring, the kernels, and the two launchers `forward`
+and `backward` (with the signatures of the op's contract) that `fastgpt/ops/triton.py` registers as
+PyTorch operators. Importing this package does not import Triton;
 importing one of its modules does.
 """
 

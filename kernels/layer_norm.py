@@ -87,7 +87,7 @@ def _layer_norm_forward_kernel(
 @triton.jit
 def _layer_norm_backward_kernel(
         X, W, DY, DX, MEAN, RSTD, DW_PARTIAL, DB_PARTIAL, stride_x_row, n_rows, n_cols,
-        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr):
+        HAS_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr):
     program = tl.program_id(0)
     n_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
@@ -114,15 +114,11 @@ def _layer_norm_backward_kernel(
         dx = (g - mean_g[:, None] - x_hat * mean_g_x_hat[:, None]) * rstd[:, None]
         tl.store(DX + rows[:, None].to(tl.int64) * n_cols + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
-        if HAS_WEIGHT:
-            dw += tl.sum(dy * x_hat, 0)
-        if HAS_BIAS:
-            db += tl.sum(dy, 0)
+        dw += tl.sum(dy * x_hat, 0)
+        db += tl.sum(dy, 0)
 
-    if HAS_WEIGHT:
-        tl.store(DW_PARTIAL + program * n_cols + cols, dw, mask=cols < n_cols)
-    if HAS_BIAS:
-        tl.store(DB_PARTIAL + program * n_cols + cols, db, mask=cols < n_cols)
+    tl.store(DW_PARTIAL + program * n_cols + cols, dw, mask=cols < n_cols)
+    tl.store(DB_PARTIAL + program * n_cols + cols, db, mask=cols < n_cols)
 
 
 def _rows(x):
@@ -137,7 +133,7 @@ def _block_n(n_cols):
     return triton.next_power_of_2(n_cols)
 
 
-def layer_norm_forward(x, weight, bias, eps):
+def forward(x, weight, bias, eps):
     """y (x's shape and dtype) and the per-row mean and rstd (fp32) of LayerNorm over x's last dim."""
     x2d = _rows(x)
     n_rows, n_cols = x2d.shape
@@ -159,22 +155,17 @@ def _backward_programs(device, n_rows):
     return max(1, min(per_device, n_rows))
 
 
-def layer_norm_backward(grad_out, x, weight, bias, mean, rstd):
-    """(dx, dweight, dbias) of LayerNorm; dweight is None without a weight, dbias None without a bias.
-
-    Each gradient comes in its input's dtype (under autocast: dx in bf16, dweight and dbias in fp32).
-    """
+def backward(grad_y, x, weight, mean, rstd):
+    """(dx, dweight, dbias) of LayerNorm: dx in x's dtype, dweight and dbias in fp32 (the op's autograd
+    formula casts them to the parameters' dtypes, and drops those of absent parameters)."""
     x2d = _rows(x)
     n_rows, n_cols = x2d.shape
-    grad_out = grad_out.contiguous()
+    grad_y = grad_y.contiguous()
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     n_programs = _backward_programs(x.device, n_rows)
-    partial = lambda present: (  # noqa: E731
-        torch.empty((n_programs, n_cols), dtype=torch.float32, device=x.device) if present else None)
-    dw_partial, db_partial = partial(weight is not None), partial(bias is not None)
+    dw_partial, db_partial = (torch.empty((n_programs, n_cols), dtype=torch.float32, device=x.device)
+                              for _ in range(2))
     _layer_norm_backward_kernel[(n_programs,)](
-        x2d, weight, grad_out, dx, mean, rstd, dw_partial, db_partial, x2d.stride(0), n_rows, n_cols,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_N=_block_n(n_cols))
-    dw = dw_partial.sum(0).to(weight.dtype) if weight is not None else None
-    db = db_partial.sum(0).to(bias.dtype) if bias is not None else None
-    return dx.view(x.shape), dw, db
+        x2d, weight, grad_y, dx, mean, rstd, dw_partial, db_partial, x2d.stride(0), n_rows, n_cols,
+        HAS_WEIGHT=weight is not None, BLOCK_N=_block_n(n_cols))
+    return dx.view(x.shape), dw_partial.sum(0), db_partial.sum(0)

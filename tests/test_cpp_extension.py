@@ -1,7 +1,7 @@
-"""The C++ CPU extension beyond what tests/test_ops.py checks for every backend.
+"""The C++ CPU extension beyond what tests/test_op_contract.py checks for every backend.
 
-Gradients against finite differences in fp64, the torch.library contract (opcheck), torch.compile,
-thread counts, the fallback when the extension cannot load, and a few training steps that must
+Gradients against finite differences in fp64, torch.compile across ops, thread counts, the builds
+for other CPUs, the fallback when the extension cannot load, and a few training steps that must
 follow the reference path's loss curve.
 """
 
@@ -77,49 +77,6 @@ def test_attention_across_many_key_blocks_matches_the_reference_in_float64():
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
-def attention_samples():
-    for dtype in (torch.float32, torch.float64, torch.bfloat16):
-        for b, h, t_q, t_k, d in [(1, 1, 1, 1, 8), (2, 3, 17, 40, 48)]:
-            q = torch.randn(b, h, t_q, d, dtype=dtype, requires_grad=True)
-            k = torch.randn(b, h, t_k, d, dtype=dtype, requires_grad=True)
-            v = torch.randn(b, h, t_k, d, dtype=dtype, requires_grad=True)
-            yield q, k, v, d ** -0.5
-
-
-def layer_norm_samples():
-    for dtype in (torch.float32, torch.float64, torch.bfloat16):
-        x = torch.randn(5, 3, 40, dtype=dtype, requires_grad=True)
-        w = torch.randn(40, requires_grad=True)  # fp32 parameters, as under autocast
-        yield x, w.to(dtype) if dtype == torch.float64 else w, torch.randn(40, dtype=w.dtype), 1e-5
-        yield x, None, None, 1e-6
-
-
-@pytest.mark.parametrize("sample", list(attention_samples()), ids=lambda s: f"{s[0].dtype}-{tuple(s[0].shape)}-{s[1].shape[2]}")
-def test_opcheck_attention(sample):
-    torch.library.opcheck(torch.ops.fastgpt.causal_attention_forward.default, sample)
-    q, k, v, scale = sample
-    out, lse = torch.ops.fastgpt.causal_attention_forward(q, k, v, scale)
-    grad_out = torch.randn_like(out)
-    torch.library.opcheck(torch.ops.fastgpt.causal_attention_backward.default,
-                          (grad_out, q.detach(), k.detach(), v.detach(), out.detach(), lse, scale))
-
-
-@pytest.mark.parametrize("sample", list(layer_norm_samples()), ids=lambda s: f"{s[0].dtype}-{s[1] is not None}")
-def test_opcheck_layer_norm(sample):
-    torch.library.opcheck(torch.ops.fastgpt.layer_norm_forward.default, sample)
-    x, w, _b, eps = sample
-    _y, mean, rstd = torch.ops.fastgpt.layer_norm_forward(*sample)
-    torch.library.opcheck(torch.ops.fastgpt.layer_norm_backward.default,
-                          (torch.randn_like(x), x.detach(), None if w is None else w.detach(), mean, rstd))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_opcheck_gelu(dtype):
-    x = torch.randn(7, 3, 41, dtype=dtype, requires_grad=True)
-    torch.library.opcheck(torch.ops.fastgpt.gelu_forward.default, (x,))
-    torch.library.opcheck(torch.ops.fastgpt.gelu_backward.default, (torch.randn_like(x), x.detach()))
-
-
 def test_torch_compile_gives_the_eager_result():
     def block(x, weight, bias):
         h = ops.gelu(ops.layer_norm(x, weight, bias, backend="cpp"), backend="cpp")
@@ -172,17 +129,15 @@ ISA_CHECK = textwrap.dedent("""
     import sys
     import torch
     from fastgpt import ops
-    from fastgpt.ops import reference
     q, k, v = (torch.randn(2, 3, 37, 48, dtype=torch.float64, requires_grad=True) for _ in range(3))
     x = torch.randn(5, 77, dtype=torch.float64, requires_grad=True)
     w, b = torch.randn(77, dtype=torch.float64), torch.randn(77, dtype=torch.float64)
-    for op in (ops, reference):
-        fused = op is ops
-        out = ops.causal_attention(q, k, v, backend="cpp") if fused else reference.causal_attention(q, k, v, 48 ** -0.5)
-        y = ops.layer_norm(x, w, b, backend="cpp") if fused else reference.layer_norm(x, w, b, 1e-5)
-        z = ops.gelu(x, backend="cpp") if fused else reference.gelu(x)
+    for backend in ("cpp", "reference"):
+        out = ops.causal_attention(q, k, v, backend=backend)
+        y = ops.layer_norm(x, w, b, backend=backend)
+        z = ops.gelu(x, backend=backend)
         results = [out, y, z, *torch.autograd.grad((out ** 2).sum() + (y ** 3).sum() + z.sum(), (q, k, v, x))]
-        if fused:
+        if backend == "cpp":
             first = results
     for got, expected in zip(first, results):
         torch.testing.assert_close(got, expected)
@@ -218,7 +173,8 @@ def test_failed_just_in_time_build_gives_a_reason(tmp_path, capsys):
     """No compiled module and sources that do not compile: one line says it is compiling, then a reason."""
     (tmp_path / "broken.cpp").write_text("this is not C++\n")
     (tmp_path / "build_config.py").write_text(textwrap.dedent("""
-        SOURCES = ["broken.cpp"]
+        import glob, os
+        source_paths = lambda csrc: glob.glob(os.path.join(csrc, "*.cpp"))
         ISA_FLAGS = {"default": []}
         COMPILE_FLAGS = ["-O0"]
         LINK_FLAGS = []

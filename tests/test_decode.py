@@ -188,7 +188,7 @@ def decode_block_arguments(dtype, bias, batch=2, n_embd=24, n_head=3, capacity=6
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_opcheck_decode_block(dtype, bias):
-    torch.library.opcheck(torch.ops.fastgpt.decode_block.default, decode_block_arguments(dtype, bias))
+    torch.library.opcheck(torch.ops.fastgpt.cpp_decode_block.default, decode_block_arguments(dtype, bias))
 
 
 @pytest.mark.parametrize("change, message", [
@@ -201,4 +201,4 @@ def test_opcheck_decode_block(dtype, bias):
 @torch.no_grad()
 def test_decode_block_refuses_tensors_that_do_not_fit(change, message):
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.fastgpt.decode_block(*change(decode_block_arguments(torch.float32, True)))
+        torch.ops.fastgpt.cpp_decode_block(*change(decode_block_arguments(torch.float32, True)))

@@ -8,13 +8,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastgpt import ops
+from fastgpt.ops import dispatch
 from fastgpt.data import TokenBlocks, chunk_encoder, encode_corpus
 from fastgpt.errors import FastGPTError
 from fastgpt.tokenizers import tokenizer_from_state, train_tokenizer
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = [name for name, reason in ops.available_backends().items()
-            if reason is None and ops._module(name).unavailable_reason(DEVICE) is None]
+BACKENDS = [name for name in ops.BACKENDS if dispatch.unavailable_reason(name, DEVICE) is None]
 # Error allowed against float64, relative to the result's largest magnitude (at least 1).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 6e-2}
 # Triton without a GPU runs in its interpreter: few, small examples.

@@ -55,7 +55,7 @@ def hopper_variants():
     """
     import triton.language as tl
 
-    from fastgpt.kernels import attention, layer_norm
+    from fastgpt.kernels import causal_attention as attention, layer_norm
 
     kernels = {
         "attention forward": (attention._attention_forward_kernel, attention.HOPPER_FORWARD_TILES,
@@ -92,9 +92,11 @@ def hopper_variants():
             config = max(layer_norm.prune_configs(layer_norm.HOPPER_CONFIGS, {"BLOCK_N": block_n}),
                          key=lambda c: c.kwargs["ROWS_PER_PROGRAM"])
             parameters = {"W": param_dtype, "B": param_dtype} if affine else {"W": None, "B": None}
-            constexprs = dict(HAS_WEIGHT=affine, HAS_BIAS=affine, BLOCK_N=block_n)
-            for name, kernel in (("forward", layer_norm._layer_norm_forward_kernel),
-                                 ("backward", layer_norm._layer_norm_backward_kernel)):
+            # The backward always sums dbias, whether or not there is a bias.
+            for name, kernel, constexprs in (
+                    ("forward", layer_norm._layer_norm_forward_kernel,
+                     dict(HAS_WEIGHT=affine, HAS_BIAS=affine, BLOCK_N=block_n)),
+                    ("backward", layer_norm._layer_norm_backward_kernel, dict(HAS_WEIGHT=affine, BLOCK_N=block_n))):
                 description = f"layer_norm {name} x {x_dtype} params {param_dtype if affine else None}"
                 yield description, kernel, (x_dtype, parameters), constexprs, config, None
 
@@ -133,7 +135,7 @@ def compile_for_hopper(kernel, dtypes, constexprs, config):
 
 def check_hopper_compilation(shard, shards):
     """Compile this shard's variants; print one line each; return the problems found."""
-    from fastgpt.kernels.attention import SHARED_MEMORY_BYTES
+    from fastgpt.kernels.causal_attention import SHARED_MEMORY_BYTES
 
     problems = []
     for i, (description, kernel, dtypes, constexprs, config, bound) in enumerate(hopper_variants()):
@@ -182,7 +184,7 @@ def _attention_args(dtype, head_dim, seq_len_q, seq_len_k):
 
 
 def test_attention_pruning_keeps_configs_that_fit():
-    from fastgpt.kernels import attention
+    from fastgpt.kernels import causal_attention as attention
 
     configs = attention.make_configs(attention.HOPPER_FORWARD_TILES)
     kept = attention.FORWARD_PRUNER(configs, _attention_args(torch.bfloat16, 128, 4096, 4096))
@@ -200,7 +202,7 @@ def test_attention_pruning_keeps_configs_that_fit():
 
 
 def test_attention_pruning_drops_blocks_longer_than_the_sequence():
-    from fastgpt.kernels import attention
+    from fastgpt.kernels import causal_attention as attention
 
     configs = attention.make_configs(attention.HOPPER_BACKWARD_DQ_TILES)
     kept = attention.BACKWARD_DQ_PRUNER(configs, _attention_args(torch.bfloat16, 64, 40, 40))
@@ -212,7 +214,7 @@ def test_attention_pruning_drops_blocks_longer_than_the_sequence():
 
 
 def test_attention_pruning_never_leaves_nothing():
-    from fastgpt.kernels import attention
+    from fastgpt.kernels import causal_attention as attention
 
     huge = attention.make_configs([(128, 128, 4, 4), (128, 64, 4, 4)])
     kept = attention.BACKWARD_DKDV_PRUNER(huge, _attention_args(torch.bfloat16, 256, 4096, 4096))
@@ -220,7 +222,7 @@ def test_attention_pruning_never_leaves_nothing():
 
 
 def test_attention_dkdv_pruning_counts_both_accumulators():
-    from fastgpt.kernels import attention
+    from fastgpt.kernels import causal_attention as attention
 
     # 128 keys x 128 dims x 2 fp32 accumulators over 4 warps: 256 values per thread, which spills.
     configs = attention.make_configs([(32, 128, 4, 1), (32, 128, 8, 1)])
@@ -244,7 +246,7 @@ def test_layer_norm_pruning():
 
 
 def test_interpreter_uses_one_config_per_kernel():
-    from fastgpt.kernels import attention, interpreting, layer_norm
+    from fastgpt.kernels import causal_attention as attention, interpreting, layer_norm
 
     if not interpreting():
         pytest.skip("on the GPU the kernels are autotuned")
@@ -297,53 +299,6 @@ def test_backward_is_deterministic():
                      for _ in range(2))
     for a, b in zip(first, second):
         assert torch.equal(a, b)
-
-
-def _op_samples():
-    q, k, v = (torch.randn(1, 2, 24, 32, device=DEVICE, requires_grad=True) for _ in range(3))
-    x = torch.randn(6, 40, device=DEVICE, requires_grad=True)
-    weight, bias = (torch.randn(40, device=DEVICE, requires_grad=True) for _ in range(2))
-    return [
-        (torch.ops.fastgpt.triton_attention_forward.default, (q, k, v, 32 ** -0.5)),
-        (torch.ops.fastgpt.triton_layer_norm_forward.default, (x, weight, bias, 1e-5)),
-        (torch.ops.fastgpt.triton_layer_norm_forward.default, (x, None, None, 1e-5)),
-    ]
-
-
-@pytest.mark.parametrize("index", range(3))
-def test_opcheck(index):
-    """torch.library's own checks: schema, fake (shape) functions, autograd registration, tracing."""
-    import fastgpt.ops.triton  # noqa: F401  (registers the operators)
-
-    op, args = _op_samples()[index]
-    torch.library.opcheck(op, args)
-
-
-def test_torch_compile_traces_through_the_kernels():
-    """One graph, no breaks: the ops are opaque custom operators with fake functions.
-
-    The backend's functions are called directly: the dispatch in fastgpt.ops imports the backend
-    module on first use, which torch.compile does not trace in one graph.
-    """
-    from fastgpt.ops import triton as backend
-
-    x = torch.randn(2, 24, 64, device=DEVICE, requires_grad=True)
-    weight = torch.randn(64, device=DEVICE, requires_grad=True)
-
-    def block(x):
-        h = backend.layer_norm(x, weight, None, 1e-5)
-        q = k = v = h.view(2, 24, 2, 32).transpose(1, 2)
-        return backend.causal_attention(q, k, v, 32 ** -0.5).sum()
-
-    # aot_eager traces the forward and backward graphs with fake tensors as inductor does, without
-    # generating code; on the GPU the training benchmark compiles the model with inductor.
-    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
-    loss = compiled(x)
-    (grad,) = torch.autograd.grad(loss, x)
-    expected_loss = block(x)
-    (expected_grad,) = torch.autograd.grad(expected_loss, x)
-    torch.testing.assert_close(loss, expected_loss)
-    torch.testing.assert_close(grad, expected_grad)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,22 +1,25 @@
-"""The Triton backend: the kernels in kernels/ (installed as fastgpt.kernels) as PyTorch operators.
+"""The Triton backend: the kernels in kernels/ (installed as fastgpt.kernels) as torch ops.
 
-Each launch is a `torch.library.custom_op` with a fake (shape-only) implementation and an autograd
-registration, so that autograd differentiates through the kernels and `torch.compile` traces through
-them as opaque operators. (`torch.library.triton_op` would let the compiler see inside the kernels,
-but it does not work under Triton's interpreter, which is how machines without a GPU test them.)
+For an op that lists "triton" among its kernels, `fastgpt.kernels.<op name>` holds two launchers,
+`forward` and `backward`, with the signatures of the op's contract. `supply` declares the op's two
+kernel ops (`fastgpt::triton_<op>_forward`, `..._backward`) from the contract and registers the
+launchers as their implementations, for CUDA tensors and, under Triton's interpreter, for CPU ones.
+To torch.compile they are opaque operators. (`torch.library.triton_op` would let the compiler see
+inside the kernels, but it does not work under Triton's interpreter, which is how machines without
+a GPU test them.)
 
-Triton itself is imported only when a kernel first runs, so that importing fastgpt, or asking which
-backends are available, never fixes Triton's interpreter setting before a caller has chosen it.
+Triton itself is imported only when a kernel module first is, so that importing fastgpt, or asking
+which backends are available, never fixes Triton's interpreter setting before a caller has chosen it.
 """
 
 import functools
+import importlib
 import importlib.util
 
 import torch
 
 from fastgpt.kernels import interpreting
-from fastgpt.ops import reference
-from fastgpt.ops.attention_autograd import register_attention_autograd
+from fastgpt.ops.contract import NAMESPACE, declare, kernel_name
 
 NO_GPU = "no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels on CPU tensors through Triton's interpreter, for testing)"
 
@@ -46,100 +49,16 @@ def _gpu_unavailable_reason():
     return None
 
 
-def _kernels(name):
-    return importlib.import_module(f"fastgpt.kernels.{name}")
+# The dtypes the kernels take; they accumulate in fp32.
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-# ---------------------------------------------------------------------------------------------
-# Causal attention
-# ---------------------------------------------------------------------------------------------
-
-@torch.library.custom_op("fastgpt::triton_attention_forward", mutates_args=())
-def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kernels("attention").attention_forward(q, k, v, scale)
-
-
-@_attention_forward.register_fake
-def _(q, k, v, scale):
-    batch, n_heads, seq_len_q, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((batch, n_heads, seq_len_q), dtype=torch.float32)
-
-
-@torch.library.custom_op("fastgpt::triton_attention_backward", mutates_args=())
-def _attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        out: torch.Tensor, lse: torch.Tensor, scale: float
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _kernels("attention").attention_backward(grad_out.contiguous(), q, k, v, out, lse, scale)
-
-
-@_attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-register_attention_autograd(_attention_forward, _attention_backward)
-
-
-def causal_attention(q, k, v, scale):
-    return _attention_forward(q, k, v, scale)[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# LayerNorm
-# ---------------------------------------------------------------------------------------------
-
-@torch.library.custom_op("fastgpt::triton_layer_norm_forward", mutates_args=())
-def _layer_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _kernels("layer_norm").layer_norm_forward(x, weight, bias, eps)
-
-
-@_layer_norm_forward.register_fake
-def _(x, weight, bias, eps):
-    n_rows = x.numel() // x.shape[-1]
-    statistic = lambda: x.new_empty(n_rows, dtype=torch.float32)  # noqa: E731
-    return x.new_empty(x.shape), statistic(), statistic()
-
-
-# A custom op returns tensors, never None: a missing parameter's gradient comes back empty.
-@torch.library.custom_op("fastgpt::triton_layer_norm_backward", mutates_args=())
-def _layer_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
-                         bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dw, db = _kernels("layer_norm").layer_norm_backward(grad_out, x, weight, bias, mean, rstd)
-    empty = lambda: x.new_empty(0)  # noqa: E731
-    return dx, dw if dw is not None else empty(), db if db is not None else empty()
-
-
-@_layer_norm_backward.register_fake
-def _(grad_out, x, weight, bias, mean, rstd):
-    like = lambda p: p.new_empty(p.shape) if p is not None else x.new_empty(0)  # noqa: E731
-    return x.new_empty(x.shape), like(weight), like(bias)
-
-
-def _layer_norm_setup_context(ctx, inputs, output):
-    x, weight, bias, eps = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, mean, rstd)
-
-
-def _layer_norm_grad(ctx, grad_out, grad_mean, grad_rstd):
-    x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _layer_norm_backward(grad_out.contiguous(), x, weight, bias, mean, rstd)
-    return dx, dw if weight is not None else None, db if bias is not None else None, None
-
-
-_layer_norm_forward.register_autograd(_layer_norm_grad, setup_context=_layer_norm_setup_context)
-
-
-def layer_norm(x, weight, bias, eps):
-    return _layer_norm_forward(x, weight, bias, eps)[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# GELU
-# ---------------------------------------------------------------------------------------------
-
-# PyTorch's CUDA GELU is already one elementwise pass that reads and writes each element once,
-# which is all a Triton kernel could do: this backend uses it (the reference path's GELU).
-gelu = reference.gelu
+def supply(op):
+    """The forward kernel op of `op`, with the launchers of kernels/<op name>.py registered beneath it."""
+    launchers = importlib.import_module(f"fastgpt.kernels.{op.name}")
+    forward = declare(op, "triton")
+    device_types = ("cpu",) if interpreting() else ("cuda",)
+    for direction in ("forward", "backward"):
+        torch.library.impl(f"{NAMESPACE}::{kernel_name('triton', op.name, direction)}", device_types,
+                           func=getattr(launchers, direction))
+    return forward

@@ -440,7 +440,7 @@ def _strides(q, k, v):
     return [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3]]
 
 
-def attention_forward(q, k, v, scale):
+def forward(q, k, v, scale):
     """O and the base-2 log-sum-exp (B, H, Tq) in fp32 of causal attention; see the module docstring."""
     q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
     batch, n_heads, seq_len_q, _ = q.shape
@@ -452,7 +452,7 @@ def attention_forward(q, k, v, scale):
     return out, lse
 
 
-def attention_backward(grad_out, q, k, v, out, lse, scale):
+def backward(grad_out, q, k, v, out, lse, scale):
     """(dQ, dK, dV) of causal attention, given the forward's inputs, output and log-sum-exp."""
     q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
     grad_out = grad_out.contiguous()

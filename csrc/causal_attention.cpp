@@ -291,4 +291,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(
   return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
 }
 
+// The CPU implementations of the op's kernels; their schemas are in fastgpt/ops/definitions/causal_attention.py.
+TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
+  m.impl("cpp_causal_attention_forward", &causal_attention_forward);
+  m.impl("cpp_causal_attention_backward", &causal_attention_backward);
+}
+
 }  // namespace fastgpt
