@@ -108,7 +108,9 @@ def gelu(x):
     return torch.ops.fastgpt.gelu_forward(x)
 
 
-# csrc/decode.cpp runs in these dtypes; a bf16 model decodes op by op.
+# The block csrc/decode.cpp computes, as a model describes its block (GPTConfig.block_description):
+# GPT-2's. A model whose block differs in anything decodes op by op, as does a bf16 model.
+DECODE_BLOCK = (("mlp", "gelu"), ("mlp_ratio", 4), ("norm", "layernorm"), ("position", "learned"), ("qk_norm", False))
 DECODE_BLOCK_DTYPES = (torch.float32, torch.float64)
 
 
