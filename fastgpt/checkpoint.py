@@ -6,17 +6,23 @@ checkpoint or the new one whole, never a half-written file, even if the process 
 A training run's directory holds ckpt.pt (always the newest checkpoint: what --resume reads),
 best.pt (the one with the lowest validation loss) and the newest `keep_last` as ckpt-<step>.pt.
 The extra names are hard links to the file written as ckpt.pt, so they cost no extra writes.
+
+What makes a model in a checkpoint (its weights, its GPTConfig, its tokenizer) is written by
+`model_entries` and read by `model_config_of` and `load_trained_model`, here and nowhere else.
 """
 
 import os
 import re
 import shutil
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from fastgpt.errors import FastGPTError
+from fastgpt.model import GPT, GPTConfig
+from fastgpt.tokenizers import tokenizer_from_state
 
 
 def atomic_write(path, write):
@@ -73,6 +79,31 @@ class CheckpointFiles:
         self.best = self.out_dir / "best.pt"
         self.keep_last = keep_last
 
+    def prepare(self, resume):
+        """Make out_dir ready for a run, refusing one that cannot be written to, or whose checkpoint
+        a fresh run (not `resume`) would overwrite; remove what killed saves left behind."""
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.out_dir / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise FastGPTError(f"cannot write to the output directory {self.out_dir} ({error.strerror}); "
+                               "choose another --out-dir") from None
+        if self.latest.exists() and not resume:
+            raise FastGPTError(f"{self.latest} holds an earlier run; continue it with --resume, "
+                               "or start afresh in another --out-dir (or delete it)")
+        remove_stale_temporaries(self.out_dir)
+
+    def check_room(self, model):
+        """Refuse to start a run whose checkpoints would not fit on the disk."""
+        # The weights and AdamW's two moments, all fp32, plus room for the rest of the payload.
+        needed = 3 * sum(p.numel() * 4 for p in model.parameters()) + (1 << 20)
+        free = shutil.disk_usage(self.out_dir).free
+        if free < needed:
+            raise FastGPTError(f"the output directory {self.out_dir} has {free / 1e6:.1f} MB free but a checkpoint "
+                               f"needs about {needed / 1e6:.1f} MB; free some space or choose another --out-dir")
+
     def save(self, payload, step, is_best):
         save_checkpoint(self.latest, payload)
         if is_best:
@@ -109,12 +140,30 @@ def load_checkpoint(path):
     return payload
 
 
-def load_trained_model(out_dir, device, backend="auto"):
-    """The model and tokenizer saved in out_dir/ckpt.pt, ready for inference on `device`."""
-    from fastgpt.model import GPT, GPTConfig  # imported here: the checkpoint format does not need them
-    from fastgpt.tokenizers import tokenizer_from_state
+def model_entries(model_config, model_state, tokenizer):
+    """The entries of a checkpoint that make a model: weights, model config and tokenizer."""
+    return {"model": model_state, "model_config": model_config.to_dict(), "tokenizer": tokenizer.state_dict()}
 
+
+# Settings that checkpoints' model configs once held and that are no longer part of a model: the
+# backend became a run-time choice (fastgpt.ops.use_backend).
+_RETIRED_MODEL_SETTINGS = ("backend",)
+
+
+def model_config_of(payload):
+    """The GPTConfig saved in a checkpoint's payload; a switch added since it was saved takes its
+    default, which is what the model computed before the switch existed."""
+    saved = {name: value for name, value in payload["model_config"].items() if name not in _RETIRED_MODEL_SETTINGS}
+    unknown = sorted(saved.keys() - {f.name for f in fields(GPTConfig)})
+    if unknown:
+        raise FastGPTError(f"the checkpoint's model has settings this version of fastgpt does not know "
+                           f"({', '.join(unknown)}); load it with the version that trained it")
+    return GPTConfig(**saved)
+
+
+def load_trained_model(out_dir, device):
+    """The model (in evaluation mode) and tokenizer saved in out_dir/ckpt.pt, on `device`."""
     payload = load_checkpoint(Path(out_dir) / "ckpt.pt")
-    model = GPT(GPTConfig(**{**payload["model_config"], "backend": backend}))
+    model = GPT(model_config_of(payload))
     model.load_state_dict(payload["model"])
     return model.to(device).eval(), tokenizer_from_state(payload["tokenizer"])

@@ -1,20 +1,22 @@
-"""Every training setting in one place: the defaults, their meaning, and how to change them.
+"""Every training setting in one place, and how any program's settings are read.
 
-A setting comes from, in increasing priority: its default here, a `--config file.toml`, and a
-`--name value` flag. `python -m fastgpt.train --help` lists them all.
+A setting comes from, in increasing priority: its default, a `--config file.toml`, and a
+`--name value` flag. `python -m fastgpt.train --help` lists them all. The model's own settings are
+GPTConfig's (fastgpt.model); TrainConfig holds them as its `model` group, and they are given like any
+other setting (`--n-layer 6`, or `n_layer = 6` in the TOML file).
 """
 
 import argparse
 import difflib
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+import typing
+from dataclasses import dataclass, fields
 
 from fastgpt.cli import ArgumentParser
+from fastgpt.device import backend_setting, device_setting
 from fastgpt.errors import FastGPTError
-
-
-def setting(default, meaning, choices=None):
-    return field(default=default, metadata={"help": meaning, "choices": choices})
+from fastgpt.model import GPTConfig
+from fastgpt.settings import flat_values, from_flat_values, group, leaves, setting
 
 
 @dataclass
@@ -22,24 +24,21 @@ class TrainConfig:
     # data and tokenizer
     data: str = setting("", "text file or directory of .txt files to train on (empty: the bundled Tiny Shakespeare)")
     tokenizer: str = setting("char", "how text becomes tokens", ["char", "bpe", "gpt2"])
-    vocab_size: int = setting(1024, "vocabulary size the bpe tokenizer is trained to (char and gpt2 ignore it)")
     init_from: str = setting("", "fine-tune the GPT-2 checkpoint (Hugging Face layout) in this directory: its "
-                                 "weights, shape and tokenizer replace n_layer, n_head, n_embd and tokenizer")
+                                 "weights, architecture and tokenizer replace the model settings and tokenizer")
     val_fraction: float = setting(0.1, "share of the corpus, taken from its end, held out for validation")
-    # model
-    n_layer: int = setting(4, "number of transformer blocks")
-    n_head: int = setting(4, "attention heads per block")
-    n_embd: int = setting(128, "width of the residual stream")
-    block_size: int = setting(128, "context length in tokens")
-    dropout: float = setting(0.0, "dropout probability on embeddings and residual branches")
-    bias: bool = setting(True, "biases in Linear layers and LayerNorms (GPT-2 has them)")
+    model: GPTConfig = group(GPTConfig, "the model's settings (fastgpt.model.GPTConfig)")
     # optimisation
     batch_size: int = setting(32, "sequences per micro-batch")
     grad_accum_steps: int = setting(1, "micro-batches accumulated into one optimizer step")
     max_iters: int = setting(1150, "optimizer steps to train for")
     learning_rate: float = setting(2e-3, "peak learning rate")
-    min_lr: float = setting(2e-4, "learning rate at the end of the cosine decay")
+    lr_schedule: str = setting("cosine", "learning rate after the warmup: cosine decay to min_lr at max_iters, "
+                                         "linear decay, constant, or wsd (stable, then linear decay over the last "
+                                         "decay_fraction of the steps)", ["cosine", "linear", "constant", "wsd"])
+    min_lr: float = setting(2e-4, "learning rate at the end of the decay")
     warmup_iters: int = setting(100, "steps of linear learning-rate warmup")
+    decay_fraction: float = setting(0.2, "wsd: share of the steps after warmup spent decaying to min_lr")
     weight_decay: float = setting(0.1, "AdamW weight decay, applied to 2-D weights only")
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.99, "AdamW beta2")
@@ -57,46 +56,43 @@ class TrainConfig:
                                 "the newest and best.pt the one with the lowest val loss")
     # system
     seed: int = setting(1337, "seed for initialisation, batches and dropout")
-    device: str = setting("auto", "where to train: auto (CUDA when present), cpu, cuda, cuda:N")
+    device: str = device_setting("where to train: auto (CUDA when present), cpu, cuda, cuda:N")
     dtype: str = setting("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", ["auto", "float32", "bfloat16"])
     compile: bool = setting(False, "compile the model with torch.compile")
-    backend: str = setting("auto", "kernels for attention and LayerNorm", ["auto", "reference", "cpp", "triton", "torch"])
+    backend: str = backend_setting()
     parallel: str = setting("ddp", "under torchrun, how the processes share the model: ddp (each holds all of it) "
                                    "or fsdp (parameters, gradients and optimizer state sharded)", ["ddp", "fsdp"])
 
     def validate(self):
         """Refuse values that cannot work, with a message saying which and why."""
-        positive = ["vocab_size", "n_layer", "n_head", "n_embd", "block_size", "batch_size",
-                    "grad_accum_steps", "max_iters", "eval_interval", "eval_iters", "log_interval"]
+        self.model.validate()
+        positive = ["batch_size", "grad_accum_steps", "max_iters", "eval_interval", "eval_iters", "log_interval"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise FastGPTError(f"{name} must be at least 1 (got {getattr(self, name)})")
-        if self.n_embd % self.n_head:
-            raise FastGPTError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
-                               "each head gets n_embd / n_head channels")
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_iters", "sample_tokens",
                      "keep_last"):
             if getattr(self, name) < 0:
                 raise FastGPTError(f"{name} must not be negative (got {getattr(self, name)})")
         if self.min_lr > self.learning_rate:
             raise FastGPTError(f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
-        if not 0 <= self.dropout < 1:
-            raise FastGPTError(f"dropout must be in [0, 1) (got {self.dropout})")
+        if not 0 <= self.decay_fraction <= 1:
+            raise FastGPTError(f"decay_fraction must be in [0, 1] (got {self.decay_fraction})")
         if not 0 < self.val_fraction < 1:
             raise FastGPTError(f"val_fraction must be between 0 and 1 (got {self.val_fraction})")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise FastGPTError(f"beta1 and beta2 must be in [0, 1) (got {self.beta1}, {self.beta2})")
-        if self.tokenizer == "bpe" and self.vocab_size < 257:
+        if self.tokenizer == "bpe" and self.model.vocab_size < 257:
             raise FastGPTError(f"a bpe vocabulary starts from the 256 bytes: vocab_size must be at least 257 "
-                               f"(got {self.vocab_size})")
-        for f in fields(self):
-            choices = f.metadata["choices"]
-            if choices and getattr(self, f.name) not in choices:
-                raise FastGPTError(f"{f.name} must be one of {', '.join(choices)} (got {getattr(self, f.name)!r})")
-        return self
+                               f"(got {self.model.vocab_size})")
 
     def to_dict(self):
-        return asdict(self)
+        """Every setting by name, the model's among them: what config.json and checkpoints hold."""
+        return flat_values(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading settings: flags, a TOML file, defaults
 
 
 def _parse_bool(text):
@@ -108,25 +104,56 @@ def _parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _field_type(f):
-    return {"bool": _parse_bool, "int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+_SCALARS = {bool: _parse_bool, int: int, float: float, str: str}
 
 
-def build_parser(config_class, prog, description, extra_arguments=()):
-    """One --name flag per config field, with its default and meaning, plus --config."""
+def _is_list(f):
+    """A setting that takes several values (a tuple[str, ...] field): its flag may be repeated."""
+    return typing.get_origin(f.type) is tuple
+
+
+def _reader(f):
+    """The function that turns a flag's text into the setting's value."""
+    return f.metadata.get("from_flag") or _SCALARS[typing.get_args(f.type)[0] if _is_list(f) else f.type]
+
+
+def _from_toml(f, value):
+    if _is_list(f):
+        if not isinstance(value, list):
+            raise TypeError("expected a list")
+        return tuple(_SCALARS[typing.get_args(f.type)[0]](item) for item in value)
+    return _SCALARS[f.type](value)
+
+
+def build_parser(config_class, prog, description):
+    """One --name flag per setting of config_class (groups flattened), with its default and meaning, plus --config."""
     parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file (flags win)")
-    for args, kwargs in extra_arguments:
-        parser.add_argument(*args, **kwargs)
+    sections = {config_class: parser}
     for f in fields(config_class):
-        name = "--" + f.name.replace("_", "-")
-        aliases = [name] if "-" not in name[2:] else [name, "--" + f.name]
-        kind = _field_type(f)
-        # A bare boolean flag (`--resume`) means true; `--resume false` is accepted too.
-        switch = dict(nargs="?", const=True, metavar="BOOL") if kind is _parse_bool else {}
-        parser.add_argument(*aliases, dest=f.name, type=kind, default=argparse.SUPPRESS,
-                            help=f"{f.metadata['help']} (default: {f.default!r})", **switch)
+        if "group" in f.metadata:
+            sections[f.metadata["group"]] = parser.add_argument_group(f.metadata["help"])
+    for section_class, section in sections.items():
+        for f in fields(section_class):
+            if "group" not in f.metadata:
+                _add_flag(section, f)
     return parser
+
+
+def _add_flag(parser, f):
+    name = "--" + f.name.replace("_", "-")
+    aliases = [name] if "-" not in name[2:] else [name, "--" + f.name]
+    reader = _reader(f)
+    if _is_list(f):
+        how = dict(action="append")
+    elif reader is _parse_bool:
+        # A bare boolean flag (`--resume`) means true; `--resume false` is accepted too.
+        how = dict(nargs="?", const=True, metavar="BOOL")
+    else:
+        how = {}
+    choices = f"one of {', '.join(f.metadata['choices'])}; " if f.metadata["choices"] else ""
+    parser.add_argument(*aliases, dest=f.name, type=reader, default=argparse.SUPPRESS,
+                        help=f"{f.metadata['help']} ({choices}default: {f.default!r})", **how)
 
 
 def _suggest(name, valid):
@@ -142,34 +169,45 @@ def _read_toml(path, config_class):
         raise FastGPTError(f"config file {path} does not exist") from None
     except (OSError, tomllib.TOMLDecodeError) as error:
         raise FastGPTError(f"cannot read config file {path}: {error}") from None
-    valid = [f.name for f in fields(config_class)]
-    types = {f.name: _field_type(f) for f in fields(config_class)}
+    known = {f.name: f for f in leaves(config_class)}
     settings = {}
     for key, value in values.items():
         name = key.replace("-", "_")
-        if name not in types:
-            raise FastGPTError(f"unknown setting {key!r} in {path}{_suggest(name, valid)}")
+        if name not in known:
+            raise FastGPTError(f"unknown setting {key!r} in {path}{_suggest(name, list(known))}")
         try:
-            settings[name] = types[name](value)
+            settings[name] = _from_toml(known[name], value)
         except (TypeError, ValueError, argparse.ArgumentTypeError):
             raise FastGPTError(f"setting {key!r} in {path} has a bad value {value!r}") from None
     return settings
 
 
+def check_choices(config):
+    """Refuse a setting outside its list of choices, naming them."""
+    values = flat_values(config)
+    for f in leaves(type(config)):
+        choices = f.metadata["choices"]
+        if choices and values[f.name] not in choices:
+            raise FastGPTError(f"{f.name} must be one of {', '.join(choices)} (got {values[f.name]!r})")
+
+
 def parse_config(argv, config_class=TrainConfig, prog="python -m fastgpt.train",
-                 description="Train a GPT on a text corpus.", extra_arguments=()):
-    """The config from defaults, an optional TOML file and flags; also the parsed extra arguments."""
-    parser = build_parser(config_class, prog, description, extra_arguments)
+                 description="Train a GPT on a text corpus."):
+    """The settings from defaults, an optional TOML file and flags, checked by the class's validate()."""
+    parser = build_parser(config_class, prog, description)
     namespace, unknown = parser.parse_known_args(argv)
+    names = [f.name for f in leaves(config_class)]
     if unknown:
         flag = next((a for a in unknown if a.startswith("-")), unknown[0])
         name = flag.lstrip("-").split("=")[0].replace("-", "_")
-        close = difflib.get_close_matches(name, [f.name for f in fields(config_class)], n=1, cutoff=0.5)
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
         hint = f"; did you mean --{close[0].replace('_', '-')}?" if close else " (see --help for every setting)"
         raise FastGPTError(f"unknown setting {flag!r}{hint}")
     values = vars(namespace)
-    settings = _read_toml(values.pop("config"), config_class) if values.get("config") else {}
-    values.pop("config", None)
-    extras = {dest: values.pop(dest) for dest in list(values) if dest not in {f.name for f in fields(config_class)}}
-    settings.update(values)
-    return config_class(**settings).validate(), extras
+    toml_file = values.pop("config", None)
+    settings = _read_toml(toml_file, config_class) if toml_file else {}
+    settings.update({name: tuple(value) if isinstance(value, list) else value for name, value in values.items()})
+    config = from_flat_values(config_class, settings)
+    check_choices(config)
+    config.validate()
+    return config

@@ -10,11 +10,17 @@ Two ways to share the model, chosen by the `parallel` setting:
 - fsdp: parameters, gradients and optimizer state are sharded across the processes by
   `torch.distributed.fsdp.fully_shard`, one shard group per transformer block, for models that
   do not fit one device.
+
+Before training, one process prepares what all need (fits the tokenizer, encodes the corpus) while
+the others wait. That can take hours on a large corpus, far beyond the timeout of a collective
+(NCCL's is 10 minutes), so the waiting is done in a gloo group of its own, whose timeout no
+preparation reaches; if the preparing process fails instead, torchrun ends the others.
 """
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -26,6 +32,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastgpt.errors import FastGPTError
 
+# How long a process waits for another's preparation: long enough for any corpus.
+PREPARATION_TIMEOUT = timedelta(days=30)
+
 
 @dataclass(frozen=True)
 class World:
@@ -34,6 +43,7 @@ class World:
     rank: int = 0
     local_rank: int = 0  # rank among the processes on this machine: picks the GPU
     size: int = 1
+    waiting_group: object = field(default=None, compare=False)  # where processes wait for preparation
 
     @property
     def is_main(self):
@@ -54,19 +64,20 @@ def join(device):
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World(), device
-    world = World(rank=int(os.environ["RANK"]), local_rank=int(os.environ.get("LOCAL_RANK", "0")), size=size)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
-        if world.local_rank >= torch.cuda.device_count():
-            raise FastGPTError(f"local rank {world.local_rank} has no GPU: this machine has "
+        if local_rank >= torch.cuda.device_count():
+            raise FastGPTError(f"local rank {local_rank} has no GPU: this machine has "
                                f"{torch.cuda.device_count()}; start at most that many processes per node")
-        device = torch.device("cuda", world.local_rank)
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     try:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        waiting_group = dist.new_group(backend="gloo", timeout=PREPARATION_TIMEOUT)
     except (ValueError, RuntimeError) as error:
         raise FastGPTError(f"cannot join the torchrun process group ({error}); launch with "
                            "`torchrun --nproc_per_node=N -m fastgpt.train ...`") from None
-    return world, device
+    return World(rank, local_rank, size, waiting_group), device
 
 
 def leave():
@@ -74,32 +85,38 @@ def leave():
         dist.destroy_process_group()
 
 
-def parallelize(model, world, mode):
-    """The module to train through: the model itself, DDP around it, or the model sharded in place."""
-    if not world.is_distributed:
-        return model
-    if mode == "fsdp":
+def parallelize(model, world, mode, compile=False):
+    """The module that training and evaluation run the model through.
+
+    That is the model itself (under fsdp sharded in place), compiled with torch.compile when asked,
+    and under ddp wrapped in DistributedDataParallel, around the compiled model: what trains is
+    what was compiled. Its weights stay the model's own, as do its state dicts.
+    """
+    if world.is_distributed and mode == "fsdp":
         for block in model.transformer.h:
             fully_shard(block)
         fully_shard(model)
-        return model
-    return DistributedDataParallel(model)
+    runner = torch.compile(model) if compile else model
+    if world.is_distributed and mode == "ddp":
+        runner = DistributedDataParallel(runner)
+    return runner
 
 
 @contextmanager
-def gradient_sync(module, enabled):
-    """Skip the gradient all-reduce on accumulation micro-steps: only the last one's sum matters."""
+def gradient_sync(runner, model, enabled):
+    """Skip the gradient all-reduce on accumulation micro-steps: only the last one's sum matters.
+    `runner` is what `parallelize` returned for `model` (DDP wraps the runner; FSDP shards the model)."""
     if enabled:
         yield
-    elif isinstance(module, DistributedDataParallel):
-        with module.no_sync():
+    elif isinstance(runner, DistributedDataParallel):
+        with runner.no_sync():
             yield
-    elif isinstance(module, FSDPModule):
-        module.set_requires_gradient_sync(False)
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(False)
         try:
             yield
         finally:
-            module.set_requires_gradient_sync(True)
+            model.set_requires_gradient_sync(True)
     else:
         yield
 
@@ -129,14 +146,16 @@ def sum_across(tensor, world):
 
 
 def from_main(value, world):
-    """Rank 0's `value`, on every process (any picklable object)."""
+    """Rank 0's `value` (any picklable object), on every process: the others wait as long as rank 0
+    takes to make it."""
     if not world.is_distributed:
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=world.waiting_group)
     return box[0]
 
 
 def barrier(world):
+    """Wait until every process is here, however long the slowest takes to prepare."""
     if world.is_distributed:
-        dist.barrier()
+        dist.barrier(group=world.waiting_group)

@@ -3,35 +3,43 @@
 
 The directory then holds config.json, model.safetensors, vocab.json and merges.txt, which
 `transformers.GPT2LMHeadModel.from_pretrained`, `fastgpt.GPT.from_pretrained` and `--init-from` load.
-Only byte-level BPE tokenizers (bpe, gpt2) have a GPT-2 form.
+Only byte-level BPE tokenizers (bpe, gpt2) have a GPT-2 form. Exporting runs no kernels, so it
+has no backend setting.
 """
 
-import argparse
 import sys
+from dataclasses import dataclass
 
 import torch
 
 from fastgpt.checkpoint import load_trained_model
-from fastgpt.cli import ArgumentParser, run_cli
+from fastgpt.cli import run_cli
+from fastgpt.config import parse_config
+from fastgpt.errors import FastGPTError
 from fastgpt.pretrained import export_pretrained
+from fastgpt.settings import setting
 
 
-def build_parser():
-    parser = ArgumentParser(prog="python -m fastgpt.export", description=__doc__.splitlines()[0],
-                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out-dir", default="out", help="directory holding ckpt.pt from fastgpt.train")
-    parser.add_argument("--to", required=True, metavar="DIR", help="directory to write the GPT-2 checkpoint to")
-    return parser
+@dataclass
+class ExportConfig:
+    out_dir: str = setting("out", "directory holding ckpt.pt from fastgpt.train")
+    to: str = setting("", "directory to write the GPT-2 checkpoint to (required)")
+
+    def validate(self):
+        if not self.to:
+            raise FastGPTError("say where to write the GPT-2 checkpoint with --to DIR")
 
 
-def export(args):
-    model, tokenizer = load_trained_model(args.out_dir, torch.device("cpu"), backend="reference")
-    for path in export_pretrained(model, tokenizer, args.to):
+def export(config):
+    model, tokenizer = load_trained_model(config.out_dir, torch.device("cpu"))
+    for path in export_pretrained(model, tokenizer, config.to):
         print(path)
 
 
 def main(argv=None):
-    return run_cli(lambda: export(build_parser().parse_args(sys.argv[1:] if argv is None else argv)))
+    return run_cli(lambda: export(parse_config(sys.argv[1:] if argv is None else argv, ExportConfig,
+                                               prog="python -m fastgpt.export",
+                                               description=__doc__.splitlines()[0])))
 
 
 if __name__ == "__main__":

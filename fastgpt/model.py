@@ -5,36 +5,92 @@ self-attention followed by a GELU MLP, each with a residual connection; a final 
 language-model head, tied to the token embedding, turn the last hidden states into next-token logits.
 
 Attention, LayerNorm and GELU go through `fastgpt.ops`, which runs them on the fastest backend available
-for the tensors' device (fused C++ on CPU, Triton on GPU) or on the plain-PyTorch reference.
+for the tensors' device (fused C++ on CPU, Triton on GPU) or on the plain-PyTorch reference. Which
+backend is a run-time choice of the process (`ops.use_backend`), not part of the model.
 
 Generation decodes one token at a time with a key/value cache, so each new token costs one row of
 attention per layer instead of a pass over the whole context.
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastgpt import ops
+from fastgpt import hf, ops
 from fastgpt.errors import FastGPTError
+from fastgpt.settings import setting
 
 
-@dataclass
+# GPT-2's block, which the model builds unless a switch of GPTConfig says otherwise, as fused ops
+# are told about it (GPTConfig.block_description). A switch named like one of GPT2_BLOCK's entries
+# takes that entry's place in the description.
+LAYER_NORM_EPS = 1e-5
+MLP_RATIO = 4  # the MLP's hidden layer is this many times as wide as the model
+GPT2_BLOCK = {"norm": "layernorm", "position": "learned", "mlp": "gelu", "mlp_ratio": MLP_RATIO, "qk_norm": False}
+
+
+@dataclass(frozen=True)
 class GPTConfig:
-    vocab_size: int = 65
-    block_size: int = 256  # the longest context the model attends over
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    dropout: float = 0.0
-    bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2 has them
-    backend: str = "auto"  # which fastgpt.ops backend runs attention and LayerNorm
+    """The model's settings: its sizes, its architecture switches, and its dropout.
+
+    Each field's `kind` says what a difference in it means:
+
+    - "size" (a size, or whether a tensor exists): the weights' shapes. Fused ops read it off the
+      tensors they are given.
+    - "switch", the default: a choice of what the model computes. A fused op that computes a whole
+      block is used only for a block whose switches it was written for (`block_description`).
+      A switch's default is GPT-2's choice, which checkpoints made before the switch existed had.
+    - "training": used by training only; a resumed run may change it.
+
+    Sizes and switches are the architecture: a checkpoint resumes, and weights load, only into a
+    model with the same ones (`architecture_differences`).
+    """
+
+    vocab_size: int = setting(1024, "tokens in the vocabulary; the bpe tokenizer is trained to this many, while the "
+                                    "char and gpt2 tokenizers bring their own", kind="size")
+    block_size: int = setting(128, "context length in tokens", kind="size")
+    n_layer: int = setting(4, "number of transformer blocks", kind="size")
+    n_head: int = setting(4, "attention heads per block", kind="size")
+    n_embd: int = setting(128, "width of the residual stream", kind="size")
+    bias: bool = setting(True, "biases in Linear layers and LayerNorms (GPT-2 has them)", kind="size")
+    dropout: float = setting(0.0, "dropout probability on embeddings and residual branches", kind="training")
+
+    def validate(self):
+        """Refuse values no model can have, with a message saying which and why."""
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
+            if getattr(self, name) < 1:
+                raise FastGPTError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if self.n_embd % self.n_head:
+            raise FastGPTError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
+                               "each head gets n_embd / n_head channels")
+        if not 0 <= self.dropout < 1:
+            raise FastGPTError(f"dropout must be in [0, 1) (got {self.dropout})")
 
     def to_dict(self):
         return asdict(self)
+
+    def _of_kind(self, *kinds):
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("kind", "switch") in kinds}
+
+    def architecture_differences(self, other):
+        """The sizes and switches in which `other` differs from this config: ["n_embd 16 vs 32", ...]."""
+        theirs = other._of_kind("size", "switch")
+        return [f"{name} {value} vs {theirs[name]}" for name, value in self._of_kind("size", "switch").items()
+                if value != theirs[name]]
+
+    def block_description(self):
+        """What one block computes, apart from the sizes a fused op reads off its tensors: GPT-2's block
+        with this config's switches in it, as sorted (name, value) pairs. A fused op for a whole block
+        declares the one description it computes (fastgpt.ops.block_decoder)."""
+        return tuple(sorted({**GPT2_BLOCK, **self._of_kind("switch")}.items()))
+
+    def non_gpt2_switches(self):
+        """The switches set to something other than GPT-2's choice: ["name = value", ...]."""
+        return [f"{f.name} = {getattr(self, f.name)!r}" for f in fields(self)
+                if f.metadata.get("kind", "switch") == "switch" and getattr(self, f.name) != f.default]
 
 
 def dropout(x, p, training):
@@ -46,15 +102,14 @@ def dropout(x, p, training):
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (GPT-2 has one), eps 1e-5 (GPT-2's), computed by fastgpt.ops."""
 
-    def __init__(self, n_embd, bias, backend):
+    def __init__(self, n_embd, bias):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(n_embd))
         self.bias = nn.Parameter(torch.zeros(n_embd)) if bias else None
-        self.eps = 1e-5
-        self.backend = backend
+        self.eps = LAYER_NORM_EPS
 
     def forward(self, x):
-        return ops.layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend)
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class CausalSelfAttention(nn.Module):
@@ -66,7 +121,6 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.n_head = config.n_head
-        self.backend = config.backend
 
     def forward(self, x, cache=None):
         B, T, C = x.shape
@@ -79,7 +133,7 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.append(k, v)
         # The fused kernels never materialise the attention matrix, so there is no dropout on it:
         # regularisation comes from dropout on the residual branches and the embeddings.
-        y = ops.causal_attention(q, k, v, backend=self.backend)
+        y = ops.causal_attention(q, k, v)
         y = y.transpose(1, 2).reshape(B, T, C)
         return dropout(self.c_proj(y), self.dropout, self.training)
 
@@ -132,22 +186,21 @@ class KVCache:
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, MLP_RATIO * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(MLP_RATIO * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
-        self.backend = config.backend
 
     def forward(self, x):
         # GPT-2 uses the tanh approximation of GELU; matching it lets GPT-2 weights load unchanged.
-        return dropout(self.c_proj(ops.gelu(self.c_fc(x), backend=self.backend)), self.dropout, self.training)
+        return dropout(self.c_proj(ops.gelu(self.c_fc(x))), self.dropout, self.training)
 
 
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, config.bias, config.backend)
+        self.ln_1 = LayerNorm(config.n_embd, config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, config.bias, config.backend)
+        self.ln_2 = LayerNorm(config.n_embd, config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, cache=None):
@@ -184,11 +237,13 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        # Asked of the backend at every one-token decoding step, so worked out once.
+        self.block_description = config.block_description()
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, config.bias, config.backend),
+            ln_f=LayerNorm(config.n_embd, config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying: the output projection reuses the token embedding (fewer parameters, and
@@ -231,12 +286,12 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {past + T} is longer than the block size {self.config.block_size}")
         positions = torch.arange(past, past + T, device=idx.device)
         x = dropout(self.transformer.wte(idx) + self.transformer.wpe(positions), self.config.dropout, self.training)
-        # One new token per sequence, in inference: where the backend fuses a whole block into one op
-        # for this case (ops.block_decoder), each block is that op instead of about twenty. Not
-        # under autocast, whose choice of precision per op the fused op would not follow.
+        # One new token per sequence, in inference: where the backend fuses this kind of block into
+        # one op for this case (ops.block_decoder), each block is that op instead of about twenty.
+        # Not under autocast, whose choice of precision per op the fused op would not follow.
         inference = (not torch.is_grad_enabled() and not (self.training and self.config.dropout > 0)
                      and not torch.is_autocast_enabled(x.device.type))
-        decoder = ops.block_decoder(x, self.config.backend) if cache and T == 1 and inference else None
+        decoder = ops.block_decoder(x, self.block_description) if cache and T == 1 and inference else None
         for block, layer_cache in zip(self.transformer.h, cache or [None] * len(self.transformer.h)):
             x = block.decode(x, layer_cache, decoder) if decoder else block(x, layer_cache)
         x = self.transformer.ln_f(x)
@@ -258,11 +313,12 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fused)
 
     @classmethod
-    def from_pretrained(cls, directory, backend="auto"):
-        """A GPT-2 saved in the Hugging Face layout in `directory` (see fastgpt.pretrained); nothing is downloaded."""
-        from fastgpt.pretrained import load_pretrained  # imported here: it needs safetensors
-
-        return load_pretrained(directory, backend)[0]
+    def from_pretrained(cls, directory):
+        """A GPT-2 saved in the Hugging Face layout in `directory` (see fastgpt.hf), in evaluation mode;
+        nothing is downloaded. fastgpt.pretrained.load_pretrained also reads its tokenizer."""
+        model = cls(GPTConfig(**hf.read_config(directory)))
+        model.load_state_dict(hf.state_dict_from_hf(hf.read_weights(directory), model.state_dict()))
+        return model.eval()
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.0,
                  generator=None, use_cache=True):

@@ -6,20 +6,23 @@ prompt per line from standard input.
 
 In Python, `generate_text` streams the same text and `complete` returns it whole:
 
-    model, tokenizer = load_trained_model("out", "cpu")
+    model, tokenizer = load_trained_model("out", torch.device("cpu"))
     texts = complete(model, tokenizer, "ROMEO:", max_new_tokens=100, temperature=0.8, top_p=0.9, seed=1)
 """
 
-import argparse
 import sys
+from dataclasses import dataclass
 
 import torch
 
 from fastgpt.checkpoint import load_trained_model
-from fastgpt.cli import ArgumentParser, run_cli
+from fastgpt.cli import run_cli
+from fastgpt.config import parse_config
+from fastgpt.device import backend_setting, device_setting, pick_device, use_backend
 from fastgpt.errors import FastGPTError
 from fastgpt.model import Sampler
-from fastgpt.train import pick_device
+from fastgpt.pretrained import load_pretrained
+from fastgpt.settings import setting
 
 
 class TextStream:
@@ -104,28 +107,42 @@ def _unescape(text):
     return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
-def build_parser():
-    parser = ArgumentParser(prog="python -m fastgpt.sample", description=__doc__.splitlines()[0],
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out-dir", default="out", help="directory holding ckpt.pt from fastgpt.train")
-    parser.add_argument("--init-from", metavar="DIR", help="sample from the GPT-2 checkpoint in DIR (Hugging Face "
-                        "layout: config.json, model.safetensors, vocab.json, merges.txt) instead of --out-dir")
-    parser.add_argument("--prompt", default="\n", help="text to continue")
-    parser.add_argument("--interactive", action="store_true", help="read prompts from standard input, one per line")
-    parser.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate")
-    parser.add_argument("--num-samples", type=int, default=1, help="samples to generate at once, for each prompt")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the likeliest token; higher is more random")
-    parser.add_argument("--top-k", type=int, default=200, help="sample only among the k likeliest tokens (0: all)")
-    parser.add_argument("--top-p", type=float, default=1.0,
-                        help="sample only among the likeliest tokens whose probabilities add up to p, in (0, 1]")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0,
-                        help="above 1 makes tokens already in the text less likely")
-    parser.add_argument("--stop", action="append", default=[], type=_unescape, metavar="TEXT",
-                        help="end a sample where this text appears (repeatable; backslash escapes like \\n work)")
-    parser.add_argument("--seed", type=int, default=1337, help="random seed; the same seed gives the same text")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--backend", default="auto", help="kernels for attention and LayerNorm")
-    return parser
+@dataclass
+class SampleConfig:
+    out_dir: str = setting("out", "directory holding ckpt.pt from fastgpt.train")
+    init_from: str = setting("", "sample from the GPT-2 checkpoint in this directory (Hugging Face layout: "
+                                 "config.json, model.safetensors, vocab.json, merges.txt) instead of out_dir")
+    prompt: str = setting("\n", "text to continue")
+    interactive: bool = setting(False, "read prompts from standard input, one per line")
+    max_new_tokens: int = setting(500, "tokens to generate")
+    num_samples: int = setting(1, "samples to generate at once, for each prompt")
+    temperature: float = setting(0.8, "0 picks the likeliest token; higher is more random")
+    top_k: int = setting(200, "sample only among the k likeliest tokens (0: all)")
+    top_p: float = setting(1.0, "sample only among the likeliest tokens whose probabilities add up to p, in (0, 1]")
+    repetition_penalty: float = setting(1.0, "above 1 makes tokens already in the text less likely")
+    stop: tuple[str, ...] = setting((), "end a sample where this text appears (repeatable; in a flag, backslash "
+                                        "escapes like \\n work)", from_flag=_unescape)
+    seed: int = setting(1337, "random seed; the same seed gives the same text")
+    device: str = device_setting()
+    backend: str = backend_setting()
+
+    def sampling(self):
+        """The settings of how each token is chosen, as GPT.generate and Sampler take them."""
+        return dict(temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p,
+                    repetition_penalty=self.repetition_penalty)
+
+    def validate(self):
+        if self.top_k < 0:
+            raise FastGPTError(f"--top-k must not be negative (got {self.top_k})")
+        Sampler(**self.sampling())
+        if self.max_new_tokens < 0:
+            raise FastGPTError(f"--max-new-tokens must not be negative (got {self.max_new_tokens})")
+        if self.num_samples < 1:
+            raise FastGPTError(f"--num-samples must be at least 1 (got {self.num_samples})")
+
+
+def parse_sample_config(argv):
+    return parse_config(argv, SampleConfig, prog="python -m fastgpt.sample", description=__doc__.splitlines()[0])
 
 
 def write_samples(pieces, prompt, num_samples, out):
@@ -144,34 +161,24 @@ def write_samples(pieces, prompt, num_samples, out):
     out.flush()
 
 
-def sample(args, out=None, prompts=None):
-    """Run the sampler for parsed `args`, printing to `out` and, with --interactive, reading `prompts`."""
+def sample(config, out=None, prompts=None):
+    """Run the sampler with a SampleConfig, printing to `out` and, with interactive, reading `prompts`."""
     out = out or sys.stdout
-    if args.top_k < 0:
-        raise FastGPTError(f"--top-k must not be negative (got {args.top_k})")
-    sampling = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-                    repetition_penalty=args.repetition_penalty)
-    Sampler(**sampling)  # refuses bad settings before anything is loaded or printed
-    if args.max_new_tokens < 0:
-        raise FastGPTError(f"--max-new-tokens must not be negative (got {args.max_new_tokens})")
-    if args.num_samples < 1:
-        raise FastGPTError(f"--num-samples must be at least 1 (got {args.num_samples})")
-    device = pick_device(args.device)
-    if args.init_from:
-        from fastgpt.pretrained import load_pretrained
-
-        model, tokenizer = load_pretrained(args.init_from, args.backend)
+    device = pick_device(config.device)
+    use_backend(config.backend, device)
+    if config.init_from:
+        model, tokenizer = load_pretrained(config.init_from)
         model.to(device)
     else:
-        model, tokenizer = load_trained_model(args.out_dir, device, args.backend)
+        model, tokenizer = load_trained_model(config.out_dir, device)
 
     def run(prompt):
-        pieces = generate_text(model, tokenizer, prompt, args.max_new_tokens, args.num_samples, args.stop,
-                               args.seed, **sampling)
-        write_samples(pieces, prompt, args.num_samples, out)
+        pieces = generate_text(model, tokenizer, prompt, config.max_new_tokens, config.num_samples, config.stop,
+                               config.seed, **config.sampling())
+        write_samples(pieces, prompt, config.num_samples, out)
 
-    if not args.interactive:
-        run(args.prompt)
+    if not config.interactive:
+        run(config.prompt)
         return
     for line in prompts or sys.stdin:
         prompt = line.rstrip("\n")
@@ -185,7 +192,7 @@ def sample(args, out=None, prompts=None):
 
 
 def main(argv=None):
-    return run_cli(lambda: sample(build_parser().parse_args(sys.argv[1:] if argv is None else argv)))
+    return run_cli(lambda: sample(parse_sample_config(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

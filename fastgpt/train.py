@@ -16,159 +16,121 @@ import dataclasses
 import json
 import math
 import shlex
-import shutil
 import signal
 import sys
-import threading
 import time
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from fastgpt import distributed, ops
-from fastgpt.checkpoint import (CheckpointFiles, atomic_write, load_checkpoint, remove_stale_temporaries)
+from fastgpt import distributed, hf
+from fastgpt.checkpoint import CheckpointFiles, load_checkpoint, model_config_of, model_entries
 from fastgpt.cli import run_cli
 from fastgpt.config import TrainConfig, parse_config
 from fastgpt.data import TokenBlocks, corpus_files, encode_corpus, fit_tokenizer
+from fastgpt.device import autocast_context, pick_device, use_backend
 from fastgpt.errors import FastGPTError
+from fastgpt.lr_schedules import learning_rate_at
 from fastgpt.model import GPT, GPTConfig
-from fastgpt.plots import plot_losses
-from fastgpt.pretrained import load_pretrained, read_config
+from fastgpt.pretrained import load_pretrained
+from fastgpt.sinks import LossPlot, MetricsFile, ProgressBar
+from fastgpt.stopping import StopRequests
 from fastgpt.tokenizers import tokenizer_from_state
 
 
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise FastGPTError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FastGPTError(f"--device {name} was asked for but this machine has no usable CUDA GPU; "
-                           "use --device cpu (or auto)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise FastGPTError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    if device.type not in ("cpu", "cuda"):
-        raise FastGPTError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
-    return device
+def requested_model_config(config, vocab_size):
+    """The GPTConfig the settings ask for: their model settings with the tokenizer's vocabulary size,
+    or with --init-from the pretrained model's (the settings choose only its dropout)."""
+    if config.init_from:
+        return dataclasses.replace(GPTConfig(**hf.read_config(config.init_from)), dropout=config.model.dropout)
+    return dataclasses.replace(config.model, vocab_size=vocab_size)
 
 
-def autocast_context(config, device):
-    """bf16 autocast on CUDA by default (fp32 weights and optimizer state); fp32 on CPU."""
-    dtype = config.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    if dtype == "float32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def learning_rate_at(step, config):
-    """Linear warmup to learning_rate, then cosine decay to min_lr at max_iters."""
-    if step < config.warmup_iters:
-        return config.learning_rate * (step + 1) / (config.warmup_iters + 1)
-    progress = (step - config.warmup_iters) / max(1, config.max_iters - config.warmup_iters)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return config.min_lr + cosine * (config.learning_rate - config.min_lr)
-
-
-def model_config_for(config, vocab_size):
-    return GPTConfig(vocab_size=vocab_size, block_size=config.block_size, n_layer=config.n_layer,
-                     n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout,
-                     bias=config.bias, backend=config.backend)
-
-
-def shape_differences(saved, requested):
-    """The settings that fix the vocabulary or the model's shape and differ: ["n_embd 16 vs 32", ...]."""
-    names = ["tokenizer", "n_layer", "n_head", "n_embd", "block_size", "bias"]
-    if requested.tokenizer == "bpe":
-        names.append("vocab_size")
-    return [f"{name} {saved[name]} vs {getattr(requested, name)}" for name in names
-            if saved[name] != getattr(requested, name)]
+def tokenizer_differences(saved_settings, config):
+    """The tokenizer settings that differ from a checkpoint's: the kind, and what bpe is trained to."""
+    names = ["tokenizer"] + (["vocab_size"] if config.tokenizer == "bpe" else [])
+    requested = config.to_dict()
+    return [f"{name} {saved_settings[name]} vs {requested[name]}" for name in names
+            if saved_settings[name] != requested[name]]
 
 
 def resume_command(config, world):
     """The command that continues this run: the settings that differ from their defaults, plus --resume."""
-    defaults = TrainConfig()
+    defaults = TrainConfig().to_dict()
     flags = [f"--{name.replace('_', '-')} {shlex.quote(str(value))}" for name, value in config.to_dict().items()
-             if name != "resume" and value != getattr(defaults, name)]
+             if name != "resume" and value != defaults[name]]
     launcher = "torchrun <the same torchrun options> -m fastgpt.train" if world.is_distributed else "python -m fastgpt.train"
     return " ".join([launcher, *flags, "--resume"])
 
 
-class StopRequests:
-    """Turns SIGINT and SIGTERM into a request to stop after the current step.
+def say(message, file=sys.stdout):
+    """Print a line without breaking the progress bar."""
+    tqdm.write(message, file=file)
 
-    The first signal only sets `signal`; the loop then saves a checkpoint and ends. The handlers are
-    put back at once, so a second Ctrl-C interrupts immediately (the previous checkpoint stays whole).
-    """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+class Speed:
+    """The time since the run started, and the tokens per second since the last `restart`."""
 
-    def __init__(self):
-        self.signal = None
-        self._previous = {}
+    def __init__(self, tokens_per_step, step):
+        self.tokens_per_step = tokens_per_step
+        self.start = self.since = time.perf_counter()
+        self.first_step = step
 
-    def _request(self, signum, frame):
-        self.signal = signal.Signals(signum)
-        self._restore()
+    def measure(self, step):
+        now = time.perf_counter()
+        return {"elapsed_s": now - self.start,
+                "tokens_per_sec": (step - self.first_step) * self.tokens_per_step / (now - self.since)}
 
-    def _restore(self):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
-
-    @contextmanager
-    def installed(self):
-        """The handlers, for the duration of a with block."""
-        # Python lets only the main thread set handlers; elsewhere (a notebook's worker thread) the
-        # run simply keeps the default behaviour.
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {signum: signal.signal(signum, self._request) for signum in self.SIGNALS}
-        try:
-            yield self
-        finally:
-            self._restore()
+    def restart(self, step):
+        self.since, self.first_step = time.perf_counter(), step
 
 
 class Trainer:
-    """One training run: the data, the model, the optimizer and the loop that ties them together."""
+    """One training run: the data, the model, the optimizer and the loop that ties them together.
+
+    `raw_model` is the GPT itself (its weights, checkpoints, sampling); `model` is what the forward
+    passes of training and evaluation go through: the same GPT, compiled and wrapped for several
+    processes where the settings ask for it (distributed.parallelize).
+    """
 
     def __init__(self, config):
         self.config = config
         self.world, self.device = distributed.join(pick_device(config.device))
+        self.backend = use_backend(config.backend, self.device)
         self.out_dir = Path(config.out_dir)
         self.checkpoints = CheckpointFiles(self.out_dir, config.keep_last)
         if self.world.is_main:
-            self._prepare_out_dir()
-        self.backend = ops.resolve_backend(config.backend, self.device)
+            self.checkpoints.prepare(config.resume)
 
         resumed = self._load_resumable() if config.resume else None
         files = corpus_files(config.data)
-        self.pretrained = None
+        pretrained = None
         if resumed:
             self.tokenizer = tokenizer_from_state(resumed["tokenizer"])
         elif config.init_from:
-            self.pretrained, self.tokenizer = load_pretrained(config.init_from, config.backend)
+            pretrained, self.tokenizer = load_pretrained(config.init_from)
         else:
-            state = fit_tokenizer(config.tokenizer, files, config.vocab_size).state_dict() if self.world.is_main else None
+            # Rank 0 fits the tokenizer; the others wait for it, however long that takes.
+            state = fit_tokenizer(config.tokenizer, files, config.model.vocab_size).state_dict() if self.world.is_main else None
             self.tokenizer = tokenizer_from_state(distributed.from_main(state, self.world))
         torch.manual_seed(config.seed)
-        self.model_config, self.model = self._build_model()
+        self.model_config = requested_model_config(config, self.tokenizer.vocab_size)
+        self.raw_model = GPT(self.model_config)
+        if pretrained is not None:
+            self.raw_model.load_state_dict(pretrained.state_dict())
+        self.raw_model.to(self.device)
         # A pretrained model may have more positions (GPT-2: 1024) than the blocks it is fine-tuned on.
-        block_size = min(config.block_size, self.model_config.block_size)
+        block_size = min(config.model.block_size, self.model_config.block_size)
         self.blocks = TokenBlocks(self._token_cache(files), block_size, config.val_fraction)
         if self.world.is_main:
-            self._check_room_for_checkpoint()
-        self.parallel_model = distributed.parallelize(self.model, self.world, config.parallel)
-        self.optimizer = self.model.configure_optimizer(
+            self.checkpoints.check_room(self.raw_model)
+        self.model = distributed.parallelize(self.raw_model, self.world, config.parallel, config.compile)
+        self.optimizer = self.raw_model.configure_optimizer(
             config.learning_rate, config.weight_decay, (config.beta1, config.beta2), self.device.type)
         self.step = 0
         self.best_val_loss = float("inf")
-        # Losses of the steps since the last metrics line; saved, so a resumed run logs the same averages.
+        # Losses of the steps since the last metrics record; saved, so a resumed run logs the same averages.
         self.unlogged_losses = []
         # Batches come from their own generator, so that the data order is reproducible and
         # resumable independently of dropout's random numbers.
@@ -176,46 +138,19 @@ class Trainer:
         self.eval_starts = self._fixed_eval_starts()
         if resumed:
             self._restore(resumed)
-        # Evaluation calls the model directly: no DDP hooks, and under FSDP the model is sharded in place.
-        self.eval_model = torch.compile(self.model) if config.compile else self.model
-        self.train_model = self.eval_model if self.parallel_model is self.model else self.parallel_model
-        self.autocast = autocast_context(config, self.device)
+        self.autocast = autocast_context(config.dtype, self.device)
         self.stop = StopRequests()
 
-    def _build_model(self):
-        """The model config and the model on the device: freshly initialised, or GPT-2's weights."""
-        if self.config.init_from:
-            # Fine-tuning: the shape comes from the pretrained checkpoint, not from n_layer/n_embd/...
-            model_config = dataclasses.replace(read_config(self.config.init_from), dropout=self.config.dropout,
-                                               backend=self.config.backend)
-        else:
-            model_config = model_config_for(self.config, self.tokenizer.vocab_size)
-        model = GPT(model_config)
-        if self.pretrained is not None:
-            model.load_state_dict(self.pretrained.state_dict())
-            self.pretrained = None  # the weights now live in the model
-        return model_config, model.to(self.device)
-
-    def _prepare_out_dir(self):
-        try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.out_dir / ".write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as error:
-            raise FastGPTError(f"cannot write to the output directory {self.out_dir} ({error.strerror}); "
-                               "choose another --out-dir") from None
-        if self.checkpoints.latest.exists() and not self.config.resume:
-            raise FastGPTError(f"{self.checkpoints.latest} holds an earlier run; continue it with --resume, "
-                               "or start afresh in another --out-dir (or delete it)")
-        remove_stale_temporaries(self.out_dir)
+    # -- before training ---------------------------------------------------------------------
 
     def _load_resumable(self):
         """The checkpoint to resume from, refused before any work if it was made for another model."""
         checkpoint = load_checkpoint(self.checkpoints.latest)
-        differences = shape_differences(checkpoint["config"], self.config)
+        saved = model_config_of(checkpoint)
+        requested = requested_model_config(self.config, tokenizer_from_state(checkpoint["tokenizer"]).vocab_size)
+        differences = tokenizer_differences(checkpoint["config"], self.config) + saved.architecture_differences(requested)
         if differences:
-            raise FastGPTError(f"the checkpoint in {self.out_dir} was made with another vocabulary or model shape "
+            raise FastGPTError(f"the checkpoint in {self.out_dir} was made with another vocabulary or model "
                                f"(checkpoint vs requested: {', '.join(differences)}); "
                                "resume with the same settings or use another --out-dir")
         return checkpoint
@@ -227,14 +162,6 @@ class Trainer:
             tokens = encode_corpus(files, self.tokenizer, cache)
         distributed.barrier(self.world)
         return tokens if self.world.local_rank == 0 else encode_corpus(files, self.tokenizer, cache)
-
-    def _check_room_for_checkpoint(self):
-        # The weights and AdamW's two moments, all fp32, plus room for the rest of the payload.
-        needed = 3 * sum(p.numel() * 4 for p in self.model.parameters()) + (1 << 20)
-        free = shutil.disk_usage(self.out_dir).free
-        if free < needed:
-            raise FastGPTError(f"the output directory {self.out_dir} has {free / 1e6:.1f} MB free but a checkpoint "
-                               f"needs about {needed / 1e6:.1f} MB; free some space or choose another --out-dir")
 
     def _starts(self, split, generator):
         """This process's share of one global batch of block starts.
@@ -253,7 +180,7 @@ class Trainer:
                 for split in ("train", "val")}
 
     def _restore(self, checkpoint):
-        distributed.load_full_state(self.model, self.optimizer, checkpoint["model"], checkpoint["optimizer"])
+        distributed.load_full_state(self.raw_model, self.optimizer, checkpoint["model"], checkpoint["optimizer"])
         self.step = checkpoint["step"]
         self.best_val_loss = checkpoint["best_val_loss"]
         self.unlogged_losses = list(checkpoint["unlogged_losses"])
@@ -262,43 +189,7 @@ class Trainer:
         if self.device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], self.device)
 
-    def save(self, is_best=False):
-        """Write a checkpoint (rank 0; under FSDP every process must call this, to gather the shards)."""
-        model_state, optimizer_state = distributed.full_state(self.model, self.optimizer)
-        if not self.world.is_main:
-            return
-        self.checkpoints.save({
-            "model": model_state,
-            "optimizer": optimizer_state,
-            "model_config": self.model_config.to_dict(),
-            "config": self.config.to_dict(),
-            "tokenizer": self.tokenizer.state_dict(),
-            "step": self.step,
-            "best_val_loss": self.best_val_loss,
-            "unlogged_losses": self.unlogged_losses,
-            # Every process shares these streams, so rank 0's state stands for all of them.
-            "rng": {
-                "batches": self.batch_generator.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-            },
-        }, self.step, is_best)
-
-    @torch.no_grad()
-    def evaluate(self):
-        """Mean loss over the fixed evaluation blocks of each split (each process takes its slice)."""
-        self.model.eval()
-        splits = list(self.eval_starts)
-        totals = torch.zeros(len(splits), dtype=torch.float64, device=self.device)
-        for index, split in enumerate(splits):
-            for starts in self.eval_starts[split]:
-                x, y = self.blocks.batch(split, starts, self.device)
-                with self.autocast:
-                    _, loss = self.eval_model(x, y)
-                totals[index] += loss.double()
-        self.model.train()
-        means = distributed.sum_across(totals, self.world) / (self.world.size * self.config.eval_iters)
-        return dict(zip(splits, means.tolist()))
+    # -- the three things a step may do: train, evaluate, save -------------------------------
 
     def train_step(self):
         """One optimizer step over grad_accum_steps micro-batches.
@@ -314,9 +205,9 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for micro_step in range(config.grad_accum_steps):
             x, y = self.blocks.batch("train", self._starts("train", self.batch_generator), self.device)
-            with distributed.gradient_sync(self.parallel_model, micro_step == config.grad_accum_steps - 1):
+            with distributed.gradient_sync(self.model, self.raw_model, micro_step == config.grad_accum_steps - 1):
                 with self.autocast:
-                    _, loss = self.train_model(x, y)
+                    _, loss = self.model(x, y)
                 (loss / config.grad_accum_steps).backward()
             total += loss.detach().double()
         stop_requested = torch.tensor(float(self.stop.signal is not None), dtype=torch.float64, device=self.device)
@@ -324,7 +215,7 @@ class Trainer:
         loss = shared[0].item() / (self.world.size * config.grad_accum_steps)
         if math.isfinite(loss):
             if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+                torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), config.grad_clip)
             self.optimizer.step()
         elif not config.skip_nonfinite:
             last = (f"the last checkpoint, {self.checkpoints.latest}, is untouched" if self.checkpoints.latest.exists()
@@ -335,102 +226,136 @@ class Trainer:
         self.step += 1
         return loss, lr, shared[1].item() > 0
 
-    def run(self):
-        config = self.config
-        main = self.world.is_main
-        history = []
-        if main:
-            (self.out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-            history = self._metrics_up_to_step(self.out_dir / "metrics.jsonl")
-        tokens_per_step = config.batch_size * config.block_size * config.grad_accum_steps * self.world.size
-        if main:
-            print(f"fastgpt: {self.model.num_parameters() / 1e6:.2f}M parameters, {self.tokenizer.kind} tokenizer "
-                  f"({self.tokenizer.vocab_size} tokens), {self.blocks.size('train'):,} training tokens, "
-                  f"device {self.device}, kernels: {self.backend}"
-                  + (f", {self.world.size} processes ({config.parallel})" if self.world.is_distributed else ""),
-                  file=sys.stderr)
-        start_time = time.perf_counter()
-        interval_start, interval_first_step = start_time, self.step
-        stopped_by = None
-        with self.stop.installed(), tqdm(total=config.max_iters, initial=self.step, desc="training", unit="step",
-                                         dynamic_ncols=True, disable=not main) as bar:
-            while self.step < config.max_iters and stopped_by is None:
-                loss, lr, stop_now = self.train_step()
-                if stop_now:
-                    stopped_by = self.stop.signal or signal.SIGTERM  # another process got the signal
-                if math.isfinite(loss):
-                    self.unlogged_losses.append(loss)
-                else:
-                    bar.write(f"fastgpt: warning: skipped step {self.step}: the loss was {loss}", file=sys.stderr)
-                bar.update(1)
-                evaluate_now = self.step % config.eval_interval == 0 or self.step == config.max_iters
-                if self.step % config.log_interval == 0 or evaluate_now:
-                    now = time.perf_counter()
-                    record = {"step": self.step, "lr": lr, "elapsed_s": now - start_time,
-                              "tokens_per_sec": (self.step - interval_first_step) * tokens_per_step
-                              / (now - interval_start)}
-                    self._log(record, evaluate_now, history, bar)
-                    interval_start, interval_first_step = time.perf_counter(), self.step
-                if stopped_by is not None and not evaluate_now:
-                    self.save()
-        elapsed = time.perf_counter() - start_time
-        if stopped_by is not None:
-            if main:
-                print(f"fastgpt: stopped by {stopped_by.name} after step {self.step}; checkpoint "
-                      f"{self.checkpoints.latest}; continue with:\n  {resume_command(config, self.world)}",
-                      file=sys.stderr)
-            return {"best_val_loss": self.best_val_loss, "elapsed_s": elapsed, "step": self.step,
-                    "stopped_by": stopped_by}
-        if main:
-            print(f"fastgpt: done in {elapsed:.0f} s; best val loss {self.best_val_loss:.4f}; "
-                  f"checkpoint {self.checkpoints.latest}", file=sys.stderr)
-        if config.sample_tokens:
-            self.print_sample(config.sample_tokens)
-        return {"best_val_loss": self.best_val_loss, "elapsed_s": elapsed, "step": self.step, "stopped_by": None}
+    @torch.no_grad()
+    def evaluate(self):
+        """Mean loss over the fixed evaluation blocks of each split (each process takes its slice)."""
+        self.model.eval()
+        splits = list(self.eval_starts)
+        totals = torch.zeros(len(splits), dtype=torch.float64, device=self.device)
+        for index, split in enumerate(splits):
+            for starts in self.eval_starts[split]:
+                x, y = self.blocks.batch(split, starts, self.device)
+                with self.autocast:
+                    _, loss = self.model(x, y)
+                totals[index] += loss.double()
+        self.model.train()
+        means = distributed.sum_across(totals, self.world) / (self.world.size * self.config.eval_iters)
+        return dict(zip(splits, means.tolist()))
 
-    def _log(self, record, evaluate, history, bar):
-        """Complete a metrics line (the mean train loss since the last one; the losses when evaluating),
-        append it, and at evaluations save a checkpoint and redraw the plot."""
-        losses = self.unlogged_losses
-        # NaN (valid in Python's JSON) when every step since the last line was skipped.
-        record["train_loss"] = sum(losses) / len(losses) if losses else float("nan")
-        self.unlogged_losses = []
-        is_best = False
-        if evaluate:
-            evaluated = self.evaluate()
-            record["val_loss"] = evaluated["val"]
-            is_best = evaluated["val"] < self.best_val_loss
-            self.best_val_loss = min(self.best_val_loss, evaluated["val"])
-            bar.write(f"step {self.step}: train loss {evaluated['train']:.4f}, val loss {evaluated['val']:.4f}")
-        if self.world.is_main:
-            history.append(record)
-            with open(self.out_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{record['lr']:.1e}",
-                            tok_s=f"{record['tokens_per_sec']:,.0f}")
-        if evaluate:
-            self.save(is_best)
-            if self.world.is_main:
-                plot_losses(history, self.out_dir / "loss.png")
+    def save(self, is_best=False):
+        """Write a checkpoint (rank 0; under FSDP every process must call this, to gather the shards)."""
+        model_state, optimizer_state = distributed.full_state(self.raw_model, self.optimizer)
+        if not self.world.is_main:
+            return
+        self.checkpoints.save({
+            **model_entries(self.model_config, model_state, self.tokenizer),
+            "optimizer": optimizer_state,
+            "config": self.config.to_dict(),
+            "step": self.step,
+            "best_val_loss": self.best_val_loss,
+            "unlogged_losses": self.unlogged_losses,
+            # Every process shares these streams, so rank 0's state stands for all of them.
+            "rng": {
+                "batches": self.batch_generator.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            },
+        }, self.step, is_best)
 
-    def _metrics_up_to_step(self, path):
-        """The metrics lines of steps up to the current one; later lines, from after the checkpoint
-        being resumed, are dropped from the file, since this run is about to log those steps again."""
-        if not self.config.resume or not path.exists():
-            path.write_text("")
+    # -- the loop ----------------------------------------------------------------------------
+
+    def sinks(self):
+        """Where metrics records go (rank 0 only): metrics.jsonl, the progress bar, loss.png."""
+        if not self.world.is_main:
             return []
-        history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        history = [record for record in history if record["step"] <= self.step]
-        atomic_write(path, lambda handle: handle.write("".join(json.dumps(r) + "\n" for r in history).encode()))
-        return history
+        metrics = MetricsFile(self.out_dir / "metrics.jsonl", self.step if self.config.resume else None)
+        return [metrics, ProgressBar(self.config.max_iters, self.step), LossPlot(self.out_dir / "loss.png", metrics.history)]
+
+    def run(self):
+        """Train to max_iters, or until a signal asks to stop; returns the outcome (see `train`)."""
+        config = self.config
+        self._announce()
+        sinks = self.sinks()
+        speed = Speed(config.batch_size * config.model.block_size * config.grad_accum_steps * self.world.size,
+                      self.step)
+        stopped_by = None
+        try:
+            with self.stop.installed():
+                while self.step < config.max_iters and stopped_by is None:
+                    loss, lr, stop_now = self.train_step()
+                    if stop_now:
+                        stopped_by = self.stop.signal or signal.SIGTERM  # another process got the signal
+                    if math.isfinite(loss):
+                        self.unlogged_losses.append(loss)
+                    elif self.world.is_main:
+                        say(f"fastgpt: warning: skipped step {self.step}: the loss was {loss}", file=sys.stderr)
+                    evaluate_now = self.step % config.eval_interval == 0 or self.step == config.max_iters
+                    if self.step % config.log_interval == 0 or evaluate_now:
+                        record = {"step": self.step, "lr": lr, **speed.measure(self.step),
+                                  "train_loss": self._mean_unlogged_loss()}
+                        is_best = evaluate_now and self._add_evaluation(record)
+                        for sink in sinks:
+                            sink.log(record)
+                        if evaluate_now:  # after the record: a checkpoint never runs ahead of metrics.jsonl
+                            self.save(is_best)
+                        speed.restart(self.step)
+                    if stopped_by is not None and not evaluate_now:
+                        self.save()
+        finally:
+            for sink in sinks:
+                sink.close()
+        elapsed = speed.measure(self.step)["elapsed_s"]
+        self._farewell(stopped_by, elapsed)
+        if stopped_by is None and config.sample_tokens:
+            self.print_sample(config.sample_tokens)
+        return {"best_val_loss": self.best_val_loss, "elapsed_s": elapsed, "step": self.step, "stopped_by": stopped_by}
+
+    def _announce(self):
+        """config.json, and a line on what is about to be trained (rank 0)."""
+        if not self.world.is_main:
+            return
+        config = self.config
+        (self.out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        say(f"fastgpt: {self.raw_model.num_parameters() / 1e6:.2f}M parameters, {self.tokenizer.kind} tokenizer "
+            f"({self.tokenizer.vocab_size} tokens), {self.blocks.size('train'):,} training tokens, "
+            f"device {self.device}, kernels: {self.backend}"
+            + (f", {self.world.size} processes ({config.parallel})" if self.world.is_distributed else ""),
+            file=sys.stderr)
+
+    def _farewell(self, stopped_by, elapsed):
+        """How the run ended, and for a stopped one, how to continue it (rank 0)."""
+        if not self.world.is_main:
+            return
+        if stopped_by is not None:
+            say(f"fastgpt: stopped by {stopped_by.name} after step {self.step}; checkpoint {self.checkpoints.latest}; "
+                f"continue with:\n  {resume_command(self.config, self.world)}", file=sys.stderr)
+        else:
+            say(f"fastgpt: done in {elapsed:.0f} s; best val loss {self.best_val_loss:.4f}; "
+                f"checkpoint {self.checkpoints.latest}", file=sys.stderr)
+
+    def _mean_unlogged_loss(self):
+        """The mean train loss of the steps since the last record (NaN, valid in Python's JSON, when
+        every one of them was skipped); they count as logged from now on."""
+        losses, self.unlogged_losses = self.unlogged_losses, []
+        return sum(losses) / len(losses) if losses else float("nan")
+
+    def _add_evaluation(self, record):
+        """Evaluate, add the validation loss to the record, and say whether it is the best so far."""
+        losses = self.evaluate()
+        record["val_loss"] = losses["val"]
+        if self.world.is_main:
+            say(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        is_best = losses["val"] < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, losses["val"])
+        return is_best
 
     def print_sample(self, n_tokens):
         # Every process generates (under FSDP each forward gathers the shards); rank 0 prints.
-        self.model.eval()
+        self.raw_model.eval()
         prompt = torch.tensor([[self.tokenizer.encode("\n")[0]]], device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         pieces = [self.tokenizer.decode(token[0].tolist())
-                  for token in self.model.generate(prompt, n_tokens, temperature=0.8, top_k=200, generator=generator)]
+                  for token in self.raw_model.generate(prompt, n_tokens, temperature=0.8, top_k=200, generator=generator)]
         if self.world.is_main:
             print("-" * 40 + " sample " + "-" * 40)
             print("".join(pieces))
@@ -450,8 +375,7 @@ def main(argv=None):
     outcome = {}
 
     def command():
-        config, _ = parse_config(sys.argv[1:] if argv is None else argv)
-        outcome.update(train(config))
+        outcome.update(train(parse_config(sys.argv[1:] if argv is None else argv)))
     status = run_cli(command)
     if status == 0 and outcome.get("stopped_by"):
         return 128 + outcome["stopped_by"]

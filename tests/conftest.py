@@ -1,4 +1,4 @@
-"""Test set-up shared by every test module.
+"""Test set-up shared by every test module, and the fixtures several of them use.
 
 Without a GPU, the Triton kernels are tested through Triton's interpreter on CPU tensors. The
 interpreter is chosen when Triton is first imported, so the variable is set here, before any test
@@ -6,8 +6,135 @@ module can import Triton.
 """
 
 import os
+import subprocess
+import sys
+from dataclasses import make_dataclass
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fastgpt import ops  # noqa: E402  (after TRITON_INTERPRET is settled)
+from fastgpt.checkpoint import model_entries, save_checkpoint  # noqa: E402
+from fastgpt.model import GPT, GPTConfig  # noqa: E402
+from fastgpt.settings import setting  # noqa: E402
+from fastgpt.tokenizers import train_tokenizer  # noqa: E402
+
+# A pangram: every lowercase letter, no capitals, so that prompts can be made of known and unknown characters.
+CORPUS_LINE = "line {}: the quick brown fox jumps over the lazy dog.\n"
+
+# A training run of a few seconds: one tiny block, short blocks, a few steps logged, evaluated and saved.
+TINY_RUN = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_iters=6, eval_interval=3,
+                eval_iters=2, log_interval=2, sample_tokens=0, warmup_iters=2)
+
+
+@pytest.fixture(autouse=True)
+def automatic_backend():
+    """Every test starts and ends with the automatic choice of kernels (runs set it process-wide)."""
+    ops.use_backend(None)
+    yield
+    ops.use_backend(None)
+
+
+@pytest.fixture
+def backend():
+    """use(name): run the ops of this test on the named backend."""
+    return ops.use_backend
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A small text file to train on: 60 numbered lines of a pangram."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("".join(CORPUS_LINE.format(i) for i in range(60)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def train_args():
+    """args(corpus, out_dir, name=value, ...): fastgpt.train's flags for a tiny run, with changes."""
+    def args(corpus, out_dir, **changes):
+        settings = {**TINY_RUN, "data": corpus, "out_dir": out_dir, **changes}
+        return [item for name, value in settings.items() for item in (f"--{name.replace('_', '-')}", str(value))]
+    return args
+
+
+@pytest.fixture
+def error_line(capsys):
+    """read(): the last line on standard error, checked to be one clean error line (no traceback)."""
+    def read():
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err, "nothing was printed"
+        assert err[-1].startswith("fastgpt: error: "), err[-1]
+        assert "Traceback" not in "\n".join(err)
+        return err[-1]
+    return read
+
+
+def run_python(*args, cwd=None, timeout=300, **env):
+    """Run `python ARGS` in a fresh process; returns the CompletedProcess (text output)."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore", **env})
+
+
+@pytest.fixture(scope="session")
+def python():
+    """python(*args, cwd=None, timeout=300, **env): run Python in a fresh process."""
+    return run_python
+
+
+@pytest.fixture(scope="session")
+def torchrun():
+    """torchrun(n, *args, **env): `torchrun --standalone --nproc_per_node=n ARGS` on CPU (gloo), one thread each."""
+    def run(n, *args, timeout=300, **env):
+        return run_python("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args,
+                          timeout=timeout, OMP_NUM_THREADS="1", **env)
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """config(name=value, ...): a small GPTConfig (2 blocks of width 32, 32 tokens, context 16)."""
+    def config(**changes):
+        return GPTConfig(**{**dict(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32), **changes})
+    return config
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_config):
+    """model(seed=0, name=value, ...): a GPT of tiny_config's, seeded, in evaluation mode."""
+    def model(seed=0, **changes):
+        torch.manual_seed(seed)
+        return GPT(tiny_config(**changes)).eval()
+    return model
+
+
+@pytest.fixture
+def saved_run(tmp_path):
+    """save(tokenizer, **config): a directory holding ckpt.pt of a fresh tiny GPT for that tokenizer."""
+    def save(tokenizer, **changes):
+        torch.manual_seed(0)
+        config = GPTConfig(**{**dict(block_size=16, n_layer=1, n_head=2, n_embd=16), **changes,
+                              "vocab_size": tokenizer.vocab_size})
+        save_checkpoint(tmp_path / "ckpt.pt", model_entries(config, GPT(config).state_dict(), tokenizer))
+        return tmp_path
+    return save
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    return train_tokenizer("char", "".join(CORPUS_LINE.format(i) for i in range(60)))
+
+
+@pytest.fixture(scope="session")
+def config_with_switch():
+    """config(name, default, value, name=value, ...): a GPTConfig with one more switch, `name`
+    (default `default`), set to `value`: the config of an architecture that fastgpt's kernels and
+    formats may not know. (The model itself ignores the switch.)"""
+    def config(name, default, value, **changes):
+        switched = make_dataclass("ConfigWithSwitch", [(name, type(default), setting(default, "a switch"))],
+                                  bases=(GPTConfig,), frozen=True)
+        return switched(**{name: value}, **changes)
+    return config

@@ -143,10 +143,13 @@ ISA_CHECK = textwrap.dedent("""
         torch.testing.assert_close(got, expected)
     # The fused decoding step: a block decoded token by token is the block run over the whole sequence.
     from fastgpt.model import Block, GPTConfig, KVCache
-    block = Block(GPTConfig(n_embd=80, n_head=2, block_size=7, backend="reference")).double().eval()
+    config = GPTConfig(n_embd=80, n_head=2, block_size=7)
+    block = Block(config).double().eval()
     tokens, cache = torch.randn(3, 7, 80, dtype=torch.float64), KVCache(7)
+    ops.use_backend("reference")
+    decoder = ops.block_decoder(tokens, config.block_description(), "cpp")
     with torch.no_grad():
-        decoded = [block.decode(tokens[:, t:t + 1], cache, ops.block_decoder(tokens, "cpp")) for t in range(7)]
+        decoded = [block.decode(tokens[:, t:t + 1], cache, decoder) for t in range(7)]
         torch.testing.assert_close(torch.cat(decoded, dim=1), block(tokens))
     print(torch.backends.cpu.get_cpu_capability(), *sorted(m for m in sys.modules if m.startswith("fastgpt._C")))
 """)
@@ -192,8 +195,8 @@ def test_training_loss_follows_the_reference_path():
     curves = {}
     for backend in ("reference", "cpp"):
         torch.manual_seed(0)
-        model = GPT(GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=48,
-                              dropout=0.0, bias=True, backend=backend))
+        ops.use_backend(backend)
+        model = GPT(GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=48, dropout=0.0, bias=True))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         curve = []
         for _ in range(8):

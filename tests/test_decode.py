@@ -2,8 +2,8 @@
 
 It must be Block.forward with a key/value cache, to within rounding: checked against the block run
 op by op on the reference backend, in float64 and in float32, on awkward shapes; a model must use it
-exactly when it may (one new token per sequence, no autograd, no dropout, a float32 or float64 CPU
-tensor); and it must keep the torch.library contract.
+exactly when it may (GPT-2's block, one new token per sequence, no autograd, no dropout, a float32
+or float64 CPU tensor); and it must keep the torch.library contract.
 """
 
 import pytest
@@ -15,6 +15,12 @@ from fastgpt.ops import cpp
 
 pytestmark = pytest.mark.skipif(cpp.unavailable_reason("cpu") is not None,
                                 reason=f"C++ extension unavailable: {cpp.unavailable_reason('cpu')}")
+
+
+@pytest.fixture(autouse=True)
+def reference_kernels(backend):
+    """Blocks run op by op on the reference path, which the fused step is checked against."""
+    backend("reference")
 
 # (batch, n_embd, n_head, position of the new token, cache capacity, biases)
 SHAPES = [
@@ -29,7 +35,7 @@ SHAPES = [
 
 def random_block(n_embd, n_head, capacity, bias, dtype):
     """A block whose LayerNorm gains and all biases are random too (not ones and zeros)."""
-    block = Block(GPTConfig(n_embd=n_embd, n_head=n_head, block_size=capacity, bias=bias, backend="reference"))
+    block = Block(GPTConfig(n_embd=n_embd, n_head=n_head, block_size=capacity, bias=bias))
     with torch.no_grad():
         for parameter in block.parameters():
             if parameter.dim() == 1:
@@ -98,9 +104,10 @@ def test_decoding_token_by_token_gives_the_forward_of_the_whole_sequence(batch, 
     torch.testing.assert_close(decoded, block(tokens), rtol=0, atol=1e-12)
 
 
-def test_the_model_decodes_with_the_fused_step_to_the_logits_of_the_full_forward(fused_calls):
+def test_the_model_decodes_with_the_fused_step_to_the_logits_of_the_full_forward(fused_calls, backend):
+    backend("cpp")
     torch.manual_seed(2)
-    model = GPT(GPTConfig(vocab_size=50, block_size=20, n_layer=3, n_head=3, n_embd=48, backend="cpp"))
+    model = GPT(GPTConfig(vocab_size=50, block_size=20, n_layer=3, n_head=3, n_embd=48))
     model.double().eval()
     idx = torch.randint(0, 50, (2, 20))
     with torch.inference_mode():
@@ -146,37 +153,65 @@ def fused_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("case, expected_calls", [
-    ("cpp, inference", 2), ("cpp, training mode without dropout", 2), ("cpp, float64", 2),
-    ("cpp, training mode with dropout", 0), ("cpp, autograd on", 0), ("cpp, bfloat16", 0),
-    ("cpp, autocast", 0), ("cpp, no cache", 0), ("reference", 0),
-])
-def test_the_model_takes_the_fused_step_exactly_when_it_may(fused_calls, case, expected_calls):
-    backend = case.split(",")[0]
-    dropout = 0.1 if "with dropout" in case else 0.0
-    model = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=dropout,
-                          backend=backend))
-    model.train("training mode" in case)
-    if "float64" in case:
-        model.double()
-    if "bfloat16" in case:
-        model.bfloat16()
-    cache = None if "no cache" in case else model.new_cache()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled="autocast" in case):
+def one_token_step(model, cache, grad=False, autocast=False):
+    """A prompt of four tokens (op by op: more than one token), then one new token."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         if cache is not None:
             with torch.no_grad():
-                model(torch.zeros(1, 4, dtype=torch.long), cache=cache)  # four tokens at once: op by op
-        with torch.enable_grad() if "autograd" in case else torch.no_grad():
+                model(torch.zeros(1, 4, dtype=torch.long), cache=cache)
+        with torch.enable_grad() if grad else torch.no_grad():
             model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+
+
+SMALL = dict(vocab_size=10, block_size=8, n_layer=2, n_head=2, n_embd=16)
+
+
+@pytest.mark.parametrize("kernels, dropout, training, dtype, grad, autocast, cached, expected_calls", [
+    pytest.param("cpp", 0.0, False, torch.float32, False, False, True, 2, id="inference"),
+    pytest.param("cpp", 0.0, True, torch.float32, False, False, True, 2, id="training mode without dropout"),
+    pytest.param("cpp", 0.0, False, torch.float64, False, False, True, 2, id="float64"),
+    pytest.param("cpp", 0.1, True, torch.float32, False, False, True, 0, id="training mode with dropout"),
+    pytest.param("cpp", 0.0, False, torch.float32, True, False, True, 0, id="autograd on"),
+    pytest.param("cpp", 0.0, False, torch.bfloat16, False, False, True, 0, id="bfloat16"),
+    pytest.param("cpp", 0.0, False, torch.float32, False, True, True, 0, id="autocast"),
+    pytest.param("cpp", 0.0, False, torch.float32, False, False, False, 0, id="no cache"),
+    pytest.param("reference", 0.0, False, torch.float32, False, False, True, 0, id="reference kernels"),
+])
+def test_the_model_takes_the_fused_step_exactly_when_it_may(fused_calls, backend, kernels, dropout, training, dtype,
+                                                           grad, autocast, cached, expected_calls):
+    backend(kernels)
+    model = GPT(GPTConfig(**SMALL, dropout=dropout)).train(training).to(dtype)
+    one_token_step(model, model.new_cache() if cached else None, grad, autocast)
     assert len(fused_calls) == expected_calls
 
 
-def test_block_decoder_offers_the_fused_step_for_float32_and_float64_cpu_tensors_only():
-    assert ops.block_decoder(torch.zeros(1, 8), "cpp") is cpp.decode_block
-    assert ops.block_decoder(torch.zeros(1, 8, dtype=torch.float64), "cpp") is cpp.decode_block
-    assert ops.block_decoder(torch.zeros(1, 8, dtype=torch.bfloat16), "cpp") is None
-    assert ops.block_decoder(torch.zeros(1, 8), "reference") is None
-    assert ops.block_decoder(torch.zeros(1, 8), "torch") is None
+@pytest.mark.parametrize("name, default, value, fused_calls_expected", [
+    pytest.param("norm", "layernorm", "layernorm", 2, id="a switch at GPT-2's choice"),
+    pytest.param("norm", "layernorm", "rmsnorm", 0, id="a switch set to another block"),
+    pytest.param("attention_sinks", 0, 0, 0, id="a switch the fused step was not written for"),
+])
+def test_only_a_block_the_fused_step_was_written_for_takes_it(fused_calls, backend, config_with_switch, name,
+                                                              default, value, fused_calls_expected):
+    """The fused step computes GPT-2's block: a model whose block differs in any switch, or has one
+    the step does not declare, must run its blocks op by op."""
+    backend("cpp")
+    model = GPT(config_with_switch(name, default, value, **SMALL)).eval()
+    one_token_step(model, model.new_cache())
+    assert len(fused_calls) == fused_calls_expected
+
+
+def test_block_decoder_offers_the_fused_step_for_gpt2s_block_in_float32_and_float64_cpu_tensors_only(tiny_config):
+    gpt2 = tiny_config().block_description()
+    assert ops.block_decoder(torch.zeros(1, 8), gpt2, "cpp") is cpp.decode_block
+    assert ops.block_decoder(torch.zeros(1, 8, dtype=torch.float64), gpt2, "cpp") is cpp.decode_block
+    assert ops.block_decoder(torch.zeros(1, 8, dtype=torch.bfloat16), gpt2, "cpp") is None
+    assert ops.block_decoder(torch.zeros(1, 8), gpt2, "reference") is None
+    assert ops.block_decoder(torch.zeros(1, 8), gpt2, "torch") is None
+    for name, value in gpt2:  # a block that differs from GPT-2's in any one entry
+        other = tuple((n, "something else" if n == name else v) for n, v in gpt2)
+        assert ops.block_decoder(torch.zeros(1, 8), other, "cpp") is None, name
+    assert ops.block_decoder(torch.zeros(1, 8), gpt2[1:], "cpp") is None
+    assert ops.block_decoder(torch.zeros(1, 8), gpt2 + (("qk_norm_eps", 1e-6),), "cpp") is None
 
 
 def decode_block_arguments(dtype, bias, batch=2, n_embd=24, n_head=3, capacity=6, position=3):

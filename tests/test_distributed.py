@@ -1,13 +1,11 @@
 """Training under torchrun on CPU (gloo): N processes equal one process with an N times larger batch.
 
-Each run here is a real `torchrun --nproc_per_node=2 -m fastgpt.train` launched by the test.
+Each run here is a real `torchrun --nproc_per_node=2 ...` launched by the test.
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
+import textwrap
 
 import pytest
 import torch
@@ -16,33 +14,21 @@ from fastgpt import train
 from fastgpt.checkpoint import load_checkpoint
 
 # Global batch 8: one process with batch 8, or two processes with batch 4 each.
-TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--max-iters", "4",
-        "--eval-interval", "2", "--eval-iters", "2", "--log-interval", "1", "--sample-tokens", "0",
-        "--warmup-iters", "1", "--grad-accum-steps", "2", "--device", "cpu"]
+RUN = dict(n_layer=2, max_iters=4, eval_interval=2, log_interval=1, warmup_iters=1, grad_accum_steps=2, device="cpu")
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("".join(f"{i}: a stitch in time saves nine, and many hands make light work.\n" for i in range(50)))
-    return path
-
-
-@pytest.fixture(scope="module")
-def one_process(corpus, tmp_path_factory):
+def one_process(corpus, train_args, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("one")
-    assert train.main(["--data", str(corpus), "--out-dir", str(out_dir), *TINY, "--batch-size", "8"]) == 0
+    assert train.main(train_args(corpus, out_dir, **RUN, batch_size=8)) == 0
     return out_dir
 
 
 @pytest.fixture(scope="module", params=["ddp", "fsdp"])
-def two_processes(request, corpus, tmp_path_factory):
+def two_processes(request, corpus, train_args, torchrun, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp(request.param)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastgpt.train",
-         "--data", str(corpus), "--out-dir", str(out_dir), *TINY, "--batch-size", "4", "--parallel", request.param],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    result = torchrun(2, "-m", "fastgpt.train", *train_args(corpus, out_dir, **RUN, batch_size=4,
+                                                            parallel=request.param))
     assert result.returncode == 0, result.stderr[-3000:]
     return out_dir
 
@@ -73,9 +59,70 @@ def test_two_processes_match_one_process_step_by_step(two_processes, one_process
     assert len(losses(two_processes)) == 4
 
 
-def test_a_two_process_checkpoint_resumes_in_one_process(two_processes, one_process, tmp_path, corpus):
+def test_a_two_process_checkpoint_resumes_in_one_process(two_processes, one_process, corpus, train_args, tmp_path):
     shutil.copytree(two_processes, tmp_path, dirs_exist_ok=True)
     shutil.copy(two_processes / "ckpt-2.pt", tmp_path / "ckpt.pt")
-    assert train.main(["--data", str(corpus), "--out-dir", str(tmp_path), *TINY, "--batch-size", "8",
-                       "--resume"]) == 0
+    assert train.main([*train_args(corpus, tmp_path, **RUN, batch_size=8), "--resume"]) == 0
     assert_same_losses(tmp_path, one_process)
+
+
+# Trains under torchrun as fastgpt.train would, recording for each forward pass of the model whether
+# it ran in training mode and whether torch.compile had traced it; rank 0 prints what it saw.
+# torch.compile is given the "eager" backend: what is compiled matters here, not how fast.
+RECORD_COMPILED_FORWARDS = textwrap.dedent("""
+    import os, sys, torch
+    from fastgpt import train
+    from fastgpt.model import GPT
+    compile_, forward, seen = torch.compile, GPT.forward, set()
+    torch.compile = lambda model, **options: compile_(model, backend="eager")
+    @torch.compiler.disable  # run as it is, called with what the (possibly traced) forward saw
+    def record(training, compiling):
+        seen.add((training, compiling))
+    def recording_forward(self, idx, targets=None, cache=None):
+        record(self.training, torch.compiler.is_compiling())
+        return forward(self, idx, targets, cache)
+    GPT.forward = recording_forward
+    status = train.main(sys.argv[1:])
+    if os.environ["RANK"] == "0":
+        print("seen:", sorted(seen))
+    sys.exit(status)
+""")
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_compile_compiles_what_trains(parallel, corpus, train_args, torchrun, tmp_path):
+    script = tmp_path / "train_recording_forwards.py"
+    script.write_text(RECORD_COMPILED_FORWARDS)
+    result = torchrun(2, script, *train_args(corpus, tmp_path / "out", **RUN, batch_size=4, parallel=parallel,
+                                             compile=True))
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = result.stdout.split("seen:")[-1].strip()
+    assert seen == "[(False, True), (True, True)]", "training and evaluation must both run the compiled model"
+
+
+# Trains under torchrun with a 5-second collective timeout, while rank 0 takes 12 seconds to fit
+# the tokenizer and as long to encode the corpus (as a large corpus would take hours against NCCL's
+# 10 minutes): the other rank must wait for it rather than time out.
+SLOW_PREPARATION = textwrap.dedent("""
+    import datetime, os, sys, time, torch.distributed
+    from fastgpt import train
+    init = torch.distributed.init_process_group
+    torch.distributed.init_process_group = lambda *args, **options: init(
+        *args, **{**options, "timeout": datetime.timedelta(seconds=5)})
+    def slowly(work):
+        def slow(*args, **options):
+            if os.environ["RANK"] == "0":
+                time.sleep(12)
+            return work(*args, **options)
+        return slow
+    train.fit_tokenizer, train.encode_corpus = slowly(train.fit_tokenizer), slowly(train.encode_corpus)
+    sys.exit(train.main(sys.argv[1:]))
+""")
+
+
+def test_processes_wait_for_a_preparation_longer_than_the_collective_timeout(corpus, train_args, torchrun, tmp_path):
+    script = tmp_path / "train_slowly_prepared.py"
+    script.write_text(SLOW_PREPARATION)
+    result = torchrun(2, script, *train_args(corpus, tmp_path / "out", **{**RUN, "max_iters": 2}, batch_size=4))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 2

@@ -5,27 +5,25 @@ import io
 import pytest
 import torch
 
-from fastgpt import ops, sample
-from fastgpt.checkpoint import save_checkpoint
+from fastgpt import GPT, ops, sample
 from fastgpt.errors import FastGPTError
-from fastgpt.model import GPT, GPTConfig, Sampler
+from fastgpt.model import Sampler
 from fastgpt.sample import TextStream, complete, generate_text
-from fastgpt.tokenizers import train_tokenizer
 
 CPU_BACKENDS = [name for name in ("reference", "cpp") if ops.available_backends()[name] is None]
 
 
-def tiny_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    settings = dict(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32, backend="reference")
-    return GPT(GPTConfig(**{**settings, **overrides})).eval()
+@pytest.fixture(autouse=True)
+def reference_kernels(backend):
+    """The reference path unless a test says otherwise: float64 models compare exactly."""
+    backend("reference")
 
 
 def generated(model, prompt, n, **options):
     return torch.cat(list(model.generate(prompt, n, **options)), dim=1)
 
 
-def test_cached_forward_gives_the_logits_of_the_full_forward():
+def test_cached_forward_gives_the_logits_of_the_full_forward(tiny_model):
     model = tiny_model().double()
     idx = torch.randint(0, 32, (2, 12))
     full, _ = model(idx)
@@ -35,13 +33,14 @@ def test_cached_forward_gives_the_logits_of_the_full_forward():
     assert len(cache[0]) == 12
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kernels", CPU_BACKENDS)
 @pytest.mark.parametrize("prompt_length", [1, 7, 16, 23])
-def test_greedy_output_is_identical_with_and_without_the_cache(backend, prompt_length):
+def test_greedy_output_is_identical_with_and_without_the_cache(tiny_model, backend, kernels, prompt_length):
     # 40 new tokens from a block of 16: the window is refilled several times, with prompts shorter
     # than, as long as and longer than the block.
-    model = tiny_model(backend=backend)
-    if backend == "reference":
+    backend(kernels)
+    model = tiny_model()
+    if kernels == "reference":
         model.double()  # no near-ties between logits: any difference would be a real one
     prompt = torch.randint(0, 32, (3, prompt_length))
     with_cache = generated(model, prompt, 40, temperature=0)
@@ -49,7 +48,7 @@ def test_greedy_output_is_identical_with_and_without_the_cache(backend, prompt_l
     assert torch.equal(with_cache, without)
 
 
-def test_sampled_output_with_a_seed_is_identical_with_and_without_the_cache():
+def test_sampled_output_with_a_seed_is_identical_with_and_without_the_cache(tiny_model):
     model = tiny_model().double()
     prompt = torch.randint(0, 32, (2, 5))
     runs = [generated(model, prompt, 30, temperature=1.0, top_k=10, top_p=0.9, repetition_penalty=1.2,
@@ -57,7 +56,7 @@ def test_sampled_output_with_a_seed_is_identical_with_and_without_the_cache():
     assert torch.equal(*runs)
 
 
-def test_a_full_window_continues_from_its_newest_half_at_positions_from_zero():
+def test_a_full_window_continues_from_its_newest_half_at_positions_from_zero(tiny_model):
     model = tiny_model().double()
     prompt = torch.randint(0, 32, (1, 16))
     first, second = generated(model, prompt, 2, temperature=0)[0]
@@ -66,9 +65,10 @@ def test_a_full_window_continues_from_its_newest_half_at_positions_from_zero():
     assert second == model(sequence[-8:].view(1, -1))[0][0, -1].argmax()
 
 
-def test_generated_tokens_are_ordinary_tensors_a_model_can_train_on():
+def test_generated_tokens_are_ordinary_tensors_a_model_can_train_on(tiny_model, backend):
     """Decoding runs in inference mode, but what it hands out must not be inference tensors."""
-    model = tiny_model(backend="cpp" if "cpp" in CPU_BACKENDS else "reference")
+    backend(CPU_BACKENDS[-1])  # the C++ kernels where they are built
+    model = tiny_model()
     steps = list(model.generate(torch.zeros(2, 1, dtype=torch.long), 3))
     assert not any(step.is_inference() for step in steps)
     model.train()
@@ -77,7 +77,7 @@ def test_generated_tokens_are_ordinary_tensors_a_model_can_train_on():
     assert model.transformer.wte.weight.grad is not None
 
 
-def test_top_k_of_one_and_a_tiny_top_p_are_greedy():
+def test_top_k_of_one_and_a_tiny_top_p_are_greedy(tiny_model):
     model = tiny_model()
     prompt = torch.randint(0, 32, (2, 4))
     greedy = generated(model, prompt, 15, temperature=0)
@@ -96,7 +96,7 @@ def test_top_p_samples_only_from_the_nucleus():
         assert drawn == nucleus, top_p
 
 
-def test_repetition_penalty_keeps_greedy_decoding_off_seen_tokens():
+def test_repetition_penalty_keeps_greedy_decoding_off_seen_tokens(tiny_model):
     model = tiny_model()
     prompt = torch.tensor([[1, 2, 3]])
     tokens = generated(model, prompt, 20, temperature=0, repetition_penalty=1e6)[0].tolist()
@@ -136,7 +136,7 @@ def test_text_stream_cuts_at_a_stop_string_and_never_shows_part_of_one():
     assert unfinished.finish() == "xy"
 
 
-def test_generate_text_gives_several_reproducible_samples_each_cut_at_its_stop():
+def test_generate_text_gives_several_reproducible_samples_each_cut_at_its_stop(tiny_model):
     model = tiny_model(vocab_size=26)
     options = dict(max_new_tokens=30, num_samples=4, temperature=1.0, seed=5)
     texts = complete(model, Letters(), "abc", **options)
@@ -148,7 +148,7 @@ def test_generate_text_gives_several_reproducible_samples_each_cut_at_its_stop()
     assert all(text == full[:len(text)] and stop not in text for text, full in zip(cut, texts))
 
 
-def test_generate_text_checks_the_prompt_before_generating():
+def test_generate_text_checks_the_prompt_before_generating(tiny_model):
     with pytest.raises(FastGPTError, match="empty"):
         generate_text(tiny_model(vocab_size=26), Letters(), "")
 
@@ -158,20 +158,14 @@ def test_generate_text_checks_the_prompt_before_generating():
 
 
 @pytest.fixture
-def run_dir(tmp_path):
-    torch.manual_seed(0)
-    text = "hello world, this is a small corpus.\n"
-    tokenizer = train_tokenizer("char", text)
-    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)
-    save_checkpoint(tmp_path / "ckpt.pt", {"model": GPT(config).state_dict(), "model_config": config.to_dict(),
-                                           "tokenizer": tokenizer.state_dict()})
-    return tmp_path
+def run_dir(saved_run, char_tokenizer):
+    return saved_run(char_tokenizer)
 
 
 def run_sample(run_dir, *args, stdin=""):
     out = io.StringIO()
-    parsed = sample.build_parser().parse_args(["--out-dir", str(run_dir), "--backend", "reference", *args])
-    sample.sample(parsed, out=out, prompts=io.StringIO(stdin))
+    config = sample.parse_sample_config(["--out-dir", str(run_dir), "--backend", "reference", *args])
+    sample.sample(config, out=out, prompts=io.StringIO(stdin))
     return out.getvalue()
 
 
@@ -188,13 +182,15 @@ def test_cli_prints_several_samples_and_stops_at_stop_strings(run_dir):
     assert stopped.split("\n" + "-" * 40 + "\n")[0] == samples[0][:samples[0].index(stop, len("hello"))]
 
 
-def test_stop_strings_understand_backslash_escapes():
-    assert sample.build_parser().parse_args(["--stop", r"\n\n", "--stop", "é"]).stop == ["\n\n", "é"]
+def test_stop_strings_understand_backslash_escapes_in_flags_but_not_in_config_files(tmp_path):
+    assert sample.parse_sample_config(["--stop", r"\n\n", "--stop", "é"]).stop == ("\n\n", "é")
+    (tmp_path / "sample.toml").write_text('stop = ["\\\\n", "é"]\n')  # TOML's own escapes: a backslash, then n
+    assert sample.parse_sample_config(["--config", str(tmp_path / "sample.toml")]).stop == ("\\n", "é")
 
 
 def test_interactive_mode_answers_each_line_and_survives_a_bad_one(run_dir, capsys):
     text = run_sample(run_dir, "--interactive", "--max-new-tokens", "5", "--temperature", "0",
-                      stdin="hello\n\nZebra\nworld\n")
+                      stdin="hello\n\nZebra\nworld\n")  # 'Z' is not in the corpus
     answers = text.splitlines()
     assert len(answers) == 2 and answers[0].startswith("hello") and answers[1].startswith("world")
     assert all(len(a) == 10 for a in answers)
@@ -205,8 +201,11 @@ def test_interactive_mode_answers_each_line_and_survives_a_bad_one(run_dir, caps
     (["--top-p", "0"], "top_p must be in (0, 1]"),
     (["--top-p", "1.01"], "top_p must be in (0, 1]"),
     (["--num-samples", "0"], "--num-samples"),
+    (["--top-k", "-1"], "--top-k must not be negative"),
     (["--repetition-penalty", "-1"], "repetition_penalty"),
     (["--init-from", "{tmp}/not-there"], "not a directory"),
+    (["--backend", "fastest"], "backend must be one of auto, reference"),
+    (["--temprature", "0.5"], "did you mean --temperature"),
 ])
 def test_bad_sampling_settings_are_one_clear_line(run_dir, capsys, args, expected):
     args = [a.format(tmp=run_dir) for a in args]
@@ -216,5 +215,5 @@ def test_bad_sampling_settings_are_one_clear_line(run_dir, capsys, args, expecte
 
 
 def test_generation_api_is_importable_from_the_top_level():
-    from fastgpt import GPT as TopLevelGPT
-    assert TopLevelGPT is GPT
+    from fastgpt import model
+    assert GPT is model.GPT

@@ -107,7 +107,7 @@ def test_muon_refuses_parameters_that_are_not_matrices():
 
 def small_gpt(seed=0):
     torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32, backend="reference"))
+    return GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32))
 
 
 def test_muon_trains_the_block_matrices_and_adamw_everything_else_once():

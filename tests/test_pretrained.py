@@ -7,14 +7,19 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
-from fastgpt import GPT, export, sample
-from fastgpt.checkpoint import save_checkpoint
+from fastgpt import GPT, export, sample, train
+from fastgpt.checkpoint import load_checkpoint
 from fastgpt.errors import FastGPTError
 from fastgpt.model import GPTConfig
 from fastgpt.pretrained import export_pretrained, load_pretrained
 from fastgpt.tokenizers import BPETokenizer, train_tokenizer
 
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 20
+
+
+@pytest.fixture(autouse=True)
+def reference_kernels(backend):
+    backend("reference")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +55,7 @@ def hf_dir(tmp_path_factory, tokenizer):
 
 def test_logits_match_transformers(hf_dir, tokenizer):
     hf_model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
-    model = GPT.from_pretrained(hf_dir, backend="reference")
+    model = GPT.from_pretrained(hf_dir)
     idx = torch.tensor([tokenizer.encode(TEXT)[:24], tokenizer.encode(TEXT[40:])[:24]])
     with torch.no_grad():
         expected = hf_model(idx).logits
@@ -61,7 +66,7 @@ def test_logits_match_transformers(hf_dir, tokenizer):
 
 def test_greedy_generation_matches_transformers(hf_dir, tokenizer):
     hf_model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
-    model = GPT.from_pretrained(hf_dir, backend="reference")
+    model = GPT.from_pretrained(hf_dir)
     prompt = torch.tensor([tokenizer.encode("To be, or not")])
     with torch.no_grad():
         expected = hf_model.generate(prompt, max_new_tokens=24 - prompt.size(1), do_sample=False,
@@ -95,7 +100,7 @@ def test_export_and_reload_round_trip_the_weights_exactly(hf_dir, tmp_path):
 def test_a_model_without_biases_exports_as_zero_biases_that_transformers_reads(tokenizer, tmp_path):
     torch.manual_seed(1)
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16,
-                          bias=False, backend="reference")).eval()
+                          bias=False)).eval()
     export_pretrained(model, tokenizer, tmp_path)
     idx = torch.tensor([tokenizer.encode(TEXT)[:16]])
     with torch.no_grad():
@@ -103,18 +108,16 @@ def test_a_model_without_biases_exports_as_zero_biases_that_transformers_reads(t
     torch.testing.assert_close(model(idx)[0], expected, rtol=0, atol=1e-5)
 
 
-def test_export_command_writes_a_checkpoint_that_sampling_loads(tokenizer, tmp_path, capsys):
-    torch.manual_seed(0)
-    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)
-    model = GPT(config)
-    save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "model_config": config.to_dict(),
-                                           "tokenizer": tokenizer.state_dict()})
+def test_export_command_writes_a_checkpoint_that_sampling_loads(tokenizer, saved_run, tmp_path, capsys):
+    saved_run(tokenizer)
     assert export.main(["--out-dir", str(tmp_path), "--to", str(tmp_path / "gpt2")]) == 0
     assert sample.main(["--init-from", str(tmp_path / "gpt2"), "--prompt", "To be", "--max-new-tokens", "5",
                         "--temperature", "0", "--backend", "reference"]) == 0
     assert "To be" in capsys.readouterr().out
     assert export.main(["--out-dir", str(tmp_path), "--to", str(tmp_path / "gpt2")]) != 0
     assert "already holds" in capsys.readouterr().err
+    assert export.main(["--out-dir", str(tmp_path)]) != 0
+    assert "--to DIR" in capsys.readouterr().err
 
 
 def test_a_char_tokenizer_cannot_be_exported(tmp_path):
@@ -122,6 +125,14 @@ def test_a_char_tokenizer_cannot_be_exported(tmp_path):
     with pytest.raises(FastGPTError, match="no GPT-2"):
         export_pretrained(GPT(GPTConfig(vocab_size=3, block_size=4, n_layer=1, n_head=1, n_embd=8)), char, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_model_of_another_architecture_cannot_be_exported(tokenizer, config_with_switch, tmp_path):
+    sizes = dict(vocab_size=tokenizer.vocab_size, block_size=4, n_layer=1, n_head=1, n_embd=8)
+    with pytest.raises(FastGPTError, match="sets norm = 'rmsnorm'; GPT-2's layout holds only"):
+        export_pretrained(GPT(config_with_switch("norm", "layernorm", "rmsnorm", **sizes)), tokenizer, tmp_path)
+    assert not any(tmp_path.iterdir())
+    export_pretrained(GPT(config_with_switch("norm", "layernorm", "layernorm", **sizes)), tokenizer, tmp_path)
 
 
 def broken_copy(hf_dir, tmp_path, remove=(), config=None):
@@ -135,21 +146,17 @@ def broken_copy(hf_dir, tmp_path, remove=(), config=None):
     return directory
 
 
-BAD_CHECKPOINTS = {
-    "no config": (dict(remove=["config.json"]), "has no config.json"),
-    "no weights": (dict(remove=["model.safetensors"]), "has no pytorch_model.bin"),
-    "no vocab": (dict(remove=["vocab.json"]), "has no vocab.json"),
-    "no merges": (dict(remove=["merges.txt"]), "has no merges.txt"),
-    "other epsilon": (dict(config={"layer_norm_epsilon": 1e-6}), "cannot represent"),
-    "other activation": (dict(config={"activation_function": "relu"}), "cannot represent"),
-    "untied head": (dict(config={"tie_word_embeddings": False}), "cannot represent"),
-    "other shape": (dict(config={"n_embd": 64}), "do not fit"),
-}
-
-
-@pytest.mark.parametrize("case", BAD_CHECKPOINTS, ids=list(BAD_CHECKPOINTS))
-def test_a_bad_checkpoint_directory_is_one_clear_line(case, hf_dir, tmp_path, capsys):
-    changes, expected = BAD_CHECKPOINTS[case]
+@pytest.mark.parametrize("changes, expected", [
+    pytest.param(dict(remove=["config.json"]), "has no config.json", id="no config"),
+    pytest.param(dict(remove=["model.safetensors"]), "has no pytorch_model.bin", id="no weights"),
+    pytest.param(dict(remove=["vocab.json"]), "has no vocab.json", id="no vocab"),
+    pytest.param(dict(remove=["merges.txt"]), "has no merges.txt", id="no merges"),
+    pytest.param(dict(config={"layer_norm_epsilon": 1e-6}), "cannot represent", id="other epsilon"),
+    pytest.param(dict(config={"activation_function": "relu"}), "cannot represent", id="other activation"),
+    pytest.param(dict(config={"tie_word_embeddings": False}), "cannot represent", id="untied head"),
+    pytest.param(dict(config={"n_embd": 64}), "do not fit", id="other shape"),
+])
+def test_a_bad_checkpoint_directory_is_one_clear_line(changes, expected, hf_dir, tmp_path, capsys):
     directory = broken_copy(hf_dir, tmp_path, **changes)
     assert sample.main(["--init-from", str(directory), "--max-new-tokens", "3"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
@@ -170,8 +177,6 @@ def test_pytorch_model_bin_without_the_transformer_prefix_loads_too(hf_dir, tmp_
 
 def test_training_with_init_from_fine_tunes_the_pretrained_weights(hf_dir, tmp_path):
     """--init-from starts from GPT-2's weights and tokenizer, on blocks shorter than its 24 positions."""
-    from fastgpt import train
-
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT)
     out = tmp_path / "run"
@@ -179,8 +184,8 @@ def test_training_with_init_from_fine_tunes_the_pretrained_weights(hf_dir, tmp_p
             "--batch-size", "2", "--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1",
             "--sample-tokens", "0", "--learning-rate", "0", "--min-lr", "0", "--backend", "reference"]
     assert train.main(args) == 0
-    pretrained, _ = load_pretrained(hf_dir, backend="reference")
-    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
+    pretrained, _ = load_pretrained(hf_dir)
+    checkpoint = load_checkpoint(out / "ckpt.pt")
     assert checkpoint["model_config"]["n_embd"] == 32 and checkpoint["model_config"]["block_size"] == 24
     # With a learning rate of 0 the weights stay exactly GPT-2's.
     for name, value in pretrained.state_dict().items():

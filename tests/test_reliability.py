@@ -17,22 +17,15 @@ from fastgpt import train
 from fastgpt.checkpoint import load_checkpoint
 from fastgpt.model import GPT
 
-# Dropout on, so that resuming must restore dropout's random numbers too; logged every 2 steps and
-# evaluated every 3, so that interruptions fall between metric lines and checkpoints.
-TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
-        "--max-iters", "8", "--eval-interval", "3", "--eval-iters", "2", "--log-interval", "2",
-        "--sample-tokens", "0", "--warmup-iters", "2", "--dropout", "0.1", "--keep-last", "2"]
-
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(60)))
-    return path
-
-
-def args_for(corpus, out_dir, *extra):
-    return ["--data", str(corpus), "--out-dir", str(out_dir), *TINY, *extra]
+def args_for(train_args):
+    """args(corpus, out_dir, *extra): a run of 8 steps with dropout on, so that resuming must restore
+    dropout's random numbers too; logged every 2 steps and evaluated every 3, so that interruptions
+    fall between metric lines and checkpoints."""
+    def args(corpus, out_dir, *extra):
+        return [*train_args(corpus, out_dir, max_iters=8, dropout=0.1, keep_last=2), *extra]
+    return args
 
 
 def metrics(out_dir):
@@ -46,7 +39,7 @@ def weights(out_dir):
 
 
 @pytest.fixture(scope="module")
-def straight_run(corpus, tmp_path_factory):
+def straight_run(corpus, args_for, tmp_path_factory):
     """One uninterrupted run of 8 steps: what every interrupted run must reproduce."""
     out_dir = tmp_path_factory.mktemp("straight")
     assert train.main(args_for(corpus, out_dir)) == 0
@@ -59,7 +52,7 @@ def assert_same_run(out_dir, reference):
         assert torch.equal(weights(out_dir)[name], tensor), name
 
 
-def test_a_run_stopped_by_a_signal_and_resumed_equals_the_straight_run(corpus, straight_run, tmp_path,
+def test_a_run_stopped_by_a_signal_and_resumed_equals_the_straight_run(corpus, args_for, straight_run, tmp_path,
                                                                        monkeypatch, capsys):
     # Ask to stop during step 5: between metric lines (2, 4, 6) and checkpoints (3, 6).
     original_step = train.Trainer.train_step
@@ -78,7 +71,8 @@ def test_a_run_stopped_by_a_signal_and_resumed_equals_the_straight_run(corpus, s
     assert_same_run(tmp_path, straight_run)
 
 
-def test_a_run_killed_after_a_checkpoint_and_resumed_equals_the_straight_run(corpus, straight_run, tmp_path):
+def test_a_run_killed_after_a_checkpoint_and_resumed_equals_the_straight_run(corpus, args_for, straight_run,
+                                                                              tmp_path):
     # What a run killed during its last step leaves behind: the step-6 checkpoint, but metric lines
     # (written between checkpoints) up to step 8.
     shutil.copytree(straight_run, tmp_path, dirs_exist_ok=True)
@@ -97,16 +91,15 @@ def test_keep_last_rotates_checkpoints_and_best_has_the_lowest_val_loss(straight
     assert (saved["step"], saved["best_val_loss"]) == (best["step"], best["val_loss"])
 
 
-def start_training(corpus, out_dir, *extra, script=None):
-    command = ["-c", script, *args_for(corpus, out_dir, *extra)] if script else ["-m", "fastgpt.train",
-                                                                                   *args_for(corpus, out_dir, *extra)]
+def start_training(args, script=None):
+    command = ["-c", script, *args] if script else ["-m", "fastgpt.train", *args]
     return subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_ends_the_run_after_the_step_with_a_checkpoint(signum, corpus, tmp_path):
-    child = start_training(corpus, tmp_path, "--max-iters", "100000", "--log-interval", "1")
+def test_a_signal_ends_the_run_after_the_step_with_a_checkpoint(signum, corpus, args_for, tmp_path):
+    child = start_training(args_for(corpus, tmp_path, "--max-iters", "100000", "--log-interval", "1"))
     try:
         while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
             assert child.poll() is None, child.stderr.read()
@@ -140,8 +133,8 @@ KILLED_MID_SAVE = textwrap.dedent("""
 """)
 
 
-def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(corpus, tmp_path):
-    child = start_training(corpus, tmp_path, script=KILLED_MID_SAVE)
+def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(corpus, args_for, tmp_path):
+    child = start_training(args_for(corpus, tmp_path), script=KILLED_MID_SAVE)
     _, err = child.communicate(timeout=300)
     assert child.returncode == -signal.SIGKILL, err
     assert list(tmp_path.glob(".ckpt.pt.*.tmp")), "the kill should have come in the middle of a save"
@@ -165,7 +158,7 @@ def poison_training_loss(monkeypatch, at_step):
     monkeypatch.setattr(GPT, "forward", forward)
 
 
-def test_a_nonfinite_loss_stops_the_run_naming_the_step(corpus, tmp_path, monkeypatch, capsys):
+def test_a_nonfinite_loss_stops_the_run_naming_the_step(corpus, args_for, tmp_path, monkeypatch, capsys):
     poison_training_loss(monkeypatch, at_step=5)
     assert train.main(args_for(corpus, tmp_path)) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -175,7 +168,7 @@ def test_a_nonfinite_loss_stops_the_run_naming_the_step(corpus, tmp_path, monkey
     assert all(torch.isfinite(tensor).all() for tensor in saved["model"].values())
 
 
-def test_skip_nonfinite_skips_the_step_and_trains_on(corpus, tmp_path, monkeypatch, capsys):
+def test_skip_nonfinite_skips_the_step_and_trains_on(corpus, args_for, tmp_path, monkeypatch, capsys):
     poison_training_loss(monkeypatch, at_step=5)
     assert train.main(args_for(corpus, tmp_path, "--skip-nonfinite")) == 0
     assert "skipped step 5" in capsys.readouterr().err
@@ -184,31 +177,25 @@ def test_skip_nonfinite_skips_the_step_and_trains_on(corpus, tmp_path, monkeypat
     assert all(torch.isfinite(tensor).all() for tensor in saved["model"].values())
 
 
-def error_line(capsys):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and err[-1].startswith("fastgpt: error: ") and "Traceback" not in "\n".join(err)
-    return err[-1]
-
-
-def test_no_room_for_a_checkpoint_is_refused_before_training(corpus, tmp_path, monkeypatch, capsys):
+def test_no_room_for_a_checkpoint_is_refused_before_training(corpus, args_for, tmp_path, monkeypatch, error_line):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     assert train.main(args_for(corpus, tmp_path / "out")) == 2
-    assert "MB free but a checkpoint needs about" in error_line(capsys)
+    assert "MB free but a checkpoint needs about" in error_line()
     assert not (tmp_path / "out" / "ckpt.pt").exists()
 
 
-def test_an_unwritable_output_directory_is_refused(corpus, tmp_path, capsys):
+def test_an_unwritable_output_directory_is_refused(corpus, args_for, tmp_path, error_line):
     (tmp_path / "a-file").write_text("")
     assert train.main(args_for(corpus, tmp_path / "a-file" / "out")) == 2
-    assert "cannot write to the output directory" in error_line(capsys)
+    assert "cannot write to the output directory" in error_line()
 
 
-def test_resume_refuses_a_checkpoint_with_another_vocabulary(corpus, straight_run, tmp_path, capsys):
+def test_resume_refuses_a_checkpoint_with_another_vocabulary(corpus, args_for, straight_run, tmp_path, error_line):
     shutil.copy(straight_run / "ckpt.pt", tmp_path / "ckpt.pt")
     before = (tmp_path / "ckpt.pt").read_bytes()
     assert train.main(args_for(corpus, tmp_path, "--tokenizer", "bpe", "--vocab-size", "300", "--resume")) == 2
-    assert "tokenizer char vs bpe" in error_line(capsys)
+    assert "tokenizer char vs bpe, vocab_size 1024 vs 300" in error_line()
     assert (tmp_path / "ckpt.pt").read_bytes() == before
 
 

@@ -37,13 +37,16 @@ __all__ = ["BACKENDS", "OPS", "BackendUnavailable", "available_backends", "resol
            "causal_attention", "layer_norm", "gelu", "block_decoder"]
 
 
-def block_decoder(x, backend=None):
+def block_decoder(x, block, backend=None):
     """The backend's fused op for one whole block of the model and one new token per sequence, or None.
 
     Decoding with a key/value cache does little arithmetic per token, and run as about twenty
     PyTorch operations per block, each one's fixed cost outweighs its work. So a backend may offer
-    the block as one op, for inference only (no autograd, no dropout). The C++ backend does, for
-    float32 and float64 CPU tensors (csrc/decode.cpp). It is called as
+    a block as one op, for inference only (no autograd, no dropout). Such an op computes one kind of
+    block, which it declares (``DECODE_BLOCK``), and is offered only for that kind: `block` is the
+    model's description of its block (GPTConfig.block_description(): sorted (name, value) pairs,
+    apart from sizes, which the op reads off its tensors). The C++ backend has one, for GPT-2's
+    block in float32 and float64 on CPU (csrc/decode.cpp). It is called as
 
         op(x, parameters, k_cache, v_cache, position, eps) -> the block's output, (B, C)
 
@@ -56,4 +59,6 @@ def block_decoder(x, backend=None):
     if resolve_backend(backend, x.device) != "cpp":
         return None
     cpp = backend_module("cpp")
-    return cpp.decode_block if x.dtype in cpp.DECODE_BLOCK_DTYPES else None
+    if block != cpp.DECODE_BLOCK or x.dtype not in cpp.DECODE_BLOCK_DTYPES:
+        return None
+    return cpp.decode_block

@@ -104,7 +104,9 @@ def supply(op):
 
 # ---- one block of one decoding step (csrc/decode.cpp) ----
 
-# The dtypes csrc/decode.cpp runs in; a bf16 model decodes op by op.
+# The block csrc/decode.cpp computes, as a model describes its block (GPTConfig.block_description):
+# GPT-2's. A model whose block differs in anything decodes op by op, as does a bf16 model.
+DECODE_BLOCK = (("mlp", "gelu"), ("mlp_ratio", 4), ("norm", "layernorm"), ("position", "learned"), ("qk_norm", False))
 DECODE_BLOCK_DTYPES = (torch.float32, torch.float64)
 
 # One block of the model for one new token per sequence (x: (batch, channels)), inference only: writes

@@ -1,0 +1,55 @@
+"""Where a program runs: the device, its default precision, and the kernels (fastgpt.ops backend)."""
+
+from contextlib import nullcontext
+
+import torch
+
+from fastgpt import ops
+from fastgpt.errors import FastGPTError
+from fastgpt.settings import setting
+
+
+def pick_device(name):
+    """The torch.device named by a --device setting: auto (CUDA when present), cpu, cuda or cuda:N."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FastGPTError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FastGPTError(f"--device {name} was asked for but this machine has no usable CUDA GPU; "
+                           "use --device cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise FastGPTError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise FastGPTError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def use_backend(name, device):
+    """Make the backend named by a --backend setting the one every op of this process runs on, and
+    return the backend that will run on `device`. One that cannot run there is refused first
+    (ops.BackendUnavailable, which says why), before anything else changes."""
+    if name not in (None, "auto"):
+        ops.resolve_backend(name, device)
+    ops.use_backend(name)
+    return ops.resolve_backend(None, device)
+
+
+def autocast_context(dtype, device):
+    """bf16 autocast for dtype "bfloat16", and for "auto" on CUDA (fp32 weights and optimizer state); else fp32."""
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def device_setting(meaning="where to run: auto (CUDA when present), cpu, cuda, cuda:N"):
+    return setting("auto", meaning)
+
+
+def backend_setting():
+    return setting("auto", "kernels for attention, LayerNorm and GELU (a run-time choice, not part of the model)",
+                   ["auto", *ops.BACKENDS])

@@ -1,0 +1,50 @@
+"""How a setting is declared: a dataclass field with a default, a meaning, and possibly a list of choices.
+
+Every program's settings are such dataclasses (the model's GPTConfig, training's TrainConfig, the
+sampler's and the exporter's), and fastgpt.config turns any of them into --flags, TOML keys and
+--help text. A dataclass may hold another one as a group (TrainConfig holds the model's GPTConfig):
+its settings are read as if they were the outer one's own, so each name must be unique.
+"""
+
+from dataclasses import field, fields
+
+
+def setting(default, meaning, choices=None, **metadata):
+    """A field with its default and meaning (shown by --help), the values it may take, and any other
+    metadata its dataclass reads (GPTConfig's `kind`, or `from_flag`: a function that turns a flag's
+    text into the value, where the field's type alone would not)."""
+    return field(default=default, metadata={"help": meaning, "choices": choices, **metadata})
+
+
+def group(config_class, meaning):
+    """A field holding a whole settings dataclass, whose settings are read as the outer class's own."""
+    return field(default_factory=config_class, metadata={"help": meaning, "group": config_class})
+
+
+def leaves(config_class):
+    """The settings of a dataclass in order, groups replaced by their own settings."""
+    for f in fields(config_class):
+        if "group" in f.metadata:
+            yield from leaves(f.metadata["group"])
+        else:
+            yield f
+
+
+def flat_values(config):
+    """{name: value} of every setting of a settings dataclass instance, groups flattened."""
+    values = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        values.update(flat_values(value) if "group" in f.metadata else {f.name: value})
+    return values
+
+
+def from_flat_values(config_class, values):
+    """An instance of config_class from {name: value}; settings not named keep their defaults."""
+    arguments = {}
+    for f in fields(config_class):
+        if "group" in f.metadata:
+            arguments[f.name] = from_flat_values(f.metadata["group"], values)
+        elif f.name in values:
+            arguments[f.name] = values[f.name]
+    return config_class(**arguments)

@@ -1,0 +1,72 @@
+"""Where training's metrics go: each sink takes every metrics record as it is made.
+
+A record is a dict: `step`, `train_loss` (the mean since the previous record), `lr`,
+`tokens_per_sec`, `elapsed_s`, and `val_loss` when the step was evaluated. A sink is any object with
+`log(record)` and `close()`; a new destination is one more such class in the trainer's list.
+"""
+
+import json
+
+from tqdm import tqdm
+
+from fastgpt.checkpoint import atomic_write
+from fastgpt.plots import plot_losses
+
+
+def read_metrics(path):
+    """The records in a metrics.jsonl file."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsFile:
+    """metrics.jsonl: one JSON object per record.
+
+    A resumed run first drops the records of steps after the one it resumes from (written after that
+    checkpoint), since it is about to log those steps again; a fresh run starts an empty file.
+    """
+
+    def __init__(self, path, resumed_step=None):
+        self.path = path
+        self.history = []
+        if resumed_step is not None and path.exists():
+            self.history = [record for record in read_metrics(path) if record["step"] <= resumed_step]
+        text = "".join(json.dumps(record) + "\n" for record in self.history)
+        atomic_write(path, lambda handle: handle.write(text.encode()))
+
+    def log(self, record):
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def close(self):
+        pass
+
+
+class ProgressBar:
+    """A tqdm bar over the steps, with the latest loss, learning rate and speed beside it."""
+
+    def __init__(self, total, initial):
+        self.bar = tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)
+
+    def log(self, record):
+        self.bar.update(record["step"] - self.bar.n)
+        self.bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{record['lr']:.1e}",
+                             tok_s=f"{record['tokens_per_sec']:,.0f}")
+
+    def close(self):
+        self.bar.close()
+
+
+class LossPlot:
+    """loss.png: the train and validation losses so far, redrawn whenever a validation loss arrives."""
+
+    def __init__(self, path, history=()):
+        self.path = path
+        self.history = list(history)
+
+    def log(self, record):
+        self.history.append(record)
+        if "val_loss" in record:
+            plot_losses(self.history, self.path)
+
+    def close(self):
+        pass
