@@ -25,7 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
+from . import interpreting, mend_interpreter
+
+mend_interpreter()
 
 MAX_COLUMNS = 65536  # a row is held in registers; longer rows would spill beyond use
 BACKWARD_PROGRAMS_PER_SM = 2  # enough resident programs to hide memory latency on the GPU
@@ -38,27 +40,40 @@ HOPPER_CONFIGS = [triton.Config({"ROWS_PER_PROGRAM": rows}, num_warps=warps)
 INTERPRETER_CONFIG = triton.Config({"ROWS_PER_PROGRAM": 4}, num_warps=4)
 
 
-def prune_configs(configs, named_args, **kwargs):
-    """Keep the configs whose row tile gives each thread between 4 and 64 values.
+class ConfigPruner:
+    """Keep the configs whose row tile gives each thread between 4 and `max_values` fp32 values.
 
-    Fewer than 4 values per thread leaves threads idle and loads narrower than 16 bytes; more than 64
-    fp32 values per thread spill registers. If none qualifies (very long or very short rows), keep
-    the one with the fewest values per thread.
+    Fewer than 4 values per thread leaves threads idle and loads narrower than 16 bytes. More than
+    `max_values` spill registers to local memory: the forward holds about two row tiles at once (x,
+    then x - mean and y), the backward about four (x, dy, x_hat, dy * w, then dx) besides its dw and
+    db sums, so its limit is lower (both fitted to sm_90 compiles, which
+    tests/test_triton_kernels.py checks for spills). If none qualifies (very long or very short
+    rows), keep the one with the fewest values per thread.
     """
-    block_n = {**named_args, **kwargs}["BLOCK_N"]
 
-    def values_per_thread(config):
-        return config.kwargs["ROWS_PER_PROGRAM"] * block_n / (32 * config.num_warps)
+    def __init__(self, max_values):
+        self.max_values = max_values
 
-    kept = [c for c in configs if 4 <= values_per_thread(c) <= 64]
-    return kept or [min(configs, key=values_per_thread)]
+    def __call__(self, configs, named_args, **kwargs):
+        block_n = {**named_args, **kwargs}["BLOCK_N"]
+
+        def values_per_thread(config):
+            return config.kwargs["ROWS_PER_PROGRAM"] * block_n / (32 * config.num_warps)
+
+        kept = [c for c in configs if 4 <= values_per_thread(c) <= self.max_values]
+        return kept or [min(configs, key=values_per_thread)]
 
 
-AUTOTUNE = dict(configs=[INTERPRETER_CONFIG] if interpreting() else HOPPER_CONFIGS, key=["n_cols"],
-                prune_configs_by={"early_config_prune": prune_configs})
+FORWARD_PRUNER = ConfigPruner(max_values=64)
+BACKWARD_PRUNER = ConfigPruner(max_values=16)
 
 
-@triton.autotune(**AUTOTUNE)
+def _autotune(pruner):
+    return triton.autotune(configs=[INTERPRETER_CONFIG] if interpreting() else HOPPER_CONFIGS, key=["n_cols"],
+                           prune_configs_by={"early_config_prune": pruner})
+
+
+@_autotune(FORWARD_PRUNER)
 @triton.jit
 def _layer_norm_forward_kernel(
         X, W, B, Y, MEAN, RSTD, stride_x_row, n_rows, n_cols, eps,
@@ -83,10 +98,10 @@ def _layer_norm_forward_kernel(
     tl.store(RSTD + rows, rstd, mask=rows < n_rows)
 
 
-@triton.autotune(**AUTOTUNE)
+@_autotune(BACKWARD_PRUNER)
 @triton.jit
 def _layer_norm_backward_kernel(
-        X, W, DY, DX, MEAN, RSTD, DW_PARTIAL, DB_PARTIAL, stride_x_row, n_rows, n_cols,
+        X, W, DY, DX, MEAN, RSTD, DW_PARTIAL, DB_PARTIAL, stride_x_row, stride_dy_row, n_rows, n_cols,
         HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr):
     program = tl.program_id(0)
     n_programs = tl.num_programs(0)
@@ -100,7 +115,7 @@ def _layer_norm_backward_kernel(
         rows = first_row + tl.arange(0, ROWS_PER_PROGRAM)
         mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
         x = tl.load(X + rows[:, None].to(tl.int64) * stride_x_row + cols[None, :], mask=mask, other=0.0)
-        dy = tl.load(DY + rows[:, None].to(tl.int64) * n_cols + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(DY + rows[:, None].to(tl.int64) * stride_dy_row + cols[None, :], mask=mask, other=0.0)
         x, dy = x.to(tl.float32), dy.to(tl.float32)
         mean = tl.load(MEAN + rows, mask=rows < n_rows, other=0.0)
         rstd = tl.load(RSTD + rows, mask=rows < n_rows, other=0.0)
@@ -137,11 +152,11 @@ def _block_n(n_cols):
     return triton.next_power_of_2(n_cols)
 
 
-def layer_norm_forward(x, weight, bias, eps):
-    """y (x's shape and dtype) and the per-row mean and rstd (fp32) of LayerNorm over x's last dim."""
+def layer_norm_forward(x, weight, bias, eps, out_dtype=None):
+    """y (x's shape, in out_dtype, default x's) and the per-row mean and rstd (fp32) of LayerNorm over x's last dim."""
     x2d = _rows(x)
     n_rows, n_cols = x2d.shape
-    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    y = torch.empty((n_rows, n_cols), dtype=out_dtype or x.dtype, device=x.device)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(n_rows, meta["ROWS_PER_PROGRAM"]),)  # noqa: E731
@@ -162,18 +177,21 @@ def _backward_programs(device, n_rows):
 def layer_norm_backward(grad_out, x, weight, bias, mean, rstd):
     """(dx, dweight, dbias) of LayerNorm; dweight is None without a weight, dbias None without a bias.
 
-    Each gradient comes in its input's dtype (under autocast: dx in bf16, dweight and dbias in fp32).
+    Each gradient comes in its input's dtype (dx in x's, dweight and dbias in the parameters'), whatever
+    grad_out's dtype (the forward's output may have been in another: see layer_norm_forward).
+    grad_out is read through its row stride.
     """
     x2d = _rows(x)
     n_rows, n_cols = x2d.shape
-    grad_out = grad_out.contiguous()
+    grad_out = _rows(grad_out)
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     n_programs = _backward_programs(x.device, n_rows)
     partial = lambda present: (  # noqa: E731
         torch.empty((n_programs, n_cols), dtype=torch.float32, device=x.device) if present else None)
     dw_partial, db_partial = partial(weight is not None), partial(bias is not None)
     _layer_norm_backward_kernel[(n_programs,)](
-        x2d, weight, grad_out, dx, mean, rstd, dw_partial, db_partial, x2d.stride(0), n_rows, n_cols,
+        x2d, weight, grad_out, dx, mean, rstd, dw_partial, db_partial, x2d.stride(0), grad_out.stride(0),
+        n_rows, n_cols,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_N=_block_n(n_cols))
     dw = dw_partial.sum(0).to(weight.dtype) if weight is not None else None
     db = db_partial.sum(0).to(bias.dtype) if bias is not None else None

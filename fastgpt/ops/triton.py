@@ -61,20 +61,23 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
 
 @_attention_forward.register_fake
 def _(q, k, v, scale):
-    batch, n_heads, seq_len_q, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((batch, n_heads, seq_len_q), dtype=torch.float32)
+    batch, n_heads, seq_len_q, head_dim = q.shape
+    # In the real op's layout: (B, H, T, D) views of (B, T, H, D) memory.
+    out = _kernels("attention").empty_heads(batch, n_heads, seq_len_q, head_dim, q)
+    return out, q.new_empty((batch, n_heads, seq_len_q), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastgpt::triton_attention_backward", mutates_args=())
 def _attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         out: torch.Tensor, lse: torch.Tensor, scale: float
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _kernels("attention").attention_backward(grad_out.contiguous(), q, k, v, out, lse, scale)
+    return _kernels("attention").attention_backward(grad_out, q, k, v, out, lse, scale)
 
 
 @_attention_backward.register_fake
 def _(grad_out, q, k, v, out, lse, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    empty_heads = _kernels("attention").empty_heads
+    return tuple(empty_heads(*x.shape, x) for x in (q, k, v))
 
 
 register_attention_autograd(_attention_forward, _attention_backward)
@@ -90,15 +93,16 @@ def causal_attention(q, k, v, scale):
 
 @torch.library.custom_op("fastgpt::triton_layer_norm_forward", mutates_args=())
 def _layer_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _kernels("layer_norm").layer_norm_forward(x, weight, bias, eps)
+                        eps: float, out_dtype: torch.dtype | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels("layer_norm").layer_norm_forward(x, weight, bias, eps, out_dtype)
 
 
 @_layer_norm_forward.register_fake
-def _(x, weight, bias, eps):
+def _(x, weight, bias, eps, out_dtype=None):
     n_rows = x.numel() // x.shape[-1]
     statistic = lambda: x.new_empty(n_rows, dtype=torch.float32)  # noqa: E731
-    return x.new_empty(x.shape), statistic(), statistic()
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), statistic(), statistic()
 
 
 # A custom op returns tensors, never None: a missing parameter's gradient comes back empty.
@@ -118,22 +122,36 @@ def _(grad_out, x, weight, bias, mean, rstd):
 
 
 def _layer_norm_setup_context(ctx, inputs, output):
-    x, weight, bias, eps = inputs
+    x, weight, bias, eps, out_dtype = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd)
 
 
 def _layer_norm_grad(ctx, grad_out, grad_mean, grad_rstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _layer_norm_backward(grad_out.contiguous(), x, weight, bias, mean, rstd)
-    return dx, dw if weight is not None else None, db if bias is not None else None, None
+    dx, dw, db = _layer_norm_backward(grad_out, x, weight, bias, mean, rstd)
+    return dx, dw if weight is not None else None, db if bias is not None else None, None, None
 
 
 _layer_norm_forward.register_autograd(_layer_norm_grad, setup_context=_layer_norm_setup_context)
 
 
 def layer_norm(x, weight, bias, eps):
-    return _layer_norm_forward(x, weight, bias, eps)[0]
+    return _layer_norm_forward(x, weight, bias, eps, layer_norm_output_dtype(x))[0]
+
+
+def layer_norm_output_dtype(x):
+    """Under autocast, the autocast dtype; else None (x's dtype).
+
+    Every consumer of a LayerNorm in the model is a matrix product, which autocast runs in its
+    dtype: the output it would cast to that dtype anyway is written in it directly, which halves the
+    bytes the kernel writes and saves the cast's pass over memory, with the same result (statistics
+    stay fp32, and the gradient comes back in x's dtype).
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.dtype == torch.float32:
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
