@@ -37,10 +37,11 @@ _MODULES = {
     "cpp": "fastgpt.ops.cpp",
     "triton": "fastgpt.ops.triton",
     "torch": "fastgpt.ops.builtin",
+    "fastest": "fastgpt.ops.choice",  # `auto` on CUDA: Triton or torch's built-in, measured per shape class
 }
 
 # Which backends `auto` tries on a device, fastest first; the reference always comes last.
-_AUTO_ORDER = {"cuda": ("triton",), "cpu": ("cpp",)}
+_AUTO_ORDER = {"cuda": ("fastest",), "cpu": ("cpp",)}
 
 
 class BackendUnavailable(RuntimeError):
