@@ -8,6 +8,27 @@ importing one of its modules does.
 
 import os
 
+import torch
+
+
+def dot_precision(dtype):
+    """How the kernels' matrix products multiply inputs of `dtype`: "tf32" or "ieee" (exactly).
+
+    fp32 follows PyTorch's own setting for fp32 matmuls: TF32 when it is allowed
+    (`torch.set_float32_matmul_precision("high")` or "medium", `torch.backends.cuda.matmul.allow_tf32
+    = True`, or `torch.backends.cuda.matmul.fp32_precision = "tf32"`), exact otherwise, the default.
+    fp16 and bf16 products are exact either way.
+    """
+    if dtype != torch.float32:
+        return "ieee"
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)  # torch >= 2.9; readable however it was set
+    if precision is None:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    if precision == "none":  # not set for matmuls: the global fp32 setting holds
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
+    return "tf32" if precision == "tf32" else "ieee"
+
 
 def interpreting():
     """Whether Triton runs kernels through its CPU interpreter (TRITON_INTERPRET set, read as Triton reads it).

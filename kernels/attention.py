@@ -42,8 +42,8 @@ queries accumulates dQ by looping over the keys it sees (the same split as the f
 
 All tiles are computed in fp32 (`tl.dot` accumulates in fp32); the dot operands are in DOT_DTYPE,
 the inputs' own dtype on the GPU. fp32 inputs multiply exactly (DOT_PRECISION "ieee") unless PyTorch
-allows TF32 for fp32 matmuls (`torch.set_float32_matmul_precision("high")`, or
-`torch.backends.cuda.matmul.allow_tf32 = True`): then they use TF32 tensor cores, as torch's matmuls do. Triton's CPU interpreter multiplies bf16 as raw integers, so there
+allows TF32 for fp32 matmuls (see `fastgpt.kernels.dot_precision`): then they use TF32 tensor cores, as
+torch's matmuls do. Triton's CPU interpreter multiplies bf16 as raw integers, so there
 (and only there) bf16 operands are upcast to fp32. Head dimensions that are not powers of two are
 padded to the next one with masked (zero) loads; sequence lengths need not be multiples of a block.
 
@@ -63,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting, mend_interpreter
+from . import dot_precision, interpreting, mend_interpreter
 
 mend_interpreter()
 
@@ -72,8 +72,10 @@ MIN_BLOCK = 16  # the smallest tile tl.dot accepts on each side
 MAX_HEAD_DIM = 256
 SHARED_MEMORY_BYTES = 227 * 1024  # per thread block on Hopper (H100, H200)
 SCRATCH_BYTES = 1024  # shared memory the compiler adds beyond the tiles (row statistics, barriers)
-REGISTERS_PER_THREAD = 255  # the most a thread can have on NVIDIA GPUs; past that, values spill to memory
-REGISTER_OVERHEAD = 40  # registers a thread needs besides its fp32 tiles (fitted to sm_90 compiles)
+# The most tile values a thread may hold (see ConfigPruner.values_per_thread) before registers spill.
+# Fitted to sm_90 compiles of every Hopper config of every kernel at head dims 64, 128 and 256 in bf16:
+# every config above it spilled to local memory, and 35 of the 48 that did not spill are below it.
+MAX_VALUES_PER_THREAD = 144
 INT32_LIMIT = 2 ** 31
 
 
@@ -89,9 +91,11 @@ def make_configs(tiles):
 # A 64-row tile is one warpgroup's wgmma on Hopper (4 warps), a 128-row tile two (8 warps). The block
 # that is looped over (BLOCK_N in the forward and dQ, BLOCK_M in dK/dV) divides the one that stays
 # resident, so that the diagonal band is a whole number of looped blocks.
-HOPPER_FORWARD_TILES = [(m, n, w, s) for m, w in ((64, 4), (128, 8)) for n in (32, 64, 128) if n <= m
+# Eight warps on a 64-row tile, and 32-key blocks in dK/dV, are for the largest head dims, whose
+# tiles do not fit the registers of fewer threads.
+HOPPER_FORWARD_TILES = [(m, n, w, s) for m, w in ((64, 4), (64, 8), (128, 8)) for n in (32, 64, 128) if n <= m
                         for s in (3, 4)]
-HOPPER_BACKWARD_DKDV_TILES = [(m, n, w, 3) for n in (64, 128) for m in (32, 64) if m <= n for w in (4, 8)]
+HOPPER_BACKWARD_DKDV_TILES = [(m, n, w, 3) for n in (32, 64, 128) for m in (32, 64) if m <= n for w in (4, 8)]
 HOPPER_BACKWARD_DQ_TILES = [(m, n, w, 3) for m in (64, 128) for n in (32, 64) if n <= m for w in (4, 8)]
 # The interpreter cannot benchmark (it has no GPU to time) and runs one program at a time: one small
 # tile per kernel, with more than one looped block per diagonal band so that the tests exercise that.
@@ -109,13 +113,12 @@ class ConfigPruner:
         are padding, computed for nothing;
       - its tiles do not fit in shared memory (the kernel would not launch): each pipeline stage
         holds two looped tiles (K and V, or Q and dO), plus the resident input tiles and some scratch;
-      - its fp32 tiles do not fit in a thread's registers, so that they would spill to local memory:
-        the accumulators and the score tiles, spread over the config's threads, plus what the
-        compiler keeps besides (addresses, row statistics: REGISTER_OVERHEAD);
+      - its tiles would not fit in a thread's registers, so that they would spill to local memory
+        (see `values_per_thread`);
       - the inputs are fp32 multiplied exactly (not TF32) and it is not the smallest: exact fp32
         products run on CUDA cores, where the tile matters little, and each large one takes tens of
         seconds to compile. Exact fp32 is the precise path, not the fast one.
-    If nothing is left, the config with the fewest registers per thread is kept: it always runs.
+    If nothing is left, the config with the fewest values per thread is kept: it always runs.
     tests/test_triton_kernels.py compiles every config kept for Hopper and checks that none spills.
     """
 
@@ -131,12 +134,18 @@ class ConfigPruner:
         tile_rows = config.num_stages * 2 * blocks[self.looped_block] + self.resident_tiles * blocks[self.resident_block]
         return tile_rows * head_dim * element_size + SCRATCH_BYTES
 
-    def registers_per_thread(self, config, head_dim):
-        """An estimate of the 32-bit registers one thread of `config` needs for its fp32 tiles."""
+    def values_per_thread(self, config, head_dim, element_size):
+        """The register words one thread of `config` needs for its tiles, as the limit counts them.
+
+        The fp32 accumulators and the resident input tiles (which the compiler keeps in registers
+        for the matrix products: element_size / 4 words a value) count in full; the score tiles count
+        half, as the compiler never keeps all of them live at once.
+        """
         blocks = config.kwargs
-        values = (self.accumulators * blocks[self.resident_block] * head_dim
-                  + self.score_tiles * blocks["BLOCK_M"] * blocks["BLOCK_N"])
-        return values / (32 * config.num_warps) + REGISTER_OVERHEAD
+        resident = blocks[self.resident_block] * head_dim
+        values = (self.accumulators * resident + self.resident_tiles * resident * element_size / 4
+                  + self.score_tiles * blocks["BLOCK_M"] * blocks["BLOCK_N"] / 2)
+        return values / (32 * config.num_warps)
 
     def useful(self, config, head_dim, element_size, lengths, smallest):
         blocks = config.kwargs
@@ -144,7 +153,7 @@ class ConfigPruner:
             return False
         if self.shared_memory_bytes(config, head_dim, element_size) > SHARED_MEMORY_BYTES:
             return False
-        return self.registers_per_thread(config, head_dim) <= REGISTERS_PER_THREAD
+        return self.values_per_thread(config, head_dim, element_size) <= MAX_VALUES_PER_THREAD
 
     def __call__(self, configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -154,7 +163,7 @@ class ConfigPruner:
         kept = [c for c in configs if self.useful(c, head_dim, element_size, lengths, smallest)]
         if args["Q"].dtype == torch.float32 and args.get("DOT_PRECISION", "ieee") == "ieee":
             kept = sorted(kept, key=_tile_area)[:1]
-        return kept or [min(configs, key=lambda c: (self.registers_per_thread(c, head_dim), _tile_area(c)))]
+        return kept or [min(configs, key=lambda c: (self.values_per_thread(c, head_dim, element_size), _tile_area(c)))]
 
 
 def _tile_area(config):
@@ -479,17 +488,6 @@ def dot_dtype(dtype):
     if dtype == torch.bfloat16 and interpreting():
         return tl.float32
     return _TRITON_DTYPES[dtype]
-
-
-def dot_precision(dtype):
-    """How tl.dot multiplies inputs of `dtype`: "tf32" for fp32 when PyTorch allows TF32 matmuls, else "ieee".
-
-    PyTorch's switch is `torch.set_float32_matmul_precision` ("high" or "medium" allow TF32), which
-    `torch.backends.cuda.matmul.allow_tf32` also sets. fp16 and bf16 products are exact either way.
-    """
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
 
 
 def _head_dims(head_dim):

@@ -24,6 +24,7 @@ import functools
 import torch
 
 from fastgpt import timing
+from fastgpt.kernels import dot_precision
 from fastgpt.ops import reference
 
 CANDIDATES = ("triton", "torch")
@@ -82,7 +83,7 @@ class Chooser:
         batch, n_heads, seq_len_q, head_dim = q.shape
         shape_class = ("attention", q.dtype, head_dim, next_power_of_two(seq_len_q),
                        next_power_of_two(k.shape[2]), next_power_of_two(batch * n_heads), grad,
-                       torch.get_float32_matmul_precision() if q.dtype == torch.float32 else None)
+                       dot_precision(q.dtype))
         name = self._choose(shape_class, q.device, lambda backend: _step(
             lambda *inputs: _backend(backend).causal_attention(*inputs, scale), (q, k, v), grad))
         return _backend(name).causal_attention(q, k, v, scale)
