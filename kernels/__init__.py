@@ -30,6 +30,16 @@ def dot_precision(dtype):
     return "tf32" if precision == "tf32" else "ieee"
 
 
+def autotuning():
+    """Whether the kernels autotune their block sizes: on the GPU, unless FASTGPT_TRITON_AUTOTUNE=0.
+
+    Without autotuning each kernel has one small config, as in the interpreter (which cannot time
+    configs): the GPU tests set it, since tuning every new dtype and head dim would take minutes.
+    Read when the kernel modules are first imported.
+    """
+    return not interpreting() and os.environ.get("FASTGPT_TRITON_AUTOTUNE", "1") != "0"
+
+
 def interpreting():
     """Whether Triton runs kernels through its CPU interpreter (TRITON_INTERPRET set, read as Triton reads it).
 

@@ -63,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import dot_precision, interpreting, mend_interpreter
+from . import autotuning, dot_precision, interpreting, mend_interpreter
 
 mend_interpreter()
 
@@ -91,15 +91,16 @@ def make_configs(tiles):
 # A 64-row tile is one warpgroup's wgmma on Hopper (4 warps), a 128-row tile two (8 warps). The block
 # that is looped over (BLOCK_N in the forward and dQ, BLOCK_M in dK/dV) divides the one that stays
 # resident, so that the diagonal band is a whole number of looped blocks.
-# Eight warps on a 64-row tile, and 32-key blocks in dK/dV, are for the largest head dims, whose
-# tiles do not fit the registers of fewer threads.
-HOPPER_FORWARD_TILES = [(m, n, w, s) for m, w in ((64, 4), (64, 8), (128, 8)) for n in (32, 64, 128) if n <= m
-                        for s in (3, 4)]
+# Eight warps on a 64 x 32 tile, and 32-key blocks in dK/dV, are for the largest head dims, whose
+# tiles do not fit the registers of fewer threads (a 64 x 64 tile over eight warps spilled at 256).
+HOPPER_FORWARD_TILES = [(m, n, w, s) for m, w in ((64, 4), (128, 8)) for n in (32, 64, 128) if n <= m
+                        for s in (3, 4)] + [(64, 32, 8, s) for s in (3, 4)]
 HOPPER_BACKWARD_DKDV_TILES = [(m, n, w, 3) for n in (32, 64, 128) for m in (32, 64) if m <= n for w in (4, 8)]
 HOPPER_BACKWARD_DQ_TILES = [(m, n, w, 3) for m in (64, 128) for n in (32, 64) if n <= m for w in (4, 8)]
-# The interpreter cannot benchmark (it has no GPU to time) and runs one program at a time: one small
-# tile per kernel, with more than one looped block per diagonal band so that the tests exercise that.
-INTERPRETER_TILES = {"forward": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+# Without autotuning (the interpreter, which has no GPU to time configs and runs one program at a
+# time; or FASTGPT_TRITON_AUTOTUNE=0): one small tile per kernel, with more than one looped block per
+# diagonal band so that the tests exercise that.
+SINGLE_TILES = {"forward": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
 
 
 class ConfigPruner:
@@ -179,7 +180,7 @@ BACKWARD_DQ_PRUNER = ConfigPruner("BLOCK_N", resident_tiles=2, accumulators=1, s
 
 
 def _configs(hopper_tiles, kernel):
-    return make_configs([INTERPRETER_TILES[kernel]] if interpreting() else hopper_tiles)
+    return make_configs(hopper_tiles if autotuning() else [SINGLE_TILES[kernel]])
 
 
 FORWARD_CONFIGS = _configs(HOPPER_FORWARD_TILES, "forward")

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting, mend_interpreter
+from . import autotuning, interpreting, mend_interpreter
 
 mend_interpreter()
 
@@ -36,8 +36,9 @@ INTERPRETER_BACKWARD_PROGRAMS = 4  # a few programs still exercise the strided r
 
 HOPPER_CONFIGS = [triton.Config({"ROWS_PER_PROGRAM": rows}, num_warps=warps)
                   for rows in (1, 2, 4, 8) for warps in (2, 4, 8, 16)]
-# The interpreter cannot benchmark configs; several rows per program also make it faster.
-INTERPRETER_CONFIG = triton.Config({"ROWS_PER_PROGRAM": 4}, num_warps=4)
+# Without autotuning (the interpreter, or FASTGPT_TRITON_AUTOTUNE=0): several rows per program, which
+# also makes the interpreter faster.
+SINGLE_CONFIG = triton.Config({"ROWS_PER_PROGRAM": 4}, num_warps=4)
 
 
 class ConfigPruner:
@@ -70,7 +71,7 @@ BACKWARD_PRUNER = ConfigPruner(max_values=32)
 
 
 def _autotune(pruner):
-    return triton.autotune(configs=[INTERPRETER_CONFIG] if interpreting() else HOPPER_CONFIGS, key=["n_cols"],
+    return triton.autotune(configs=HOPPER_CONFIGS if autotuning() else [SINGLE_CONFIG], key=["n_cols"],
                            prune_configs_by={"early_config_prune": pruner})
 
 

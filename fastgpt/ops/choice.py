@@ -24,7 +24,7 @@ import functools
 import torch
 
 from fastgpt import timing
-from fastgpt.kernels import dot_precision
+from fastgpt.kernels import dot_precision, interpreting
 from fastgpt.ops import reference
 
 CANDIDATES = ("triton", "torch")
@@ -37,10 +37,13 @@ def measure_on_gpu(steps):
 
 
 def unavailable_reason(device=None):
-    """The choice runs on CUDA tensors, where torch's built-ins always can."""
+    """The choice runs on CUDA tensors, where torch's built-ins always can (and, for testing, on CPU
+    tensors while Triton's interpreter runs the kernels there)."""
     if device is None:
         return None if torch.cuda.is_available() else "no CUDA GPU"
-    return None if device.type == "cuda" else f"it chooses among GPU implementations, not for {device.type} tensors"
+    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+        return None
+    return f"it chooses among GPU implementations, not for {device.type} tensors"
 
 
 def next_power_of_two(n):
