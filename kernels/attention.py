@@ -116,9 +116,9 @@ class ConfigPruner:
         holds two looped tiles (K and V, or Q and dO), plus the resident input tiles and some scratch;
       - its tiles would not fit in a thread's registers, so that they would spill to local memory
         (see `values_per_thread`);
-      - the inputs are fp32 multiplied exactly (not TF32) and it is not the smallest: exact fp32
-        products run on CUDA cores, where the tile matters little, and each large one takes tens of
-        seconds to compile. Exact fp32 is the precise path, not the fast one.
+      - the inputs are fp32 multiplied exactly (not TF32) and it is not the smallest tile over the
+        most warps: exact fp32 products run on CUDA cores, where the tile matters little, and each
+        large one takes tens of seconds to compile. Exact fp32 is the precise path, not the fast one.
     If nothing is left, the config with the fewest values per thread is kept: it always runs.
     tests/test_triton_kernels.py compiles every config kept for Hopper and checks that none spills.
     """
@@ -138,14 +138,16 @@ class ConfigPruner:
     def values_per_thread(self, config, head_dim, element_size):
         """The register words one thread of `config` needs for its tiles, as the limit counts them.
 
-        The fp32 accumulators and the resident input tiles (which the compiler keeps in registers
-        for the matrix products: element_size / 4 words a value) count in full; the score tiles count
-        half, as the compiler never keeps all of them live at once.
+        The fp32 accumulators count in full; the resident input tiles, which the compiler keeps in
+        registers for the matrix products, in words (element_size / 4 a value); the score tiles as
+        many words, as the compiler never keeps all of them live at once in fp32, and feeds the
+        probabilities to the second product in the inputs' dtype.
         """
         blocks = config.kwargs
         resident = blocks[self.resident_block] * head_dim
-        values = (self.accumulators * resident + self.resident_tiles * resident * element_size / 4
-                  + self.score_tiles * blocks["BLOCK_M"] * blocks["BLOCK_N"] / 2)
+        words_per_value = element_size / 4
+        values = (self.accumulators * resident + self.resident_tiles * resident * words_per_value
+                  + self.score_tiles * blocks["BLOCK_M"] * blocks["BLOCK_N"] * words_per_value)
         return values / (32 * config.num_warps)
 
     def useful(self, config, head_dim, element_size, lengths, smallest):
@@ -163,12 +165,14 @@ class ConfigPruner:
         smallest = {name: min(c.kwargs[name] for c in configs) for name in lengths}
         kept = [c for c in configs if self.useful(c, head_dim, element_size, lengths, smallest)]
         if args["Q"].dtype == torch.float32 and args.get("DOT_PRECISION", "ieee") == "ieee":
-            kept = sorted(kept, key=_tile_area)[:1]
+            # Exact fp32 products unroll into fused multiply-adds whose operands all sit in registers:
+            # the smallest tile over the most warps.
+            return [min(configs, key=lambda c: (_tile_area(c), -c.num_warps, c.num_stages))]
         return kept or [min(configs, key=lambda c: (self.values_per_thread(c, head_dim, element_size), _tile_area(c)))]
 
 
 def _tile_area(config):
-    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"], config.num_stages, config.num_warps
+    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]
 
 
 # resident: Q; accumulator: O; score tiles: S and P

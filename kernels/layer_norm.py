@@ -47,14 +47,15 @@ class ConfigPruner:
     Fewer than 4 values per thread leaves threads idle and loads narrower than 16 bytes. More than
     `max_values` spill registers to local memory: the backward holds more at once than the forward
     (x, dy, x_hat and dy * w, then dx, besides its dw and db sums), so its limit is half the
-    forward's. Both limits were fitted to sm_90 compiles (the backward spilled at 64 values per
-    thread with rows of 4096, never at 32); tests/test_triton_kernels.py compiles every config they
-    keep and checks that none spills. If none qualifies (very long or very short rows), keep the one
-    with the fewest values per thread.
+    forward's, and it never runs on 16 warps. The limits were fitted to sm_90 compiles (the backward
+    spilled at 64 values per thread with rows of 4096, and at 32 on 16 warps, never at 32 on fewer);
+    tests/test_triton_kernels.py compiles every config they keep and checks that none spills. If none
+    qualifies (very long or very short rows), keep the one with the fewest values per thread.
     """
 
-    def __init__(self, max_values):
+    def __init__(self, max_values, max_warps):
         self.max_values = max_values
+        self.max_warps = max_warps
 
     def __call__(self, configs, named_args, **kwargs):
         block_n = {**named_args, **kwargs}["BLOCK_N"]
@@ -62,12 +63,14 @@ class ConfigPruner:
         def values_per_thread(config):
             return config.kwargs["ROWS_PER_PROGRAM"] * block_n / (32 * config.num_warps)
 
-        kept = [c for c in configs if 4 <= values_per_thread(c) <= self.max_values]
+        kept = [c for c in configs if 4 <= values_per_thread(c) <= self.max_values and c.num_warps <= self.max_warps]
         return kept or [min(configs, key=values_per_thread)]
 
 
-FORWARD_PRUNER = ConfigPruner(max_values=64)
-BACKWARD_PRUNER = ConfigPruner(max_values=32)
+FORWARD_PRUNER = ConfigPruner(max_values=64, max_warps=16)
+# 16 warps leave a thread 128 registers (65536 per multiprocessor over 512 threads): the backward's
+# tiles and sums spilled there.
+BACKWARD_PRUNER = ConfigPruner(max_values=32, max_warps=8)
 
 
 def _autotune(pruner):
