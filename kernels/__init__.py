@@ -11,6 +11,7 @@ import os
 import torch
 
 
+@torch._dynamo.assume_constant_result  # read once while torch.compile traces, like torch's own matmuls
 def dot_precision(dtype):
     """How the kernels' matrix products multiply inputs of `dtype`: "tf32" or "ieee" (exactly).
 

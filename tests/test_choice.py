@@ -107,6 +107,21 @@ def test_nothing_is_measured_under_torch_compile(monkeypatch):
     assert len(chooser.choices) == 1
 
 
+def test_compiled_code_runs_the_remembered_choice_in_one_graph(monkeypatch):
+    chooser = choice.Chooser(FakeTimer({"triton": 1.0, "torch": 0.1}))
+    q, k, v = attention_inputs(20)
+    eager = chooser.causal_attention(q, k, v, 0.25)  # measured: torch's
+    chooser.timer = None  # nothing may be measured from here on
+
+    def not_chosen(*args):
+        raise AssertionError("the kernel that lost the measurement ran")
+    monkeypatch.setattr(ops._module("triton"), "causal_attention", not_chosen)
+    compiled = torch.compile(lambda q, k, v: chooser.causal_attention(q, k, v, 0.25), backend="aot_eager",
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), eager)
+    assert list(chooser.choices.values()) == ["torch"]
+
+
 def test_auto_on_cuda_tensors_chooses_and_a_named_backend_is_forced(monkeypatch):
     assert ops._resolve("auto", torch.device("cuda")) == "fastest"
     assert ops._resolve("auto", torch.device("cpu")) != "fastest"

@@ -66,11 +66,11 @@ class Chooser:
         self.times = {}  # shape class -> {backend name: seconds}, for the classes that were measured
 
     def _choose(self, shape_class, device, step_for):
+        if torch.compiler.is_compiling():
+            return _remembered_choice(self, shape_class)
         name = self.choices.get(shape_class)
         if name is not None:
             return name
-        if torch.compiler.is_compiling():  # fake tensors: nothing to time
-            return DEFAULT
         runnable = [c for c in self.candidates if _backend(c).unavailable_reason(device) is None]
         if len(runnable) == 1:
             name = runnable[0]
@@ -108,6 +108,13 @@ class Chooser:
             rows.append(dict(shape_class=[str(part) for part in shape_class], backend=name,
                              **{f"{candidate}_ms": seconds * 1e3 for candidate, seconds in times.items()}))
         return rows
+
+
+@torch._dynamo.assume_constant_result
+def _remembered_choice(chooser, shape_class):
+    """Under torch.compile: the choice measured before for this class, else the Triton kernel (tracing
+    has fake tensors, nothing to time). A constant to the compiler, which calls it while tracing."""
+    return chooser.choices.get(shape_class, DEFAULT)
 
 
 def _needs_grad(*tensors):
