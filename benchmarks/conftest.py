@@ -5,23 +5,21 @@
     FASTGPT_BENCH_RESULTS=benchmarks/results/cpu-2025-01-01 pytest benchmarks/   # also save .md/.json
 
 Each benchmark times the implementations of one step side by side through the `compare` fixture,
-which files each one's median under a (table, row, column) key;
-at the end of the session the tables are printed with the ratios between columns (and saved when
-FASTGPT_BENCH_RESULTS names a file prefix). Times drift on a shared machine: only ratios measured in
-the same run mean anything.
+which files each one's median into the session's report (benchmarks/harness.py, the harness the
+GPU script uses too); at the end of the session the tables are printed with the ratios between
+columns (and saved as .md and .json when FASTGPT_BENCH_RESULTS names a file prefix). Times drift
+on a shared machine: only ratios measured in the same run mean anything.
 """
 
 import ctypes
-import datetime
-import json
 import os
 import platform
-import statistics
-import time
-from collections import defaultdict
 
 import pytest
 import torch
+
+from fastgpt import timing
+from harness import Report, machine_facts
 
 QUICK = os.environ.get("FASTGPT_BENCH_QUICK") == "1"
 THREADS = int(os.environ.get("FASTGPT_BENCH_THREADS", "2"))
@@ -51,11 +49,7 @@ def _keep_freed_memory_in_the_process():
 
 _keep_freed_memory_in_the_process()
 
-# table -> row -> column -> {"median_ms": ..., plus extras such as "gflops"}
-_RESULTS = defaultdict(lambda: defaultdict(dict))
-# table -> list of (name, numerator column, denominator column): ratios printed per row
-_RATIOS = {}
-_NOTES = {}
+REPORT = Report("fastgpt CPU benchmarks")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -67,14 +61,7 @@ def benchmark_threads():
 
 
 def median_seconds(fn, rounds, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return timing.alternating_medians({"fn": fn}, rounds, timing.HostClock(), warmup)["fn"]
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +70,7 @@ def matmul_gflops():
     n = 256 if QUICK else 1024
     a, b = torch.randn(n, n), torch.randn(n, n)
     rate = 2 * n ** 3 / median_seconds(lambda: torch.mm(a, b), rounds=5 if QUICK else 20) / 1e9
-    _NOTES["fp32 matmul GFLOP/s"] = round(rate, 1)
+    REPORT.facts["fp32 matmul GFLOP/s"] = round(rate, 1)
     return rate
 
 
@@ -91,97 +78,36 @@ def matmul_gflops():
 def compare(benchmark):
     """run(table, row, steps, rounds, **extras): time implementations of one step side by side.
 
-    `steps` maps a column name to a function that runs one step. Each round gives every step a turn,
-    starting from a different one each round, so that whatever else the machine does meanwhile
-    (other processes, clock changes) falls on all of them alike and the ratio of two medians is a
-    fair comparison. A turn is two calls, of which only the second is timed: the first lets the
-    memory allocator settle on this step's own sizes. (After another step has freed tensors of other
-    sizes, the first call may have to fault fresh pages in from the operating system, which can cost
-    a memory-bound op such as LayerNorm more than its own work.) pytest-benchmark times the rounds
-    as a whole; each column's median goes into the results table, with `extras` (functions of that
-    median in seconds).
+    `steps` maps a column name to a function that runs one step. They are timed in turns
+    (fastgpt.timing.Turns: every round gives each step a turn, starting from a different one each
+    round), each turn two calls of which only the second is timed, so that the memory allocator
+    has settled on this step's own sizes. pytest-benchmark drives the rounds; each column's median
+    goes into the report, with `extras` (functions of that median in seconds).
     """
     def run(table, row, steps, rounds, **extras):
-        names = list(steps)
-        times = {name: [] for name in names}
-        for name in names:  # warm-up: first calls load extensions and fill caches
-            steps[name]()
-
-        def one_round():
-            first = len(times[names[0]]) % len(names)
-            for name in names[first:] + names[:first]:
-                steps[name]()
-                start = time.perf_counter()
-                steps[name]()
-                times[name].append(time.perf_counter() - start)
-
+        for step in steps.values():  # warm-up: first calls load extensions and fill caches
+            step()
+        turns = timing.Turns(steps, timing.HostClock(), settle=True)
         benchmark.group = table
-        benchmark.extra_info.update(row=row, implementations=names)
-        benchmark.pedantic(one_round, rounds=rounds, iterations=1)
-        for name in names:
-            median = statistics.median(times[name])
-            entry = {"median_ms": median * 1e3}
-            for key, value in extras.items():
-                entry[key] = value(median) if callable(value) else value
-            _RESULTS[table][row][name] = entry
+        benchmark.extra_info.update(row=row, implementations=list(steps))
+        benchmark.pedantic(turns.round, rounds=rounds, iterations=1)
+        for name, seconds in turns.medians().items():
+            REPORT.add(table, row, name, seconds, **extras)
     return run
 
 
 def declare_ratios(table, ratios):
     """Which ratios (name, numerator column, denominator column) of median times a table reports."""
-    _RATIOS[table] = ratios
-
-
-def _format_tables():
-    lines = []
-    for table, rows in _RESULTS.items():
-        columns = sorted({c for row in rows.values() for c in row})
-        extras = sorted({k for row in rows.values() for e in row.values() for k in e if k != "median_ms"})
-        ratios = _RATIOS.get(table, [])
-        header = ["shape"] + [f"{c} ms" for c in columns] + [f"{c} {x}" for c in columns for x in extras
-                                                             if any(x in rows[r].get(c, {}) for r in rows)]
-        header += [name for name, _, _ in ratios]
-        lines += ["", f"### {table}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-        for row, cells in rows.items():
-            values = [row] + [f"{cells[c]['median_ms']:.3f}" if c in cells else "" for c in columns]
-            for c in columns:
-                for x in extras:
-                    if any(x in rows[r].get(c, {}) for r in rows):
-                        v = cells.get(c, {}).get(x)
-                        values.append("" if v is None else f"{v:.1f}")
-            for _, top, bottom in ratios:
-                if top in cells and bottom in cells:
-                    values.append(f"{cells[bottom]['median_ms'] / cells[top]['median_ms']:.2f}x")
-                else:
-                    values.append("")
-            lines.append("| " + " | ".join(values) + " |")
-    return lines
-
-
-def _machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"date": datetime.date.today().isoformat(), "cpu": cpu, "torch": torch.__version__,
-            "threads": THREADS, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "quick": QUICK, **_NOTES}
+    REPORT.declare_ratios(table, ratios)
 
 
 def pytest_terminal_summary(terminalreporter):
-    if not _RESULTS:
+    if not REPORT.tables:
         return
-    machine = _machine()
-    lines = ["Ratios are speed-ups: the second column's median time over the first's (higher is better).",
-             "", "machine: " + ", ".join(f"{k}={v}" for k, v in machine.items())] + _format_tables()
+    REPORT.facts.update(machine_facts("cpu"), threads=THREADS, quick=QUICK)
     terminalreporter.write_sep("=", "fastgpt speed (medians)")
-    for line in lines:
+    for line in REPORT.markdown().splitlines():
         terminalreporter.write_line(line)
     prefix = os.environ.get("FASTGPT_BENCH_RESULTS")
     if prefix:
-        with open(prefix + ".md", "w") as f:
-            f.write("# fastgpt CPU benchmarks\n\n" + "\n".join(lines) + "\n")
-        with open(prefix + ".json", "w") as f:
-            json.dump({"machine": machine, "results": _RESULTS}, f, indent=1)
+        REPORT.save(prefix)

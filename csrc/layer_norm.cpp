@@ -115,7 +115,7 @@ void check_input(const at::Tensor& x) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
-    double eps) {
+    double eps, c10::optional<at::ScalarType> out_dtype) {
   check_input(x);
   const at::Tensor xc = x.contiguous();
   const int64_t n = x.size(-1);
@@ -127,7 +127,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fastgpt::layer_norm_forward", [&] {
     layer_norm_forward_kernel<scalar_t>(xc, w, b, eps, y, mean, rstd);
   });
-  return {y, mean, rstd};
+  // Another output dtype (autocast's, on CPUs rarely used) costs a cast here; the Triton kernel writes it.
+  return {out_dtype ? y.to(*out_dtype) : y, mean, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(

@@ -37,13 +37,18 @@ def use_backend(name, device):
     return ops.resolve_backend(None, device)
 
 
-def autocast_context(dtype, device):
-    """bf16 autocast for dtype "bfloat16", and for "auto" on CUDA (fp32 weights and optimizer state); else fp32."""
+def compute_dtype(dtype, device):
+    """The dtype a run computes in for its --dtype setting: bf16 for "bfloat16", and for "auto" on
+    CUDA (under autocast, with fp32 weights and optimizer state); else fp32."""
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
-    if dtype == "float32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.bfloat16 if dtype == "bfloat16" else torch.float32
+
+
+def autocast_context(dtype, device):
+    """Autocast to the run's compute dtype, or nothing for fp32."""
+    computed = compute_dtype(dtype, device)
+    return nullcontext() if computed == torch.float32 else torch.autocast(device_type=device.type, dtype=computed)
 
 
 def device_setting(meaning="where to run: auto (CUDA when present), cpu, cuda, cuda:N"):

@@ -29,7 +29,7 @@ from fastgpt.checkpoint import CheckpointFiles, load_checkpoint, model_config_of
 from fastgpt.cli import run_cli
 from fastgpt.config import TrainConfig, parse_config
 from fastgpt.data import TokenBlocks, corpus_files, encode_corpus, fit_tokenizer
-from fastgpt.device import autocast_context, pick_device, use_backend
+from fastgpt.device import autocast_context, compute_dtype, pick_device, use_backend
 from fastgpt.errors import FastGPTError
 from fastgpt.lr_schedules import learning_rate_at
 from fastgpt.model import GPT, GPTConfig
@@ -125,7 +125,8 @@ class Trainer:
         self.blocks = TokenBlocks(self._token_cache(files), block_size, config.val_fraction)
         if self.world.is_main:
             self.checkpoints.check_room(self.raw_model)
-        self.model = distributed.parallelize(self.raw_model, self.world, config.parallel, config.compile)
+        self.model = distributed.parallelize(self.raw_model, self.world, config.parallel, config.compile,
+                                             compute_dtype(config.dtype, self.device))
         self.optimizer = self.raw_model.configure_optimizer(
             config.learning_rate, config.weight_decay, (config.beta1, config.beta2), self.device.type)
         self.step = 0

@@ -25,7 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
+from . import autotuning, interpreting, mend_interpreter
+
+mend_interpreter()
 
 MAX_COLUMNS = 65536  # a row is held in registers; longer rows would spill beyond use
 BACKWARD_PROGRAMS_PER_SM = 2  # enough resident programs to hide memory latency on the GPU
@@ -34,31 +36,49 @@ INTERPRETER_BACKWARD_PROGRAMS = 4  # a few programs still exercise the strided r
 
 HOPPER_CONFIGS = [triton.Config({"ROWS_PER_PROGRAM": rows}, num_warps=warps)
                   for rows in (1, 2, 4, 8) for warps in (2, 4, 8, 16)]
-# The interpreter cannot benchmark configs; several rows per program also make it faster.
-INTERPRETER_CONFIG = triton.Config({"ROWS_PER_PROGRAM": 4}, num_warps=4)
+# Without autotuning (the interpreter, or FASTGPT_TRITON_AUTOTUNE=0): several rows per program, which
+# also makes the interpreter faster.
+SINGLE_CONFIG = triton.Config({"ROWS_PER_PROGRAM": 4}, num_warps=4)
 
 
-def prune_configs(configs, named_args, **kwargs):
-    """Keep the configs whose row tile gives each thread between 4 and 64 values.
+class ConfigPruner:
+    """Keep the configs whose row tile gives each thread between 4 and `max_values` fp32 values.
 
-    Fewer than 4 values per thread leaves threads idle and loads narrower than 16 bytes; more than 64
-    fp32 values per thread spill registers. If none qualifies (very long or very short rows), keep
-    the one with the fewest values per thread.
+    Fewer than 4 values per thread leaves threads idle and loads narrower than 16 bytes. More than
+    `max_values` spill registers to local memory: the backward holds more at once than the forward
+    (x, dy, x_hat and dy * w, then dx, besides its dw and db sums), so its limit is half the
+    forward's, and it never runs on 16 warps. The limits were fitted to sm_90 compiles (the backward
+    spilled at 64 values per thread with rows of 4096, and at 32 on 16 warps, never at 32 on fewer);
+    tests/test_triton_kernels.py compiles every config they keep and checks that none spills. If none
+    qualifies (very long or very short rows), keep the one with the fewest values per thread.
     """
-    block_n = {**named_args, **kwargs}["BLOCK_N"]
 
-    def values_per_thread(config):
-        return config.kwargs["ROWS_PER_PROGRAM"] * block_n / (32 * config.num_warps)
+    def __init__(self, max_values, max_warps):
+        self.max_values = max_values
+        self.max_warps = max_warps
 
-    kept = [c for c in configs if 4 <= values_per_thread(c) <= 64]
-    return kept or [min(configs, key=values_per_thread)]
+    def __call__(self, configs, named_args, **kwargs):
+        block_n = {**named_args, **kwargs}["BLOCK_N"]
+
+        def values_per_thread(config):
+            return config.kwargs["ROWS_PER_PROGRAM"] * block_n / (32 * config.num_warps)
+
+        kept = [c for c in configs if 4 <= values_per_thread(c) <= self.max_values and c.num_warps <= self.max_warps]
+        return kept or [min(configs, key=values_per_thread)]
 
 
-AUTOTUNE = dict(configs=[INTERPRETER_CONFIG] if interpreting() else HOPPER_CONFIGS, key=["n_cols"],
-                prune_configs_by={"early_config_prune": prune_configs})
+FORWARD_PRUNER = ConfigPruner(max_values=64, max_warps=16)
+# 16 warps leave a thread 128 registers (65536 per multiprocessor over 512 threads): the backward's
+# tiles and sums spilled there.
+BACKWARD_PRUNER = ConfigPruner(max_values=32, max_warps=8)
 
 
-@triton.autotune(**AUTOTUNE)
+def _autotune(pruner):
+    return triton.autotune(configs=HOPPER_CONFIGS if autotuning() else [SINGLE_CONFIG], key=["n_cols"],
+                           prune_configs_by={"early_config_prune": pruner})
+
+
+@_autotune(FORWARD_PRUNER)
 @triton.jit
 def _layer_norm_forward_kernel(
         X, W, B, Y, MEAN, RSTD, stride_x_row, n_rows, n_cols, eps,
@@ -83,10 +103,10 @@ def _layer_norm_forward_kernel(
     tl.store(RSTD + rows, rstd, mask=rows < n_rows)
 
 
-@triton.autotune(**AUTOTUNE)
+@_autotune(BACKWARD_PRUNER)
 @triton.jit
 def _layer_norm_backward_kernel(
-        X, W, DY, DX, MEAN, RSTD, DW_PARTIAL, DB_PARTIAL, stride_x_row, n_rows, n_cols,
+        X, W, DY, DX, MEAN, RSTD, DW_PARTIAL, DB_PARTIAL, stride_x_row, stride_dy_row, n_rows, n_cols,
         HAS_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr):
     program = tl.program_id(0)
     n_programs = tl.num_programs(0)
@@ -100,7 +120,7 @@ def _layer_norm_backward_kernel(
         rows = first_row + tl.arange(0, ROWS_PER_PROGRAM)
         mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
         x = tl.load(X + rows[:, None].to(tl.int64) * stride_x_row + cols[None, :], mask=mask, other=0.0)
-        dy = tl.load(DY + rows[:, None].to(tl.int64) * n_cols + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(DY + rows[:, None].to(tl.int64) * stride_dy_row + cols[None, :], mask=mask, other=0.0)
         x, dy = x.to(tl.float32), dy.to(tl.float32)
         mean = tl.load(MEAN + rows, mask=rows < n_rows, other=0.0)
         rstd = tl.load(RSTD + rows, mask=rows < n_rows, other=0.0)
@@ -133,11 +153,11 @@ def _block_n(n_cols):
     return triton.next_power_of_2(n_cols)
 
 
-def forward(x, weight, bias, eps):
-    """y (x's shape and dtype) and the per-row mean and rstd (fp32) of LayerNorm over x's last dim."""
+def forward(x, weight, bias, eps, out_dtype):
+    """y (x's shape, in out_dtype, default x's) and the per-row mean and rstd (fp32) of LayerNorm over x's last dim."""
     x2d = _rows(x)
     n_rows, n_cols = x2d.shape
-    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    y = torch.empty((n_rows, n_cols), dtype=out_dtype or x.dtype, device=x.device)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(n_rows, meta["ROWS_PER_PROGRAM"]),)  # noqa: E731
@@ -156,16 +176,17 @@ def _backward_programs(device, n_rows):
 
 
 def backward(grad_y, x, weight, mean, rstd):
-    """(dx, dweight, dbias) of LayerNorm: dx in x's dtype, dweight and dbias in fp32 (the op's autograd
-    formula casts them to the parameters' dtypes, and drops those of absent parameters)."""
+    """(dx, dweight, dbias) of LayerNorm: dx in x's dtype whatever grad_y's (the forward's output may
+    have been in another), dweight and dbias in fp32 (the op's autograd formula casts them to the
+    parameters' dtypes, and drops those of absent parameters). grad_y is read through its row stride."""
     x2d = _rows(x)
     n_rows, n_cols = x2d.shape
-    grad_y = grad_y.contiguous()
+    grad_y = _rows(grad_y)
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     n_programs = _backward_programs(x.device, n_rows)
     dw_partial, db_partial = (torch.empty((n_programs, n_cols), dtype=torch.float32, device=x.device)
                               for _ in range(2))
     _layer_norm_backward_kernel[(n_programs,)](
-        x2d, weight, grad_y, dx, mean, rstd, dw_partial, db_partial, x2d.stride(0), n_rows, n_cols,
-        HAS_WEIGHT=weight is not None, BLOCK_N=_block_n(n_cols))
+        x2d, weight, grad_y, dx, mean, rstd, dw_partial, db_partial, x2d.stride(0), grad_y.stride(0),
+        n_rows, n_cols, HAS_WEIGHT=weight is not None, BLOCK_N=_block_n(n_cols))
     return dx.view(x.shape), dw_partial.sum(0), db_partial.sum(0)

@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from fastgpt.ops.contract import declare
+from fastgpt.ops.contract import kernel_implementation
 
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "csrc")
 
@@ -97,9 +97,9 @@ def unavailable_reason(device=None):
 DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
 
-def supply(op):
-    """The forward kernel op of `op`, whose CPU implementation the loaded extension registered."""
-    return declare(op, "cpp")
+def implementation(op, on_backend=None):
+    """The function that runs `op` on the kernels the loaded extension registered, or None without them."""
+    return kernel_implementation(op, "cpp") if "cpp" in op.kernels else None
 
 
 # ---- one block of one decoding step (csrc/decode.cpp) ----

@@ -19,8 +19,11 @@ which do, `FusedOp.kernels`), and as PyTorch's built-in otherwise: GELU on a GPU
 PyTorch's own kernel already reads and writes each element once.
 
 A kernel backend is a module with two functions: ``unavailable_reason(device)``, None when it can
-run on `device` (on this machine at all when None), else why not; and ``supply(op)``, which makes the
-backend's two kernel ops for `op` callable (see `fastgpt.ops.contract.declare`).
+run on `device` (on this machine at all when None), else why not; and ``implementation(op,
+on_backend)``, the function that runs `op` on it (see `fastgpt.ops.contract.kernel_implementation`),
+or None when it has no kernels for `op`. `on_backend(op, name)` gives another backend's function:
+on CUDA tensors `auto` is the backend ``fastest`` (`fastgpt.ops.choice`), which measures the Triton
+kernels against PyTorch's built-ins once per shape class and runs the faster.
 """
 
 import importlib
@@ -32,10 +35,10 @@ BACKENDS = ("reference", "cpp", "triton", "torch")
 
 # The kernel backends' modules, imported on first use so that `import fastgpt` stays cheap (and so
 # that Triton is never imported before a test has had the chance to set TRITON_INTERPRET).
-_KERNEL_BACKENDS = {"cpp": "fastgpt.ops.cpp", "triton": "fastgpt.ops.triton"}
+_KERNEL_BACKENDS = {"cpp": "fastgpt.ops.cpp", "triton": "fastgpt.ops.triton", "fastest": "fastgpt.ops.choice"}
 
 # Which backends `auto` tries on a device, fastest first; the reference always comes last.
-_AUTO_ORDER = {"cuda": ("triton",), "cpu": ("cpp",)}
+_AUTO_ORDER = {"cuda": ("fastest",), "cpu": ("cpp",)}
 
 # Every op's contract, in the order the op modules registered them (fastgpt/ops/__init__.py imports them).
 OPS = []
@@ -97,7 +100,8 @@ _resolved = {}
 
 @torch._dynamo.assume_constant_result
 def resolve_backend(backend, device):
-    """The name of the backend that will run an op on `device`, given what the caller asked for."""
+    """The name of the backend that will run an op on `device`, given what the caller asked for
+    (one of BACKENDS, or "fastest": `auto`'s measured choice on CUDA tensors)."""
     requested = backend if backend not in (None, "auto") else (
         _default_backend or os.environ.get("FASTGPT_BACKEND", "auto"))
     name = _resolved.get((requested, device.type))
@@ -139,11 +143,9 @@ def implementation(op, backend):
 def _implementation(op, backend):
     if backend == "reference":
         return op.reference
-    if backend == "torch" or backend not in op.kernels:
+    if backend == "torch":
         return op.builtin
-    forward = backend_module(backend).supply(op)
-    result = op.result
-    return lambda *arguments: result(forward(*arguments))
+    return backend_module(backend).implementation(op, implementation) or op.builtin
 
 
 def run(op, device, backend=None):

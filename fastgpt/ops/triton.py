@@ -1,9 +1,9 @@
 """The Triton backend: the kernels in kernels/ (installed as fastgpt.kernels) as torch ops.
 
 For an op that lists "triton" among its kernels, `fastgpt.kernels.<op name>` holds two launchers,
-`forward` and `backward`, with the signatures of the op's contract. `supply` declares the op's two
-kernel ops (`fastgpt::triton_<op>_forward`, `..._backward`) from the contract and registers the
-launchers as their implementations, for CUDA tensors and, under Triton's interpreter, for CPU ones.
+`forward` and `backward`, with the signatures of the op's contract. `implementation` declares the
+op's two kernel ops (`fastgpt::triton_<op>_forward`, `..._backward`) from the contract and registers
+the launchers as their implementations, for CUDA tensors and, under Triton's interpreter, for CPU ones.
 To torch.compile they are opaque operators. (`torch.library.triton_op` would let the compiler see
 inside the kernels, but it does not work under Triton's interpreter, which is how machines without
 a GPU test them.)
@@ -19,7 +19,7 @@ import importlib.util
 import torch
 
 from fastgpt.kernels import interpreting
-from fastgpt.ops.contract import NAMESPACE, declare, kernel_name
+from fastgpt.ops.contract import NAMESPACE, kernel_implementation, kernel_name
 
 NO_GPU = "no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels on CPU tensors through Triton's interpreter, for testing)"
 
@@ -53,12 +53,16 @@ def _gpu_unavailable_reason():
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def supply(op):
-    """The forward kernel op of `op`, with the launchers of kernels/<op name>.py registered beneath it."""
+def implementation(op, on_backend=None):
+    """The function that runs `op` on the launchers of kernels/<op name>.py, or None without them."""
+    if "triton" not in op.kernels:
+        return None
     launchers = importlib.import_module(f"fastgpt.kernels.{op.name}")
-    forward = declare(op, "triton")
+    # A kernel module whose outputs are laid out otherwise than a contiguous tensor says so in fakes of its own.
+    run = kernel_implementation(op, "triton", fake_forward=getattr(launchers, "fake_forward", None),
+                                fake_backward=getattr(launchers, "fake_backward", None))
     device_types = ("cpu",) if interpreting() else ("cuda",)
     for direction in ("forward", "backward"):
         torch.library.impl(f"{NAMESPACE}::{kernel_name('triton', op.name, direction)}", device_types,
                            func=getattr(launchers, direction))
-    return forward
+    return run

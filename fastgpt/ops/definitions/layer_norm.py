@@ -5,6 +5,11 @@
 with the mean and the (biased) variance taken over the last dimension, in fp32 at least whatever
 x's dtype; weight and bias, of shape (N,), may each be None. The forward kernel keeps each row's
 mean and 1/sqrt(var + eps) (rstd) for the backward.
+
+Under autocast, y comes in the autocast dtype: every consumer of a LayerNorm in the model is a
+matrix product, which autocast runs in that dtype, so the kernel writes y in it directly instead of
+writing fp32 for the product to cast again (half the bytes written, one pass over memory fewer,
+the same result: the statistics stay fp32, and the gradient comes back in x's dtype).
 """
 
 import torch
@@ -17,10 +22,18 @@ from fastgpt.ops.dispatch import register, run
 def layer_norm(x, weight, bias, eps=1e-5, *, backend=None):
     """LayerNorm over the last dimension of x; weight and bias (shape (N,)) may be None."""
     check_inputs(x, weight, bias)
-    return run(LAYER_NORM, x.device, backend)(x, weight, bias, float(eps))
+    return run(LAYER_NORM, x.device, backend)(x, weight, bias, float(eps), output_dtype(x))
 
 
-def reference(x, weight, bias, eps):
+def output_dtype(x):
+    """The autocast dtype for an fp32 x under autocast, else None (x's dtype)."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.dtype == torch.float32:
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def reference(x, weight, bias, eps, out_dtype=None):
     """The formula step by step, statistics in fp32 at least (fp64 stays fp64)."""
     compute_dtype = statistics_dtype(x.dtype)
     xc = x.to(compute_dtype)
@@ -31,16 +44,17 @@ def reference(x, weight, bias, eps):
         y = y * weight.to(compute_dtype)
     if bias is not None:
         y = y + bias.to(compute_dtype)
-    return y.to(x.dtype)
+    return y.to(out_dtype or x.dtype)
 
 
-def builtin(x, weight, bias, eps):
-    """PyTorch's F.layer_norm, with the output in x's dtype as the contract says."""
+def builtin(x, weight, bias, eps, out_dtype=None):
+    """PyTorch's F.layer_norm, with the output in the contract's dtype."""
     if weight is not None and weight.dtype != x.dtype:
         # Under autocast F.layer_norm runs in fp32; outside it, fp32 parameters meeting a bf16 x need a cast.
-        return F.layer_norm(x.float(), x.shape[-1:], weight.float(),
-                            None if bias is None else bias.float(), eps).to(x.dtype)
-    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+        y = F.layer_norm(x.float(), x.shape[-1:], weight.float(), None if bias is None else bias.float(), eps)
+    else:
+        y = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    return y.to(out_dtype or x.dtype)
 
 
 def check_inputs(x, weight, bias):
@@ -60,10 +74,11 @@ def result(outputs):
     return outputs[0]
 
 
-def fake_forward(x, weight, bias, eps):
+def fake_forward(x, weight, bias, eps, out_dtype):
     rows = x.shape[:-1]
     stats = statistics_dtype(x.dtype)
-    return x.new_empty(x.shape), x.new_empty(rows, dtype=stats), x.new_empty(rows, dtype=stats)
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), x.new_empty(rows, dtype=stats), \
+        x.new_empty(rows, dtype=stats)
 
 
 def fake_backward(grad_y, x, weight, mean, rstd):
@@ -72,7 +87,7 @@ def fake_backward(grad_y, x, weight, mean, rstd):
 
 
 def setup_context(ctx, inputs, output):
-    x, weight, bias, _eps = inputs
+    x, weight, bias, _eps, _out_dtype = inputs
     _y, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.parameter_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
@@ -80,39 +95,42 @@ def setup_context(ctx, inputs, output):
 
 
 def backward(ctx, backward_kernel, grad_y, _grad_mean, _grad_rstd):
-    """dx, and dweight and dbias in their parameters' dtypes (fp32 parameters of a bf16 activation
-    get fp32 gradients); the kernel returns the parameter gradients in the statistics' dtype."""
+    """dx in x's dtype (whatever grad_y's), and dweight and dbias in their parameters' dtypes (fp32
+    parameters of a bf16 activation get fp32 gradients); the kernel returns the parameter gradients in
+    the statistics' dtype."""
     x, weight, mean, rstd = ctx.saved_tensors
     dx, dweight, dbias = backward_kernel(grad_y, x, weight, mean, rstd)
     weight_dtype, bias_dtype = ctx.parameter_dtypes
     return (dx,
             None if weight_dtype is None else dweight.to(weight_dtype),
             None if bias_dtype is None else dbias.to(bias_dtype),
-            None)
+            None, None)
 
 
 def samples(device, dtype):
-    """(x, weight, bias, eps): rows shorter than a vector, of some vectors and a part, 768 and 1000
-    wide; no parameters, a weight only, fp32 parameters beside a low-precision x (as under
+    """(x, weight, bias, eps, out_dtype): rows shorter than a vector, of some vectors and a part, 768
+    and 1000 wide; no parameters, a weight only, fp32 parameters beside a low-precision x (as under
     autocast), and rows that are strided."""
     def tensor(*shape, dtype=dtype):
         return torch.randn(*shape, device=device, dtype=dtype)
 
     for shape in [(1, 1), (3, 5), (7, 48), (3, 57), (4, 6, 80), (33, 768), (2, 1000)]:
         n = shape[-1]
-        yield tensor(*shape) * 3 + 1, tensor(n), tensor(n), 1e-5
-    yield tensor(5, 40), tensor(40), None, 1e-5
-    yield tensor(5, 40), None, None, 1e-6
+        yield tensor(*shape) * 3 + 1, tensor(n), tensor(n), 1e-5, None
+    yield tensor(5, 40), tensor(40), None, 1e-5, None
+    yield tensor(5, 40), None, None, 1e-6, None
     if dtype in (torch.bfloat16, torch.float16):
-        yield tensor(9, 64), tensor(64, dtype=torch.float32), tensor(64, dtype=torch.float32), 1e-5
-    yield tensor(96, 40).t(), tensor(96), tensor(96), 1e-5
+        yield tensor(9, 64), tensor(64, dtype=torch.float32), tensor(64, dtype=torch.float32), 1e-5, None
+    yield tensor(96, 40).t(), tensor(96), tensor(96), 1e-5, None
 
 
 LAYER_NORM = register(define_op(
     __name__,
     # mean, rstd: the row statistics, x.shape[:-1], fp32 (fp64 for fp64 x). grad_weight and grad_bias
     # come back in that dtype whether or not weight and bias were given.
-    forward_schema="(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor y, Tensor mean, Tensor rstd)",
+    # out_dtype: y's dtype (None: x's).
+    forward_schema="(Tensor x, Tensor? weight, Tensor? bias, float eps, ScalarType? out_dtype) "
+                   "-> (Tensor y, Tensor mean, Tensor rstd)",
     backward_schema="(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor rstd) "
                     "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)",
 ))

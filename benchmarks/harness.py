@@ -1,0 +1,127 @@
+"""The one benchmark harness: timing in turns (fastgpt.timing) and one writer of tables and raw numbers.
+
+Both the CPU benchmarks (pytest, through conftest.py's `compare` fixture) and the GPU script
+(gpu_benchmark.py) file each measurement into a `Report`: a median time under (table, row, column),
+with extras computed from it (GFLOP/s, GB/s, tokens/s). A table may declare ratios between its
+columns (speed-ups: the second column's median time over the first's). The report prints as
+markdown tables and saves as `<prefix>.md` and `<prefix>.json`, with what was measured on (date,
+machine, versions) at the top of both.
+"""
+
+import datetime
+import json
+import platform
+from collections import defaultdict
+
+import torch
+
+
+class Report:
+    def __init__(self, title):
+        self.title = title
+        self.tables = defaultdict(dict)  # table -> row -> column -> {"median_ms": ..., extras}
+        self.ratios = {}  # table -> [(name, numerator column, denominator column)]
+        self.notes = {}  # table -> text printed under its heading
+        self.facts = {}  # what the report's numbers were measured on, and anything else to keep
+
+    def declare_ratios(self, table, ratios):
+        self.ratios[table] = ratios
+
+    def note(self, table, text):
+        self.notes[table] = text
+
+    def add(self, table, row, column, seconds, **extras):
+        """File one median (seconds); each extra is a value, or a function of the median in seconds."""
+        entry = {"median_ms": seconds * 1e3}
+        for key, value in extras.items():
+            entry[key] = value(seconds) if callable(value) else value
+        self.tables[table].setdefault(row, {})[column] = entry
+
+    def skip(self, table, row, column, reason):
+        """Say why a cell has no number (an implementation that cannot run these inputs here)."""
+        self.tables[table].setdefault(row, {})[column] = {"skipped": reason}
+
+    def markdown_tables(self):
+        lines = []
+        for table, rows in self.tables.items():
+            columns = list(dict.fromkeys(c for row in rows.values() for c in row))
+            extras = list(dict.fromkeys(k for row in rows.values() for e in row.values() for k in e
+                                        if k not in ("median_ms", "skipped")))
+            ratios = self.ratios.get(table, [])
+            extra_columns = [(c, x) for c in columns for x in extras if any(x in rows[r].get(c, {}) for r in rows)]
+            header = ["shape"] + [f"{c} ms" for c in columns] + [f"{c} {x}" for c, x in extra_columns]
+            header += [name for name, _, _ in ratios]
+            lines += ["", f"### {table}", ""]
+            if table in self.notes:
+                lines += [self.notes[table], ""]
+            lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+            for row, cells in rows.items():
+                values = [row] + [_time_cell(cells.get(c)) for c in columns]
+                values += [_number(cells.get(c, {}).get(x)) for c, x in extra_columns]
+                for _, top, bottom in ratios:
+                    a, b = cells.get(top, {}), cells.get(bottom, {})
+                    both = "median_ms" in a and "median_ms" in b
+                    values.append(f"{b['median_ms'] / a['median_ms']:.2f}x" if both else "")
+                lines.append("| " + " | ".join(values) + " |")
+        return lines
+
+    def markdown(self):
+        facts = ", ".join(f"{k}={v}" for k, v in self.facts.items() if not isinstance(v, (list, dict)))
+        lines = [f"# {self.title}", "",
+                 "Medians of alternating measurements. Ratios are speed-ups: the second column's median time "
+                 "over the first's (higher is better).", "", f"measured on: {facts}"]
+        return "\n".join(lines + self.markdown_tables()) + "\n"
+
+    def to_json(self):
+        return {"title": self.title, **self.facts, "results": self.tables}
+
+    def save(self, prefix):
+        """Write <prefix>.md and <prefix>.json; returns their paths."""
+        prefix = str(prefix)
+        with open(prefix + ".md", "w") as f:
+            f.write(self.markdown())
+        with open(prefix + ".json", "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+            f.write("\n")
+        return prefix + ".md", prefix + ".json"
+
+
+def _time_cell(entry):
+    if entry is None:
+        return ""
+    if "skipped" in entry:
+        return "skipped"
+    return f"{entry['median_ms']:.3f}"
+
+
+def _number(value):
+    if value is None:
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def cpu_name():
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return name
+
+
+def machine_facts(device):
+    """Date, machine and versions: what every result file starts with."""
+    facts = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
+             "python": platform.python_version(), "cpu": cpu_name()}
+    if torch.device(device).type == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name(device)
+        facts["cuda"] = torch.version.cuda
+    else:
+        facts["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    for module in ("triton", "numpy"):
+        try:
+            facts[module] = __import__(module).__version__
+        except ImportError:
+            pass
+    return facts
