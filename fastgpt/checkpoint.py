@@ -109,12 +109,17 @@ def load_checkpoint(path):
     return payload
 
 
-def load_trained_model(out_dir, device, backend="auto"):
-    """The model and tokenizer saved in out_dir/ckpt.pt, ready for inference on `device`."""
+# What load_trained_model's `checkpoint` names: the newest checkpoint or the one with the lowest val loss.
+CHECKPOINT_FILES = {"latest": "ckpt.pt", "best": "best.pt"}
+
+
+def load_trained_model(out_dir, device, backend="auto", checkpoint="latest"):
+    """The model and tokenizer saved in out_dir (ckpt.pt, or best.pt with checkpoint="best"), ready
+    for inference on `device`."""
     from fastgpt.model import GPT, GPTConfig  # imported here: the checkpoint format does not need them
     from fastgpt.tokenizers import tokenizer_from_state
 
-    payload = load_checkpoint(Path(out_dir) / "ckpt.pt")
+    payload = load_checkpoint(Path(out_dir) / CHECKPOINT_FILES[checkpoint])
     model = GPT(GPTConfig(**{**payload["model_config"], "backend": backend}))
     model.load_state_dict(payload["model"])
     return model.to(device).eval(), tokenizer_from_state(payload["tokenizer"])
