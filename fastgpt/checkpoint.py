@@ -161,9 +161,14 @@ def model_config_of(payload):
     return GPTConfig(**saved)
 
 
-def load_trained_model(out_dir, device):
-    """The model (in evaluation mode) and tokenizer saved in out_dir/ckpt.pt, on `device`."""
-    payload = load_checkpoint(Path(out_dir) / "ckpt.pt")
+# What load_trained_model's `checkpoint` names: the newest checkpoint or the one with the lowest val loss.
+CHECKPOINT_FILES = {"latest": "ckpt.pt", "best": "best.pt"}
+
+
+def load_trained_model(out_dir, device, checkpoint="latest"):
+    """The model (in evaluation mode) and tokenizer saved in out_dir (ckpt.pt, or best.pt with
+    checkpoint="best"), on `device`."""
+    payload = load_checkpoint(Path(out_dir) / CHECKPOINT_FILES[checkpoint])
     model = GPT(model_config_of(payload))
     model.load_state_dict(payload["model"])
     return model.to(device).eval(), tokenizer_from_state(payload["tokenizer"])

@@ -141,6 +141,10 @@ def build_parser(config_class, prog, description):
 
 
 def _add_flag(parser, f):
+    if f.metadata.get("positional"):  # a list of values given without a flag: `compare RUN_A RUN_B`
+        parser.add_argument(f.name, nargs="+", type=_reader(f), metavar=f.name.upper().rstrip("S"),
+                            help=f.metadata["help"])
+        return
     name = "--" + f.name.replace("_", "-")
     aliases = [name] if "-" not in name[2:] else [name, "--" + f.name]
     reader = _reader(f)

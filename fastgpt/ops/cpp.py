@@ -18,18 +18,9 @@ import warnings
 import torch
 
 from fastgpt.ops.contract import kernel_implementation
+from fastgpt.ops.isa import isa_for_capability
 
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "csrc")
-
-
-def isa_for_capability(capability):
-    """Which build runs on a CPU, given torch.backends.cpu.get_cpu_capability()."""
-    capability = capability.upper()
-    if capability.startswith("AVX512"):
-        return "avx512"
-    if capability == "AVX2":
-        return "avx2"
-    return "default"
 
 
 def import_or_build(isa, package="fastgpt", csrc=CSRC):

@@ -1,0 +1,121 @@
+"""Compare training runs: `python -m fastgpt.compare RUN_A RUN_B ... [--to FILE.png]`.
+
+Draws the validation (and train) curves of every run against steps, tokens seen and training time,
+side by side, and prints a table: final and best validation loss and bits per byte, tokens per
+second, training time, and the settings that differ between the runs (from each run's config.json).
+Runs may still be training: a metrics line being written is left out.
+
+Tokens seen come from a record's `tokens` when the trainer writes it, else step x batch_size x
+block_size x grad_accum_steps (which counts one process: under torchrun, multiply by their number).
+Training time adds up the `elapsed_s` of each resumed stretch of a run (it restarts at every resume).
+"""
+
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastgpt.cli import run_cli
+from fastgpt.config import parse_config
+from fastgpt.settings import setting
+from fastgpt.errors import FastGPTError
+from fastgpt.plots import plot_comparison
+from fastgpt.run_files import read_metrics, read_run_config
+
+# Settings that name where a run went or how it was launched, not what it trained.
+NOT_COMPARED = ("out_dir", "resume")
+
+
+@dataclass
+class CompareConfig:
+    runs: tuple[str, ...] = setting((), "the training runs to compare (their --out-dir)", positional=True)
+    to: str = setting("compare.png", "where to draw the curves (a PNG file)")
+
+    def validate(self):
+        return self
+
+
+@dataclass
+class Run:
+    name: str
+    config: dict
+    records: list  # metrics.jsonl's records, each also with `tokens` and `seconds`
+
+
+def with_progress(records, config):
+    """The records with `tokens` (seen so far) and `seconds` (of training so far) added."""
+    tokens_per_step = config["batch_size"] * config["block_size"] * config["grad_accum_steps"]
+    completed, offset, previous = [], 0.0, 0.0
+    for record in records:
+        elapsed = record.get("elapsed_s", 0.0)
+        if elapsed < previous:  # a resumed run's clock starts again from zero
+            offset += previous
+        previous = elapsed
+        completed.append({**record, "tokens": record.get("tokens", record["step"] * tokens_per_step),
+                          "seconds": offset + elapsed})
+    return completed
+
+
+def load_run(directory):
+    records = read_metrics(Path(directory) / "metrics.jsonl")
+    if not records:
+        raise FastGPTError(f"{directory} has no metrics yet; wait for its first logged step")
+    config = read_run_config(directory)
+    return Run(str(directory), config, with_progress(records, config))
+
+
+def summary(run):
+    """One row of the table: final and best val loss and bpb, tokens/s, time."""
+    def final_and_best(key):
+        values = [r[key] for r in run.records if key in r]
+        return f"{values[-1]:.4f} / {min(values):.4f}" if values else "-"
+    speeds = [r["tokens_per_sec"] for r in run.records if "tokens_per_sec" in r]
+    last = run.records[-1]
+    return [run.name, f"{last['step']:,}", f"{last['tokens']:,}", final_and_best("val_loss"),
+            final_and_best("val_bpb"), f"{statistics.median(speeds):,.0f}" if speeds else "-",
+            f"{last['seconds']:,.1f}"]
+
+
+def differing_settings(runs):
+    """[setting, value in run 1, value in run 2, ...] for each setting whose values are not all equal."""
+    names = sorted({name for run in runs for name in run.config} - set(NOT_COMPARED))
+    rows = []
+    for name in names:
+        values = [run.config.get(name, "-") for run in runs]
+        if any(value != values[0] for value in values):
+            rows.append([name, *[repr(v) if isinstance(v, str) else str(v) for v in values]])
+    return rows
+
+
+def format_table(header, rows):
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
+                     for row in [header, *rows])
+
+
+def compare(directories, to):
+    """Load the runs, draw their curves to `to`, and return the text of the tables."""
+    if len(set(directories)) != len(directories):
+        raise FastGPTError("a run is named twice; give each run directory once")
+    runs = [load_run(directory) for directory in directories]
+    plot_comparison({run.name: run.records for run in runs}, to)
+    text = format_table(["run", "steps", "tokens", "val loss final / best", "val bpb final / best",
+                         "tokens/s (median)", "time (s)"], [summary(run) for run in runs])
+    differences = differing_settings(runs)
+    if differences:
+        text += "\n\nsettings that differ:\n" + format_table(["setting", *[run.name for run in runs]], differences)
+    elif len(runs) > 1:
+        text += "\n\nthe runs have the same settings"
+    return text + f"\n\ncurves: {to}"
+
+
+def main(argv=None):
+    def command():
+        config = parse_config(sys.argv[1:] if argv is None else argv, CompareConfig,
+                              prog="python -m fastgpt.compare", description="Compare training runs: curves and a table.")
+        print(compare(config.runs, config.to))
+    return run_cli(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Reading a training run's files (metrics.jsonl, config.json) safely while the run may still be writing.
+
+The trainer appends one JSON object per line. A reader (compare, eval, the plot) can look at the file
+between the moment a line's first bytes land and the moment its newline does: that last line is
+then partial, and is left out until it is complete. Any other line that is not a JSON object means
+the file is damaged, which is an error naming the line.
+"""
+
+import json
+from pathlib import Path
+
+from fastgpt.errors import FastGPTError
+
+
+def read_metrics(path):
+    """The records of a metrics.jsonl file, oldest first, without a partially written last line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FastGPTError(f"no metrics at {path}; is this the --out-dir of a training run?") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise FastGPTError(f"cannot read {path} ({error}); check the file") from None
+    lines = text.split("\n")
+    # After the last newline comes either nothing or a line still being written.
+    complete = lines[:-1]
+    records = []
+    for number, line in enumerate(complete, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            raise FastGPTError(f"line {number} of {path} is not a JSON object; the file is damaged "
+                               "(delete that line, or the file, to read the rest)")
+        records.append(record)
+    return records
+
+
+def read_run_config(out_dir):
+    """The settings a run was trained with (its config.json, which the trainer writes at start-up)."""
+    path = Path(out_dir) / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FastGPTError(f"no config.json in {out_dir}; point at a directory that fastgpt.train wrote "
+                           "(its --out-dir)") from None
+    except (OSError, ValueError) as error:
+        raise FastGPTError(f"cannot read {path} ({error}); it should hold the settings fastgpt.train wrote") from None
