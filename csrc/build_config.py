@@ -10,7 +10,8 @@ to the plain version whatever -m flags say.
 import os
 import platform
 
-SOURCES = ["attention.cpp", "decode.cpp", "gelu.cpp", "layer_norm.cpp", "ops.cpp"]
+SOURCES = ["activations.cpp", "attention.cpp", "decode.cpp", "gelu.cpp", "layer_norm.cpp", "ops.cpp",
+           "rms_norm.cpp", "rotary.cpp"]
 
 ISA_FLAGS = {
     "avx512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",

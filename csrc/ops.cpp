@@ -48,6 +48,20 @@ TORCH_LIBRARY(fastgpt, m) {
   // One block of the model for one new token per sequence (x: (batch, channels)), inference only:
   // writes the token's keys and values into row `position` of the (batch, heads, capacity, head_dim)
   // caches and returns the block's output. eps is both LayerNorms' (GPT-2 gives them one value).
+  // RMSNorm over the last dimension; rstd: x.shape[:-1], fp32 (fp64 for fp64 x). grad_weight is in
+  // that accumulation type, and empty when there is no weight.
+  m.def("cpp_rms_norm_forward(Tensor x, Tensor? weight, float eps) -> (Tensor y, Tensor rstd)");
+  m.def("cpp_rms_norm_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor rstd) "
+        "-> (Tensor grad_x, Tensor grad_weight)");
+  // Rotary position embeddings of a (B, H, T, D) tensor whose rows are positions offset .. offset + T - 1.
+  m.def("cpp_rotary_forward(Tensor x, int offset, float base) -> Tensor");
+  m.def("cpp_rotary_backward(Tensor grad_y, int offset, float base) -> Tensor");
+  // ReLU^2 (relu(x) squared); the output and grad_x are contiguous, in x's dtype.
+  m.def("cpp_relu_squared_forward(Tensor x) -> Tensor");
+  m.def("cpp_relu_squared_backward(Tensor grad_y, Tensor x) -> Tensor");
+  // SwiGLU of x = [gate, up] (..., 2N): silu(gate) * up, (..., N); grad_x is (..., 2N). Contiguous, x's dtype.
+  m.def("cpp_swiglu_forward(Tensor x) -> Tensor");
+  m.def("cpp_swiglu_backward(Tensor grad_y, Tensor x) -> Tensor");
   m.def("decode_block(Tensor x, Tensor ln_1_weight, Tensor? ln_1_bias, Tensor attn_weight, Tensor? attn_bias, "
         "Tensor attn_proj_weight, Tensor? attn_proj_bias, Tensor ln_2_weight, Tensor? ln_2_bias, "
         "Tensor fc_weight, Tensor? fc_bias, Tensor mlp_proj_weight, Tensor? mlp_proj_bias, "
