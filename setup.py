@@ -14,7 +14,7 @@ import sys
 from setuptools import setup
 
 try:
-    import torch  # noqa: F401  (the extension is compiled against this torch)
+    import torch  # the extension is compiled against this torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 except ImportError:
     sys.exit("fastgpt: error: PyTorch must be installed before fastgpt is built: run "
@@ -25,7 +25,8 @@ TRITON = "triton>=3.6,<3.10; platform_system == 'Linux' and platform_machine == 
 
 
 def cpp_extensions():
-    """The C++ CPU extension: the sources in csrc/, built once per instruction set (csrc/build_config.py).
+    """The C++ CPU extension: the sources in csrc/, built for the baseline instruction set and for this
+    CPU's (csrc/build_config.py says which and how).
 
     fastgpt.ops.cpp loads the build matching the CPU it runs on. ninja (used by BuildExtension when it
     is installed) compiles each module's files in parallel.
@@ -34,13 +35,15 @@ def cpp_extensions():
     if not os.path.exists(config_path):
         return []
     config = runpy.run_path(config_path)
+    isa_at_hand = runpy.run_path(os.path.join(HERE, "fastgpt", "ops", "isa.py"))["isa_for_capability"](
+        torch.backends.cpu.get_cpu_capability())
     sources = [os.path.relpath(path, HERE) for path in config["source_paths"](os.path.join(HERE, "csrc"))]
     return [CppExtension(
         name="fastgpt." + config["module_name"](isa),
         sources=sources,
         extra_compile_args=config["COMPILE_FLAGS"] + config["ISA_FLAGS"][isa],
         extra_link_args=config["LINK_FLAGS"],
-    ) for isa in config["buildable_isas"]()]
+    ) for isa in config["isas_to_build"](isa_at_hand)]
 
 
 setup(

@@ -29,6 +29,13 @@
 // partial), so the backward is parallel over more than batch x heads; extra memory stays O(Tq) per
 // (batch, head) and the result does not depend on timing (no atomics).
 //
+// Grouped-query attention: k and v may have fewer heads (Hkv) than q (H), Hkv dividing H; query head h
+// attends with key/value head h / (H / Hkv), the query heads of a group sharing it (Hugging Face's
+// repeat_kv convention, without the repeated copies: the shared head is read in place). In the
+// backward, dk_j and dv_j of a shared head sum the terms of every query head of its group: a task owns
+// some key blocks of one (batch, key/value head) and walks, for each block, the queries of each of the
+// group's heads in turn, so each sum is formed in one fixed order by one task, as for H = Hkv.
+//
 // bf16 inputs are widened to fp32 once at the op boundary and the kernels run in fp32; fp64 runs in
 // fp64 for gradcheck. The tile products are the register-blocked `matmul` of common.h.
 
@@ -80,6 +87,7 @@ template <typename T>
 void attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               at::Tensor& out, at::Tensor& lse, T scale) {
   const int64_t heads = q.size(1), t_q = q.size(2), t_k = k.size(2), dim = q.size(3);
+  const int64_t group = heads / k.size(1);  // query heads per key/value head
   const int64_t offset = t_k - t_q;
   const int64_t q_blocks = ceil_div(t_q, kBlockQ);
   // A task takes every chunks-th query block of one head, so that long and short (near the start,
@@ -96,7 +104,7 @@ void attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at
     std::vector<T> scores(block_rows * kForwardBlockK), acc(block_rows * dim), row_max(block_rows), row_sum(block_rows);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (heads * chunks), h = task / chunks % heads, chunk = task % chunks;
-      const Rows<T> Q = head<T>(q, b, h), K = head<T>(k, b, h), V = head<T>(v, b, h);
+      const Rows<T> Q = head<T>(q, b, h), K = head<T>(k, b, h / group), V = head<T>(v, b, h / group);
       const Rows<T> O = head<T>(out, b, h);
       transpose(K.data, K.row_stride, t_k, dim, keys_t.data(), keys_t_stride);
 
@@ -154,26 +162,30 @@ template <typename T>
 void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                at::Tensor& dq_partials, at::Tensor& dk, at::Tensor& dv, T scale) {
-  const int64_t batch = q.size(0), heads = q.size(1), t_q = q.size(2), t_k = k.size(2);
-  const int64_t dim = q.size(3), offset = t_k - t_q;
+  const int64_t batch = q.size(0), heads = q.size(1), kv_heads = k.size(1), t_q = q.size(2), t_k = k.size(2);
+  const int64_t dim = q.size(3), offset = t_k - t_q, group = heads / kv_heads;
   const int64_t k_blocks = ceil_div(t_k, kBackwardBlockK), chunks = dq_partials.size(0);
 
-  at::parallel_for(0, batch * heads * chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch * kv_heads * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> probs(kBlockQ * kBackwardBlockK), dprobs(kBlockQ * kBackwardBlockK);
     std::vector<T> dk_acc(kBackwardBlockK * dim), dv_acc(kBackwardBlockK * dim);
     std::vector<T> keys_t(dim * kKeysTStride), values_t(dim * kKeysTStride);  // K_j^T, V_j^T
-    std::vector<T> head_delta(t_q);
+    std::vector<T> group_delta(group * t_q);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / chunks, chunk = task % chunks, b = bh / heads, h = bh % heads;
-      const Rows<T> Q = head<T>(q, b, h), K = head<T>(k, b, h), V = head<T>(v, b, h);
-      const Rows<T> dO = head<T>(grad_out, b, h), dK = head<T>(dk, b, h), dV = head<T>(dv, b, h);
-      const Rows<T> O = head<T>(out, b, h);
-      const T* head_lse = lse.data_ptr<T>() + bh * t_q;
+      const int64_t b = task / (kv_heads * chunks), g = task / chunks % kv_heads, chunk = task % chunks;
+      const Rows<T> K = head<T>(k, b, g), V = head<T>(v, b, g), dK = head<T>(dk, b, g), dV = head<T>(dv, b, g);
+      // The group's query heads are h = first_head .. first_head + group - 1.
+      const int64_t first_head = g * group;
+      const auto dq_partial_of = [&](int64_t h) {
+        return dq_partials.data_ptr<T>() + ((chunk * batch + b) * heads + h) * t_q * dim;
+      };
       // delta_i = do_i . o_i, one number per query, computed where it is used rather than in a pass
       // of its own over dO and O. (When a head is split over several tasks, each computes it.)
-      for (int64_t i = 0; i < t_q; ++i) head_delta[i] = dot_rows<T, 1>(dO.row(i), dim, O.row(i))[0];
-      T* dq_partial = dq_partials.data_ptr<T>() + (chunk * batch * heads + bh) * t_q * dim;
-      std::fill(dq_partial, dq_partial + t_q * dim, T(0));
+      for (int64_t r = 0; r < group; ++r) {
+        const Rows<T> dO = head<T>(grad_out, b, first_head + r), O = head<T>(out, b, first_head + r);
+        for (int64_t i = 0; i < t_q; ++i) group_delta[r * t_q + i] = dot_rows<T, 1>(dO.row(i), dim, O.row(i))[0];
+        std::fill_n(dq_partial_of(first_head + r), t_q * dim, T(0));
+      }
 
       for (int64_t key_block = chunk; key_block < k_blocks; key_block += chunks) {
         const int64_t k0 = key_block * kBackwardBlockK, cols = std::min(kBackwardBlockK, t_k - k0);
@@ -183,43 +195,50 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, 
         transpose(V.row(k0), V.row_stride, cols, dim, values_t.data(), kKeysTStride);
         // Query i sees key k0 once offset + i >= k0: earlier query blocks are skipped.
         const int64_t first_query = std::max<int64_t>(k0 - offset, 0) / kBlockQ * kBlockQ;
-        for (int64_t q0 = first_query; q0 < t_q; q0 += kBlockQ) {
-          const int64_t rows = std::min(kBlockQ, t_q - q0);
-          // P = exp(scale * Q K^T - lse) and dP = dO V^T, each group of rows only up to the keys
-          // its last row sees; P is zero in the future.
-          for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
-            const int64_t group = std::min<int64_t>(kTileRows, rows - r0);
-            const int64_t needed = visible_keys(offset + q0 + r0 + group - 1, k0, cols);
-            matmul<T>(group, needed, dim, scale, Q.row(q0 + r0), Q.row_stride, 1, keys_t.data(),
-                      kKeysTStride, probs.data() + r0 * kBackwardBlockK, kBackwardBlockK, false);
-            matmul<T>(group, needed, dim, T(1), dO.row(q0 + r0), dO.row_stride, 1, values_t.data(),
-                      kKeysTStride, dprobs.data() + r0 * kBackwardBlockK, kBackwardBlockK, false);
-          }
-          // dS = P * (dP - delta), kept in dprobs; zero in the future.
-          for (int64_t i = 0; i < rows; ++i) {
-            using Vt = at::vec::Vectorized<T>;
-            const int64_t visible = visible_keys(offset + q0 + i, k0, cols);
-            T* p = probs.data() + i * kBackwardBlockK;
-            T* ds = dprobs.data() + i * kBackwardBlockK;
-            exponentiate_and_sum(p, visible, cols, head_lse[q0 + i]);  // the sum is not needed: lse normalises
-            const Vt row_delta(head_delta[q0 + i]);
-            for (int64_t j = 0; j < cols; j += Vt::size()) {
-              const int64_t count = std::clamp<int64_t>(visible - j, 0, Vt::size());
-              const Vt d = Vt::set(Vt(T(0)), Vt::loadu(p + j) * (Vt::loadu(ds + j) - row_delta), count);
-              d.store(ds + j, std::min<int64_t>(Vt::size(), cols - j));
+        for (int64_t r = 0; r < group; ++r) {
+          const int64_t h = first_head + r;
+          const Rows<T> Q = head<T>(q, b, h), dO = head<T>(grad_out, b, h);
+          const T* head_lse = lse.data_ptr<T>() + (b * heads + h) * t_q;
+          const T* head_delta = group_delta.data() + r * t_q;
+          T* dq_partial = dq_partial_of(h);
+          for (int64_t q0 = first_query; q0 < t_q; q0 += kBlockQ) {
+            const int64_t rows = std::min(kBlockQ, t_q - q0);
+            // P = exp(scale * Q K^T - lse) and dP = dO V^T, each group of rows only up to the keys
+            // its last row sees; P is zero in the future.
+            for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
+              const int64_t tile = std::min<int64_t>(kTileRows, rows - r0);
+              const int64_t needed = visible_keys(offset + q0 + r0 + tile - 1, k0, cols);
+              matmul<T>(tile, needed, dim, scale, Q.row(q0 + r0), Q.row_stride, 1, keys_t.data(),
+                        kKeysTStride, probs.data() + r0 * kBackwardBlockK, kBackwardBlockK, false);
+              matmul<T>(tile, needed, dim, T(1), dO.row(q0 + r0), dO.row_stride, 1, values_t.data(),
+                        kKeysTStride, dprobs.data() + r0 * kBackwardBlockK, kBackwardBlockK, false);
             }
-          }
-          // dV += P^T dO
-          matmul<T>(cols, dim, rows, T(1), probs.data(), 1, kBackwardBlockK, dO.row(q0), dO.row_stride,
-                    dv_acc.data(), dim, true);
-          // dK += scale * dS^T Q;  dQ += scale * dS K
-          matmul<T>(cols, dim, rows, scale, dprobs.data(), 1, kBackwardBlockK, Q.row(q0), Q.row_stride,
-                    dk_acc.data(), dim, true);
-          for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
-            const int64_t group = std::min<int64_t>(kTileRows, rows - r0);
-            const int64_t needed = visible_keys(offset + q0 + r0 + group - 1, k0, cols);
-            matmul<T>(group, dim, needed, scale, dprobs.data() + r0 * kBackwardBlockK, kBackwardBlockK, 1, K.row(k0),
-                      K.row_stride, dq_partial + (q0 + r0) * dim, dim, true);
+            // dS = P * (dP - delta), kept in dprobs; zero in the future.
+            for (int64_t i = 0; i < rows; ++i) {
+              using Vt = at::vec::Vectorized<T>;
+              const int64_t visible = visible_keys(offset + q0 + i, k0, cols);
+              T* p = probs.data() + i * kBackwardBlockK;
+              T* ds = dprobs.data() + i * kBackwardBlockK;
+              exponentiate_and_sum(p, visible, cols, head_lse[q0 + i]);  // the sum is not needed: lse normalises
+              const Vt row_delta(head_delta[q0 + i]);
+              for (int64_t j = 0; j < cols; j += Vt::size()) {
+                const int64_t count = std::clamp<int64_t>(visible - j, 0, Vt::size());
+                const Vt d = Vt::set(Vt(T(0)), Vt::loadu(p + j) * (Vt::loadu(ds + j) - row_delta), count);
+                d.store(ds + j, std::min<int64_t>(Vt::size(), cols - j));
+              }
+            }
+            // dV += P^T dO
+            matmul<T>(cols, dim, rows, T(1), probs.data(), 1, kBackwardBlockK, dO.row(q0), dO.row_stride,
+                      dv_acc.data(), dim, true);
+            // dK += scale * dS^T Q;  dQ += scale * dS K
+            matmul<T>(cols, dim, rows, scale, dprobs.data(), 1, kBackwardBlockK, Q.row(q0), Q.row_stride,
+                      dk_acc.data(), dim, true);
+            for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
+              const int64_t tile = std::min<int64_t>(kTileRows, rows - r0);
+              const int64_t needed = visible_keys(offset + q0 + r0 + tile - 1, k0, cols);
+              matmul<T>(tile, dim, needed, scale, dprobs.data() + r0 * kBackwardBlockK, kBackwardBlockK, 1,
+                        K.row(k0), K.row_stride, dq_partial + (q0 + r0) * dim, dim, true);
+            }
           }
         }
         for (int64_t j = 0; j < cols; ++j) {
@@ -232,10 +251,6 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, 
 }
 
 // ---- Op entry points ---------------------------------------------------------------------------
-
-at::ScalarType compute_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // In the compute dtype, with unit stride along D (what the kernels' vector loads need).
 at::Tensor prepared(const at::Tensor& t, at::ScalarType dtype) {
@@ -251,6 +266,12 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
     TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kDouble,
                 "fastgpt::causal_attention: supports float32, bfloat16 and float64, got ", dtype);
   }
+  TORCH_CHECK(k.sizes() == v.sizes(), "fastgpt::causal_attention: k and v must have one shape, got ", k.sizes(),
+              " and ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), "fastgpt::causal_attention: q ", q.sizes(),
+              " and k ", k.sizes(), " must agree in batch size and head dim");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "fastgpt::causal_attention: the ", k.size(1),
+              " key/value heads must divide the ", q.size(1), " query heads");
   TORCH_CHECK(k.size(2) >= q.size(2), "fastgpt::causal_attention: needs Tk >= Tq");
 }
 
@@ -259,7 +280,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 std::tuple<at::Tensor, at::Tensor> causal_attention_forward(const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& v, double scale) {
   check_inputs(q, k, v);
-  const auto dtype = compute_type(q);
+  const auto dtype = accumulate_type(q);
   const at::Tensor qc = prepared(q, dtype), kc = prepared(k, dtype), vc = prepared(v, dtype);
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(dtype));
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(dtype));
@@ -273,12 +294,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, double scale) {
   check_inputs(q, k, v);
-  const auto dtype = compute_type(q);
+  const auto dtype = accumulate_type(q);
   const at::Tensor qc = prepared(q, dtype), kc = prepared(k, dtype), vc = prepared(v, dtype);
   const at::Tensor doc = prepared(grad_out, dtype), oc = prepared(out, dtype);
   const at::Tensor lsec = lse.to(dtype).contiguous();
-  const int64_t batch_heads = q.size(0) * q.size(1);
-  const int64_t chunks = tasks_per_head(batch_heads, ceil_div(k.size(2), kBackwardBlockK));
+  // A task owns key blocks of one (batch, key/value head): that is what the work is split over.
+  const int64_t chunks = tasks_per_head(k.size(0) * k.size(1), ceil_div(k.size(2), kBackwardBlockK));
   at::Tensor dq_partials = at::empty({chunks, q.size(0), q.size(1), q.size(2), q.size(3)},
                                      q.options().dtype(dtype));
   at::Tensor dk = at::empty(k.sizes(), k.options().dtype(dtype));

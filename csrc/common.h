@@ -23,6 +23,12 @@ template <typename scalar_t> struct AccumulateType { using type = float; };
 template <> struct AccumulateType<double> { using type = double; };
 template <typename scalar_t> using acc_t = typename AccumulateType<scalar_t>::type;
 
+// The same choice for a tensor at run time: the dtype of the statistics and parameter gradients an
+// op returns, and of the tensors it computes in when it widens bf16 inputs once at its boundary.
+inline at::ScalarType accumulate_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 template <typename scalar_t> using Vec = at::vec::Vectorized<acc_t<scalar_t>>;
 
 // Loads `count` (at most one vector's worth of) elements of `scalar_t` as an accumulation vector;

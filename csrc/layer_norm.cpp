@@ -99,10 +99,6 @@ at::Tensor parameter(const c10::optional<at::Tensor>& p, int64_t n, double fill,
   return p.has_value() ? p->to(options.dtype()).contiguous() : at::full({n}, fill, options);
 }
 
-at::ScalarType accumulate_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 void check_input(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu(), "fastgpt::layer_norm: expects CPU tensors");
   TORCH_CHECK(x.dim() >= 1, "fastgpt::layer_norm: expects at least one dimension");

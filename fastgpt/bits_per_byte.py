@@ -22,7 +22,7 @@ def token_byte_lengths(tokenizer):
     if tokenizer.kind == "char":
         lengths = [len(character.encode("utf-8")) for character in tokenizer.chars]
     else:
-        from fastgpt.pretrained import tokenizer_tokens  # the bytes of every bpe or gpt2 token
+        from fastgpt.hf import tokenizer_tokens  # the bytes of every bpe or gpt2 token
 
         lengths = [len(token) for token in tokenizer_tokens(tokenizer)]
     return torch.tensor(lengths, dtype=torch.int64)

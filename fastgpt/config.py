@@ -49,6 +49,8 @@ class TrainConfig:
     eval_interval: int = setting(230, "steps between train/val loss evaluations")
     eval_iters: int = setting(10, "batches per loss evaluation (fixed batches, the same every time)")
     log_interval: int = setting(10, "steps between lines in metrics.jsonl")
+    log: tuple[str, ...] = setting((), "also send metrics to: tensorboard (event files in out_dir/tensorboard; "
+                                       "needs the tensorboard package); repeatable", ["tensorboard"])
     out_dir: str = setting("out", "directory for the checkpoint, metrics, loss plot and token cache")
     resume: bool = setting(False, "continue from out_dir/ckpt.pt instead of starting afresh")
     sample_tokens: int = setting(200, "tokens sampled at the end of training (0: none)")
@@ -57,7 +59,8 @@ class TrainConfig:
     # system
     seed: int = setting(1337, "seed for initialisation, batches and dropout")
     device: str = device_setting("where to train: auto (CUDA when present), cpu, cuda, cuda:N")
-    dtype: str = setting("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", ["auto", "float32", "bfloat16"])
+    dtype: str = setting("auto", "auto: bf16 autocast on GPUs with native bf16, fp32 elsewhere (see "
+                                 "fastgpt/hardware.py)", ["auto", "float32", "bfloat16"])
     compile: bool = setting(False, "compile the model with torch.compile")
     backend: str = backend_setting()
     parallel: str = setting("ddp", "under torchrun, how the processes share the model: ddp (each holds all of it) "
@@ -191,8 +194,10 @@ def check_choices(config):
     values = flat_values(config)
     for f in leaves(type(config)):
         choices = f.metadata["choices"]
-        if choices and values[f.name] not in choices:
-            raise FastGPTError(f"{f.name} must be one of {', '.join(choices)} (got {values[f.name]!r})")
+        given = values[f.name] if _is_list(f) else (values[f.name],)
+        for value in given:
+            if choices and value not in choices:
+                raise FastGPTError(f"{f.name} must be one of {', '.join(choices)} (got {value!r})")
 
 
 def parse_config(argv, config_class=TrainConfig, prog="python -m fastgpt.train",

@@ -1,7 +1,8 @@
 """Where training's metrics go: each sink takes every metrics record as it is made.
 
 A record is a dict: `step`, `train_loss` (the mean since the previous record), `lr`,
-`tokens_per_sec`, `elapsed_s`, and `val_loss` when the step was evaluated. A sink is any object with
+`tokens_per_sec`, `elapsed_s`, and `val_loss`, `val_bpb` and `train_bpb` (bits per byte) when the
+step was evaluated. A sink is any object with
 `log(record)` and `close()`; a new destination is one more such class in the trainer's list.
 """
 
@@ -11,11 +12,7 @@ from tqdm import tqdm
 
 from fastgpt.checkpoint import atomic_write
 from fastgpt.plots import plot_losses
-
-
-def read_metrics(path):
-    """The records in a metrics.jsonl file."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from fastgpt.run_files import read_metrics
 
 
 class MetricsFile:

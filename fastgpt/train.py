@@ -28,14 +28,18 @@ from fastgpt import distributed, hf
 from fastgpt.checkpoint import CheckpointFiles, load_checkpoint, model_config_of, model_entries
 from fastgpt.cli import run_cli
 from fastgpt.config import TrainConfig, parse_config
+from fastgpt.bits_per_byte import bits_per_byte, token_byte_lengths
 from fastgpt.data import TokenBlocks, corpus_files, encode_corpus, fit_tokenizer
-from fastgpt.device import autocast_context, compute_dtype, pick_device, use_backend
+from fastgpt.device import pick_device, use_backend
 from fastgpt.errors import FastGPTError
+from fastgpt.hardware import choose_precision, startup_line
 from fastgpt.lr_schedules import learning_rate_at
 from fastgpt.model import GPT, GPTConfig
 from fastgpt.pretrained import load_pretrained
+from fastgpt.run_lock import RunLock
 from fastgpt.sinks import LossPlot, MetricsFile, ProgressBar
 from fastgpt.stopping import StopRequests
+from fastgpt.tensorboard_sink import TensorBoardSink
 from fastgpt.tokenizers import tokenizer_from_state
 
 
@@ -94,13 +98,15 @@ class Trainer:
     processes where the settings ask for it (distributed.parallelize).
     """
 
-    def __init__(self, config):
+    def __init__(self, config, lock):
         self.config = config
         self.world, self.device = distributed.join(pick_device(config.device))
         self.backend = use_backend(config.backend, self.device)
+        self.precision = choose_precision(config.dtype, self.device)
         self.out_dir = Path(config.out_dir)
         self.checkpoints = CheckpointFiles(self.out_dir, config.keep_last)
         if self.world.is_main:
+            lock.acquire()  # one run per directory: refused here, before anything in it changes
             self.checkpoints.prepare(config.resume)
 
         resumed = self._load_resumable() if config.resume else None
@@ -126,7 +132,7 @@ class Trainer:
         if self.world.is_main:
             self.checkpoints.check_room(self.raw_model)
         self.model = distributed.parallelize(self.raw_model, self.world, config.parallel, config.compile,
-                                             compute_dtype(config.dtype, self.device))
+                                             getattr(torch, self.precision.dtype))
         self.optimizer = self.raw_model.configure_optimizer(
             config.learning_rate, config.weight_decay, (config.beta1, config.beta2), self.device.type)
         self.step = 0
@@ -139,7 +145,9 @@ class Trainer:
         self.eval_starts = self._fixed_eval_starts()
         if resumed:
             self._restore(resumed)
-        self.autocast = autocast_context(config.dtype, self.device)
+        self.autocast = self.precision.autocast(self.device)
+        # Bits per byte: losses compare across tokenizers once divided by the bytes the tokens spell.
+        self.token_bytes = token_byte_lengths(self.tokenizer).to(self.device)
         self.stop = StopRequests()
 
     # -- before training ---------------------------------------------------------------------
@@ -229,19 +237,24 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self):
-        """Mean loss over the fixed evaluation blocks of each split (each process takes its slice)."""
+        """{split: (mean loss, bits per byte)} over the fixed evaluation blocks of each split (each
+        process takes its slice)."""
         self.model.eval()
         splits = list(self.eval_starts)
-        totals = torch.zeros(len(splits), dtype=torch.float64, device=self.device)
+        nats = torch.zeros(len(splits), dtype=torch.float64, device=self.device)
+        text_bytes = torch.zeros(len(splits), dtype=torch.float64, device=self.device)
+        tokens = torch.zeros(len(splits), dtype=torch.float64, device=self.device)
         for index, split in enumerate(splits):
             for starts in self.eval_starts[split]:
                 x, y = self.blocks.batch(split, starts, self.device)
                 with self.autocast:
                     _, loss = self.model(x, y)
-                totals[index] += loss.double()
+                nats[index] += loss.double() * y.numel()
+                tokens[index] += y.numel()
+                text_bytes[index] += self.token_bytes[y].sum()
         self.model.train()
-        means = distributed.sum_across(totals, self.world) / (self.world.size * self.config.eval_iters)
-        return dict(zip(splits, means.tolist()))
+        nats, text_bytes, tokens = distributed.sum_across(torch.stack([nats, text_bytes, tokens]), self.world).tolist()
+        return {split: (nats[i] / tokens[i], bits_per_byte(nats[i], text_bytes[i])) for i, split in enumerate(splits)}
 
     def save(self, is_best=False):
         """Write a checkpoint (rank 0; under FSDP every process must call this, to gather the shards)."""
@@ -266,11 +279,15 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
 
     def sinks(self):
-        """Where metrics records go (rank 0 only): metrics.jsonl, the progress bar, loss.png."""
+        """Where metrics records go (rank 0 only): metrics.jsonl, the progress bar, loss.png, and those
+        that --log adds."""
         if not self.world.is_main:
             return []
-        metrics = MetricsFile(self.out_dir / "metrics.jsonl", self.step if self.config.resume else None)
-        return [metrics, ProgressBar(self.config.max_iters, self.step), LossPlot(self.out_dir / "loss.png", metrics.history)]
+        resumed_step = self.step if self.config.resume else None
+        metrics = MetricsFile(self.out_dir / "metrics.jsonl", resumed_step)
+        extra = [TensorBoardSink(self.out_dir, resumed_step) for name in self.config.log if name == "tensorboard"]
+        return [metrics, ProgressBar(self.config.max_iters, self.step),
+                LossPlot(self.out_dir / "loss.png", metrics.history), *extra]
 
     def run(self):
         """Train to max_iters, or until a signal asks to stop; returns the outcome (see `train`)."""
@@ -322,6 +339,9 @@ class Trainer:
             f"device {self.device}, kernels: {self.backend}"
             + (f", {self.world.size} processes ({config.parallel})" if self.world.is_distributed else ""),
             file=sys.stderr)
+        say(startup_line(self.device, self.precision, self.backend), file=sys.stderr)
+        if self.precision.warning:
+            say(self.precision.warning, file=sys.stderr)
 
     def _farewell(self, stopped_by, elapsed):
         """How the run ended, and for a stopped one, how to continue it (rank 0)."""
@@ -342,12 +362,13 @@ class Trainer:
 
     def _add_evaluation(self, record):
         """Evaluate, add the validation loss to the record, and say whether it is the best so far."""
-        losses = self.evaluate()
-        record["val_loss"] = losses["val"]
+        (train_loss, train_bpb), (val_loss, val_bpb) = (self.evaluate()[split] for split in ("train", "val"))
+        record.update(val_loss=val_loss, val_bpb=val_bpb, train_bpb=train_bpb)
         if self.world.is_main:
-            say(f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        is_best = losses["val"] < self.best_val_loss
-        self.best_val_loss = min(self.best_val_loss, losses["val"])
+            say(f"step {self.step}: train loss {train_loss:.4f} ({train_bpb:.3f} bits/byte), "
+                f"val loss {val_loss:.4f} ({val_bpb:.3f} bits/byte)")
+        is_best = val_loss < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, val_loss)
         return is_best
 
     def print_sample(self, n_tokens):
@@ -365,9 +386,11 @@ class Trainer:
 def train(config):
     """Train with a TrainConfig; returns the best validation loss, the time taken, the last step and
     the signal that stopped the run early (None if it ran to max_iters)."""
+    lock = RunLock(config.out_dir)
     try:
-        return Trainer(config).run()
+        return Trainer(config, lock).run()
     finally:
+        lock.release()
         distributed.leave()
 
 

@@ -234,6 +234,15 @@ def _head_start(base, batch_head, n_heads, stride_b, stride_h):
 
 
 @triton.jit
+def _kv_head_start(base, batch_head, n_heads, kv_group, stride_b, stride_h):
+    """Where the keys (or values) that query head `batch_head` attends with start in a (B, H / kv_group,
+    T, D) tensor: grouped-query attention shares one key/value head among kv_group query heads."""
+    batch = (batch_head // n_heads).to(tl.int64)
+    head = (batch_head % n_heads // kv_group).to(tl.int64)
+    return base + batch * stride_b + head * stride_h
+
+
+@triton.jit
 def _program_block(n_blocks, HEAVY_FIRST: tl.constexpr):
     """(batch x head index, block index) of this program on the one-dimensional grid.
 
@@ -298,14 +307,14 @@ def _attention_forward_kernel(
         Q, K, V, O, LSE,
         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
         stride_ob, stride_oh, stride_ot,
-        n_heads, seq_len_q, seq_len_k, qk_scale, tune_len_q, tune_len_k,
+        n_heads, kv_group, seq_len_q, seq_len_k, qk_scale, tune_len_q, tune_len_k,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, DOT_DTYPE: tl.constexpr,
         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     batch_head, block = _program_block(tl.cdiv(seq_len_q, BLOCK_M), True)
     query_start = block * BLOCK_M
     Q = _head_start(Q, batch_head, n_heads, stride_qb, stride_qh)
-    K = _head_start(K, batch_head, n_heads, stride_kb, stride_kh)
-    V = _head_start(V, batch_head, n_heads, stride_vb, stride_vh)
+    K = _kv_head_start(K, batch_head, n_heads, kv_group, stride_kb, stride_kh)
+    V = _kv_head_start(V, batch_head, n_heads, kv_group, stride_vb, stride_vh)
     O = _head_start(O, batch_head, n_heads, stride_ob, stride_oh)
     LSE += batch_head.to(tl.int64) * seq_len_q
     query_offset = seq_len_k - seq_len_q
@@ -382,15 +391,15 @@ def _attention_backward_dkdv_kernel(
         Q, K, V, DO, LSE, DELTA, DK, DV,
         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
         stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh, stride_dkt,
-        n_heads, seq_len_q, seq_len_k, scale, qk_scale, tune_len_q, tune_len_k,
+        n_heads, kv_group, seq_len_q, seq_len_k, scale, qk_scale, tune_len_q, tune_len_k,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, DOT_DTYPE: tl.constexpr,
         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # The first key blocks are seen by the most queries: the natural order is the heavy one first.
     batch_head, block = _program_block(tl.cdiv(seq_len_k, BLOCK_N), False)
     key_start = block * BLOCK_N
     Q = _head_start(Q, batch_head, n_heads, stride_qb, stride_qh)
-    K = _head_start(K, batch_head, n_heads, stride_kb, stride_kh)
-    V = _head_start(V, batch_head, n_heads, stride_vb, stride_vh)
+    K = _kv_head_start(K, batch_head, n_heads, kv_group, stride_kb, stride_kh)
+    V = _kv_head_start(V, batch_head, n_heads, kv_group, stride_vb, stride_vh)
     DO = _head_start(DO, batch_head, n_heads, stride_dob, stride_doh)
     DK = _head_start(DK, batch_head, n_heads, stride_dkb, stride_dkh)  # dV has dK's layout
     DV = _head_start(DV, batch_head, n_heads, stride_dkb, stride_dkh)
@@ -447,14 +456,14 @@ def _attention_backward_dq_kernel(
         Q, K, V, DO, LSE, DELTA, DQ,
         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
         stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
-        n_heads, seq_len_q, seq_len_k, scale, qk_scale, tune_len_q, tune_len_k,
+        n_heads, kv_group, seq_len_q, seq_len_k, scale, qk_scale, tune_len_q, tune_len_k,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, DOT_DTYPE: tl.constexpr,
         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     batch_head, block = _program_block(tl.cdiv(seq_len_q, BLOCK_M), True)
     query_start = block * BLOCK_M
     Q = _head_start(Q, batch_head, n_heads, stride_qb, stride_qh)
-    K = _head_start(K, batch_head, n_heads, stride_kb, stride_kh)
-    V = _head_start(V, batch_head, n_heads, stride_vb, stride_vh)
+    K = _kv_head_start(K, batch_head, n_heads, kv_group, stride_kb, stride_kh)
+    V = _kv_head_start(V, batch_head, n_heads, kv_group, stride_vb, stride_vh)
     DO = _head_start(DO, batch_head, n_heads, stride_dob, stride_doh)
     DQ = _head_start(DQ, batch_head, n_heads, stride_dqb, stride_dqh)
     LSE += batch_head.to(tl.int64) * seq_len_q
@@ -532,7 +541,7 @@ def _shape_args(q, k):
     """The launch arguments that describe q's and k's shapes, shared by all attention kernels."""
     batch, n_heads, seq_len_q, head_dim = q.shape
     seq_len_k = k.shape[2]
-    return dict(n_heads=n_heads, seq_len_q=seq_len_q, seq_len_k=seq_len_k,
+    return dict(n_heads=n_heads, kv_group=n_heads // k.shape[1], seq_len_q=seq_len_q, seq_len_k=seq_len_k,
                 tune_len_q=triton.next_power_of_2(seq_len_q), tune_len_k=triton.next_power_of_2(seq_len_k),
                 DOT_DTYPE=dot_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype), **_head_dims(head_dim))
 
@@ -573,11 +582,15 @@ def forward(q, k, v, scale):
 def backward(grad_out, q, k, v, out, lse, scale):
     """(dQ, dK, dV) of causal attention, given the forward's inputs, output and log-sum-exp.
 
-    The gradients are (B, H, T, D) views of (B, T, H, D) memory, like the forward's output.
+    The gradients are (B, H, T, D) views of (B, T, H, D) memory, like the forward's output. With
+    grouped-query attention (k and v with H / kv_group heads), each query head's share of dK and dV is
+    written to a buffer of H heads and the kv_group shares of a key/value head are summed afterwards,
+    in fp32: deterministic, at the price of that buffer.
     """
     q, k, v, out, grad_out = _prepare({"q": q, "k": k, "v": v, "the output": out, "its gradient": grad_out})
     batch, n_heads, seq_len_q, head_dim = q.shape
     seq_len_k = k.shape[2]
+    kv_heads = k.shape[1]
     dq = empty_heads(batch, n_heads, seq_len_q, head_dim, q)
     dk = empty_heads(batch, n_heads, seq_len_k, head_dim, k)
     dv = empty_heads(batch, n_heads, seq_len_k, head_dim, v)
@@ -594,7 +607,16 @@ def backward(grad_out, q, k, v, out, lse, scale):
         q, k, v, grad_out, lse, delta, dk, dv, *_strides(q, k, v, grad_out, dk), **args)
     _attention_backward_dq_kernel[_grid(batch_heads, seq_len_q, "BLOCK_M")](
         q, k, v, grad_out, lse, delta, dq, *_strides(q, k, v, grad_out, dq), **args)
+    if kv_heads != n_heads:
+        dk, dv = (_sum_over_groups(grad, kv_heads) for grad in (dk, dv))
     return dq, dk, dv
+
+
+def _sum_over_groups(grad, kv_heads):
+    """A (B, H, T, D) view of (B, T, H, D) memory summed over each group of H / kv_heads adjacent heads."""
+    batch, n_heads, seq_len, head_dim = grad.shape
+    memory = grad.transpose(1, 2).view(batch, seq_len, kv_heads, n_heads // kv_heads, head_dim)
+    return memory.sum(3, dtype=torch.float32).to(grad.dtype).transpose(1, 2)
 
 
 # The shapes and dtypes are the op's contract's; the memory layout is this module's (empty_heads).

@@ -114,3 +114,16 @@ def test_read_run_config(tmp_path):
     (tmp_path / "config.json").write_text("{")
     with pytest.raises(FastGPTError, match="cannot read"):
         read_run_config(tmp_path)
+
+
+def test_training_into_a_directory_another_process_trains_in_is_refused(tmp_path, holder, corpus):
+    """The trainer takes the lock before touching the directory: a second one, fresh or --resume, stops at
+    once naming the running process, and leaves the directory as it was."""
+    from fastgpt.config import parse_config
+    from fastgpt.train import train
+
+    for extra in ([], ["--resume"]):
+        config = parse_config(["--data", str(corpus), "--out-dir", str(tmp_path / "run"), *extra])
+        with pytest.raises(FastGPTError, match=f"another training run is using .*PID {holder.pid}"):
+            train(config)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]

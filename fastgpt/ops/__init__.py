@@ -4,6 +4,9 @@
     y = ops.causal_attention(q, k, v)              # q, k, v: (B, H, T, D)
     z = ops.layer_norm(x, weight, bias, eps=1e-5)  # over the last dimension
     h = ops.gelu(x)                                # GELU, tanh approximation (GPT-2's)
+    z = ops.rms_norm(x, weight, eps=1e-6)          # RMSNorm over the last dimension
+    q = ops.rotary(q, offset=0, base=10000.0)      # rotary positions (Llama's convention)
+    h = ops.relu_squared(x); h = ops.swiglu(x)     # MLP activations (SwiGLU of x = [gate, up])
 
 Each op is one module in `fastgpt/ops/definitions/` holding its public function, its contract (`fastgpt.ops.contract.FusedOp`:
 kernel schemas, fake versions, the autograd formula, sample inputs), its plain-PyTorch reference and
@@ -32,9 +35,13 @@ from fastgpt.ops.dispatch import (BACKENDS, OPS, BackendUnavailable, available_b
 from fastgpt.ops.definitions.causal_attention import causal_attention
 from fastgpt.ops.definitions.gelu import gelu
 from fastgpt.ops.definitions.layer_norm import layer_norm
+from fastgpt.ops.definitions.relu_squared import relu_squared
+from fastgpt.ops.definitions.rms_norm import rms_norm
+from fastgpt.ops.definitions.rotary import rotary
+from fastgpt.ops.definitions.swiglu import swiglu
 
 __all__ = ["BACKENDS", "OPS", "BackendUnavailable", "available_backends", "resolve_backend", "use_backend",
-           "causal_attention", "layer_norm", "gelu", "block_decoder"]
+           "causal_attention", "layer_norm", "gelu", "rms_norm", "rotary", "relu_squared", "swiglu", "block_decoder"]
 
 
 def block_decoder(x, block, backend=None):

@@ -2,9 +2,11 @@
 
     out = softmax(q k^T * scale + causal mask) v
 
-for q of shape (B, H, Tq, D) and k, v of shape (B, H, Tk, D), Tk >= Tq. The queries are the last Tq
+for q of shape (B, H, Tq, D) and k, v of shape (B, Hkv, Tk, D), Tk >= Tq. The queries are the last Tq
 positions of the key sequence (as when decoding with a key/value cache): query i sees keys
-0 .. Tk - Tq + i.
+0 .. Tk - Tq + i. With Hkv < H (grouped-query attention; Hkv divides H), query head h attends with
+key/value head h // (H / Hkv), the convention of Hugging Face's `repeat_kv`; the fused kernels read
+the shared heads in place.
 
 The fused kernels never build the Tq x Tk matrix of probabilities: the forward keeps only the
 log-sum-exp of each query's scores (lse), from which the backward recomputes the probabilities.
@@ -22,8 +24,8 @@ from fastgpt.ops.dispatch import register, run
 def causal_attention(q, k, v, *, scale=None, backend=None):
     """Causal scaled dot-product attention (see the module docstring); differentiable in q, k and v.
 
-    q: (B, H, Tq, D); k, v: (B, H, Tk, D) with Tk >= Tq, all of one dtype and device. `scale`
-    defaults to 1/sqrt(D). Returns (B, H, Tq, D).
+    q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D) with Tk >= Tq and Hkv dividing H, all of one dtype and
+    device. `scale` defaults to 1/sqrt(D). Returns (B, H, Tq, D).
     """
     check_inputs(q, k, v)
     if scale is None:
@@ -32,7 +34,10 @@ def causal_attention(q, k, v, *, scale=None, backend=None):
 
 
 def reference(q, k, v, scale):
-    """Every step spelled out: scores, the causal mask aligned to the end of the keys, softmax, sum."""
+    """Every step spelled out: each key/value head repeated for its group of query heads, scores, the
+    causal mask aligned to the end of the keys, softmax, sum."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     t_q, t_k = q.shape[-2], k.shape[-2]
     scores = (q @ k.transpose(-2, -1)) * scale
     query_position = torch.arange(t_k - t_q, t_k, device=q.device).unsqueeze(1)
@@ -46,22 +51,24 @@ def reference(q, k, v, scale):
 def builtin(q, k, v, scale):
     """PyTorch's F.scaled_dot_product_attention."""
     t_q, t_k = q.shape[-2], k.shape[-2]
+    grouped = q.shape[1] != k.shape[1]
     if t_q == t_k:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=grouped)
     # SDPA's is_causal aligns the mask to the top-left corner; queries that are the tail of the
     # sequence need it aligned to the bottom-right, so spell the mask out.
     query_position = torch.arange(t_k - t_q, t_k, device=q.device).unsqueeze(1)
     visible = torch.arange(t_k, device=q.device).unsqueeze(0) <= query_position
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=grouped)
 
 
 def check_inputs(q, k, v):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"causal_attention expects 4-D (B, H, T, D) tensors, got q{tuple(q.shape)}, "
                          f"k{tuple(k.shape)}, v{tuple(v.shape)}")
-    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
         raise ValueError(f"causal_attention: q{tuple(q.shape)}, k{tuple(k.shape)} and v{tuple(v.shape)} "
-                         "must agree in B, H and D, and k and v must have the same shape")
+                         "must agree in B and D, k and v must have the same shape, and their heads must "
+                         "divide q's")
     if k.shape[-2] < q.shape[-2]:
         raise ValueError(f"causal_attention: k and v need at least as many positions as q "
                          f"(got Tk={k.shape[-2]} < Tq={q.shape[-2]})")
@@ -101,8 +108,8 @@ def backward(ctx, backward_kernel, grad_out, _grad_lse):
 
 def samples(device, dtype):
     """(q, k, v, scale) of awkward shapes: T=1, T not a multiple of any block, head dims 48 and 80,
-    keys longer than the queries, keys spanning several blocks, and the strided (B, T, 3, H, D) views
-    a model's fused projection makes."""
+    keys longer than the queries, keys spanning several blocks, the strided (B, T, 3, H, D) views
+    a model's fused projection makes, and grouped-query attention (one and two key/value heads)."""
     def tensor(*shape):
         return torch.randn(*shape, device=device, dtype=dtype)
 
@@ -111,6 +118,8 @@ def samples(device, dtype):
         yield tensor(b, h, t_q, d), tensor(b, h, t_k, d), tensor(b, h, t_k, d), d ** -0.5
     q, k, v = tensor(2, 33, 3, 3, 48).unbind(dim=2)
     yield q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.7
+    yield tensor(1, 4, 19, 32), tensor(1, 1, 19, 32), tensor(1, 1, 19, 32), 32 ** -0.5
+    yield tensor(2, 6, 7, 48), tensor(2, 2, 12, 48), tensor(2, 2, 12, 48), 48 ** -0.5
 
 
 CAUSAL_ATTENTION = register(define_op(

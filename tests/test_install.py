@@ -1,0 +1,44 @@
+"""What `pip install` compiles: the baseline build and the one for this CPU, without debug information."""
+
+import platform
+import runpy
+from pathlib import Path
+
+import pytest
+
+import fastgpt
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+@pytest.fixture
+def build_config(monkeypatch):
+    monkeypatch.delenv("FASTGPT_ISAS", raising=False)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    return runpy.run_path(str(CSRC / "build_config.py"))
+
+
+@pytest.mark.parametrize("at_hand, built", [("avx512", ["avx512", "default"]), ("avx2", ["avx2", "default"]),
+                                            ("default", ["default"])])
+def test_install_builds_the_baseline_and_this_cpus_build(build_config, at_hand, built):
+    assert build_config["isas_to_build"](at_hand) == built
+
+
+def test_fastgpt_isas_chooses_other_builds(build_config, monkeypatch):
+    monkeypatch.setenv("FASTGPT_ISAS", "all")
+    assert build_config["isas_to_build"]("avx2") == ["avx512", "avx2", "default"]
+    monkeypatch.setenv("FASTGPT_ISAS", "avx512")
+    assert build_config["isas_to_build"]("avx2") == ["avx512"]
+
+
+def test_other_architectures_build_only_the_baseline(build_config, monkeypatch):
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert build_config["isas_to_build"]("default") == ["default"]
+
+
+def test_installed_builds_carry_no_debug_information():
+    # -g0 in build_config.py: Python's own flags ask for -g, which made the build 2.5 times slower.
+    builds = list(Path(fastgpt.__file__).parent.glob("_C_*.so"))
+    assert builds, "no compiled build of the C++ extension next to fastgpt"
+    for build in builds:
+        assert b".debug_info" not in build.read_bytes(), f"{build.name} was compiled with debug information"

@@ -1,0 +1,228 @@
+"""The rotary position embedding kernels (csrc/rotary.cpp, kernels/rotary.py) against plain PyTorch
+and float64.
+
+The C++ kernels are called as the ops `torch.ops.fastgpt.cpp_rotary_forward` / `_backward`, the Triton
+ones through their launchers (under Triton's interpreter when there is no GPU). Each is held to
+`rotary` below run in the same dtype and in float64, output and gradient, at T = 1, odd T, T not a
+multiple of the position block, head dims 48, 80 and 128, offsets (decoding with a cache), and on the
+transposed and strided views a model passes.
+
+Run as a script, `python tests/test_kernels_rotary.py --compile-for-hopper SHARD SHARDS` compiles a
+share of the Triton kernel's variants for sm_90 and reports their register spills.
+"""
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from kernel_checks import (CPP_DTYPES, CPP_UNAVAILABLE, TRITON_DTYPES, check_against_references,
+                           compile_for_hopper_in_subprocesses, compile_for_hopper_main, dtype_id,
+                           most_register_hungry)
+
+BASE = 10000.0
+needs_cpp = pytest.mark.skipif(CPP_UNAVAILABLE is not None, reason=f"C++ extension unavailable: {CPP_UNAVAILABLE}")
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+def rotary(x, offset, base):
+    """x (B, H, T, D) with each channel pair (i, i + D/2) of row t rotated by (offset + t) * base^(-2i/D),
+    as Hugging Face's Llama applies it (q * cos + rotate_half(q) * sin). The angles and their cos and
+    sin are computed in fp64, then the rotation in x's dtype."""
+    half = x.shape[-1] // 2
+    theta = base ** (-torch.arange(half, dtype=torch.float64, device=x.device) * 2 / x.shape[-1])
+    positions = offset + torch.arange(x.shape[-2], dtype=torch.float64, device=x.device)
+    angles = positions[:, None] * theta[None, :]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    first, second = x[..., :half], x[..., half:]
+    return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+
+
+def cpp_rotary(x, offset, base, grad_y):
+    y = torch.ops.fastgpt.cpp_rotary_forward(x, offset, base)
+    return y, torch.ops.fastgpt.cpp_rotary_backward(grad_y, offset, base)
+
+
+def triton_rotary(x, offset, base, grad_y):
+    from fastgpt.kernels.rotary import backward as rotary_backward, forward as rotary_forward
+
+    return rotary_forward(x, offset, base), rotary_backward(grad_y, offset, base)
+
+
+def inputs(shape, dtype, layout):
+    """x and grad_y of shape (B, H, T, D) laid out as a model may pass them."""
+    b, h, t, d = shape
+    if layout == "contiguous":
+        return torch.randn(b, h, t, d, dtype=dtype), torch.randn(b, h, t, d, dtype=dtype)
+    if layout == "transposed":  # (B, T, H, D) -> (B, H, T, D), as q.view(B, T, H, D).transpose(1, 2)
+        return tuple(torch.randn(b, t, h, d, dtype=dtype).transpose(1, 2) for _ in range(2))
+    if layout == "qkv-slice":  # q of a fused (B, T, 3, H, D) projection: rows far apart, not dense
+        return tuple(torch.randn(b, t, 3, h, d, dtype=dtype)[:, :, 0].transpose(1, 2) for _ in range(2))
+    assert layout == "channels-apart"  # channels not adjacent: the kernels copy first
+    return tuple(torch.randn(b, h, d, t, dtype=dtype).transpose(2, 3) for _ in range(2))
+
+
+def check(kernel, what, x, grad_y, offset, base=BASE):
+    y, dx = kernel(x, offset, base, grad_y)
+    assert y.dtype == x.dtype and dx.dtype == x.dtype
+    check_against_references(what, [y, dx], lambda x: rotary(x, offset, base), [x], grad_y, ["y", "dx"])
+    return y
+
+
+# (B, H, T, D): T = 1, odd T, T not a multiple of the position block (16 under the interpreter), head
+# dims 48, 80 and 128, and a head dim of 2 (one pair).
+SHAPES = [(1, 1, 1, 48), (2, 3, 37, 80), (1, 2, 33, 128), (2, 1, 7, 2), (1, 3, 16, 48)]
+OFFSETS = [0, 5, 1000]
+
+
+# ---- C++ ---------------------------------------------------------------------------------------
+
+@needs_cpp
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", CPP_DTYPES, ids=dtype_id)
+def test_cpp_matches_reference_and_float64(dtype, shape, offset):
+    x, grad_y = inputs(shape, dtype, "contiguous")
+    check(cpp_rotary, f"cpp rotary {dtype_id(dtype)} {shape} offset {offset}", x, grad_y, offset)
+
+
+@needs_cpp
+@pytest.mark.parametrize("layout", ["transposed", "qkv-slice", "channels-apart"])
+def test_cpp_on_the_views_a_model_passes(layout):
+    x, grad_y = inputs((2, 3, 37, 48), torch.float32, layout)
+    y = check(cpp_rotary, f"cpp rotary {layout}", x, grad_y, 3, base=500000.0)
+    if layout == "transposed":  # dense: read in place, and the output is laid out as the input
+        assert y.stride() == x.stride()
+
+
+@needs_cpp
+def test_cpp_angles_stay_exact_far_into_the_sequence():
+    """Angles formed in fp32 would be off by about p * 2^-24 rad (2e-3 at p = 40000): these are not."""
+    x = torch.randn(1, 2, 8, 64, dtype=torch.float64)
+    y = torch.ops.fastgpt.cpp_rotary_forward(x.float(), 40000, BASE)
+    assert (y.double() - rotary(x, 40000, BASE)).abs().max() < 2e-6
+
+
+@needs_cpp
+def test_cpp_gradcheck():
+    x = torch.randn(2, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+
+    class Rotary(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return torch.ops.fastgpt.cpp_rotary_forward(x, 3, BASE)
+
+        @staticmethod
+        def backward(ctx, grad_y):
+            return torch.ops.fastgpt.cpp_rotary_backward(grad_y, 3, BASE)
+
+    assert torch.autograd.gradcheck(Rotary.apply, (x,))
+
+
+@needs_cpp
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "qkv-slice"])
+def test_cpp_opcheck(layout):
+    x, grad_y = inputs((1, 2, 9, 16), torch.float32, layout)
+    torch.library.opcheck(torch.ops.fastgpt.cpp_rotary_forward.default, (x, 4, BASE))
+    torch.library.opcheck(torch.ops.fastgpt.cpp_rotary_backward.default, (grad_y, 4, BASE))
+
+
+@needs_cpp
+def test_cpp_rejects_bad_shapes():
+    with pytest.raises(RuntimeError, match="head dimension must be even"):
+        torch.ops.fastgpt.cpp_rotary_forward(torch.randn(1, 1, 4, 7), 0, BASE)
+    with pytest.raises(RuntimeError, match=r"expects a \(B, H, T, D\) tensor"):
+        torch.ops.fastgpt.cpp_rotary_forward(torch.randn(4, 8), 0, BASE)
+
+
+# ---- Triton ------------------------------------------------------------------------------------
+
+@needs_triton
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=dtype_id)
+def test_triton_matches_reference_and_float64(dtype, shape, offset):
+    x, grad_y = inputs(shape, dtype, "contiguous")
+    check(triton_rotary, f"triton rotary {dtype_id(dtype)} {shape} offset {offset}", x, grad_y, offset)
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", ["transposed", "qkv-slice", "channels-apart"])
+def test_triton_on_the_views_a_model_passes(layout):
+    x, grad_y = inputs((2, 3, 37, 48), torch.float32, layout)
+    y = check(triton_rotary, f"triton rotary {layout}", x, grad_y, 3, base=500000.0)
+    if layout == "transposed":
+        assert y.stride() == x.stride()
+
+
+@needs_triton
+def test_triton_angles_stay_exact_far_into_the_sequence():
+    from fastgpt.kernels.rotary import forward as rotary_forward
+
+    x = torch.randn(1, 2, 8, 64, dtype=torch.float64)
+    assert (rotary_forward(x.float(), 40000, BASE).double() - rotary(x, 40000, BASE)).abs().max() < 2e-6
+
+
+@needs_triton
+def test_triton_rejects_bad_shapes():
+    from fastgpt.kernels.rotary import forward as rotary_forward
+
+    with pytest.raises(ValueError, match="D even"):
+        rotary_forward(torch.randn(1, 1, 4, 7), 0, BASE)
+
+
+@needs_triton
+def test_triton_pruning():
+    import triton
+
+    from fastgpt.kernels import rotary
+
+    def kept(seq_len, head_dim):
+        args = dict(seq_len=seq_len, HALF_PADDED=triton.next_power_of_2(head_dim // 2))
+        return {(c.kwargs["BLOCK_T"], c.num_warps) for c in rotary.prune_configs(rotary.HOPPER_CONFIGS, args)}
+
+    # Decoding (T = 1): one position per program, one warp.
+    assert kept(1, 128) == {(1, 1)}
+    # Long sequences: blocks of positions, but no tile of more than 16 values per thread.
+    assert (32, 4) in kept(4096, 128) and (32, 4) not in kept(4096, 256) and (32, 8) in kept(4096, 256)
+    # Short ones: no block of positions longer than needed.
+    assert kept(5, 128) == {(1, 1), (8, 4), (8, 8)}
+
+
+def hopper_variants():
+    """For head dims 48, 80 and 128 and for T = 1 and 4096, the most register-hungry kept config per
+    number of warps (bf16, forward); each dtype and direction at the most register-hungry kept config."""
+    import triton
+
+    from fastgpt.kernels import rotary
+
+    def constexprs(head_dim, sign=1.0):
+        half = head_dim // 2
+        return dict(LOG2_BASE=math.log2(BASE), SIGN=sign, HALF=half, HALF_PADDED=triton.next_power_of_2(half))
+
+    for head_dim in (48, 80, 128):
+        for seq_len in (1, 4096):
+            args = dict(seq_len=seq_len, HALF_PADDED=triton.next_power_of_2(head_dim // 2))
+            kept = rotary.prune_configs(rotary.HOPPER_CONFIGS, args)
+            for config in most_register_hungry(kept, lambda c: (c.kwargs["BLOCK_T"], c.kwargs["HEADS_PER_PROGRAM"])):
+                yield (f"rotary bf16 D={head_dim} T={seq_len}", rotary._rotary_kernel, torch.bfloat16,
+                       constexprs(head_dim), config)
+    args = dict(seq_len=4096, HALF_PADDED=64)
+    hungriest = max(rotary.prune_configs(rotary.HOPPER_CONFIGS, args),
+                    key=lambda c: c.kwargs["BLOCK_T"] / c.num_warps)
+    for dtype in TRITON_DTYPES:
+        for sign in (1.0, -1.0):
+            yield (f"rotary {dtype_id(dtype)} D=128 sign {sign:+}", rotary._rotary_kernel, dtype,
+                   constexprs(128, sign), hungriest)
+
+
+@needs_triton
+def test_triton_compiles_for_hopper_without_spills():
+    succeeded, output = compile_for_hopper_in_subprocesses(__file__)
+    assert succeeded, output[-5000:]
+    assert output.count(", 0 bytes spilled") == len(list(hopper_variants())), output[-5000:]
+
+
+if __name__ == "__main__":
+    compile_for_hopper_main(hopper_variants())
