@@ -203,10 +203,11 @@ def bench_training(sizes, device, timer, report):
     # "builtins" is the same model on fastgpt.ops' `torch` backend: SDPA, F.layer_norm, F.gelu.
     for variant, backend in (("triton", "triton"), ("builtins", "torch"), ("auto", "auto")):
         torch.manual_seed(0)
-        model = GPT(GPTConfig(**shape, backend=backend)).to(device)
+        model = GPT(GPTConfig(**shape)).to(device)
         optimizer = model.configure_optimizer(6e-4, 0.1, (0.9, 0.95), device.type)
 
-        def step(model=model, optimizer=optimizer):
+        def step(model=model, optimizer=optimizer, backend=backend):
+            ops.use_backend(backend)  # the variants take turns: each sets its kernels for its step
             with torch.autocast(device.type, dtype=sizes["dtype"]):
                 _, loss = model(inputs, targets)
             loss.backward()
@@ -280,7 +281,9 @@ def main(argv=None):
     if args.dry_run:  # `auto` on CPU tensors picks the CPU kernels: rehearse the GPU's choice instead
         from fastgpt import timing
 
-        ops._AUTO_ORDER["cpu"] = ("fastest",)
+        from fastgpt.ops import dispatch
+
+        dispatch._AUTO_ORDER["cpu"] = ("fastest",)
         choice.CHOOSER.timer = lambda steps: timing.alternating_medians(steps, 1, timing.HostClock())
 
     started = time.perf_counter()

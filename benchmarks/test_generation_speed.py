@@ -20,13 +20,14 @@ import torch
 from conftest import declare_ratios
 from fastgpt.config import TrainConfig
 from fastgpt.model import GPT, GPTConfig
+from fastgpt import ops
 from fastgpt.ops import cpp
 
 QUICK = os.environ.get("FASTGPT_BENCH_QUICK") == "1"
 NEW_TOKENS = 50 if QUICK else 500
 DEFAULTS = TrainConfig()
-DEFAULT_SIZES = dict(n_layer=DEFAULTS.n_layer, n_head=DEFAULTS.n_head, n_embd=DEFAULTS.n_embd,
-                     block_size=DEFAULTS.block_size)
+DEFAULT_SIZES = dict(n_layer=DEFAULTS.model.n_layer, n_head=DEFAULTS.model.n_head, n_embd=DEFAULTS.model.n_embd,
+                     block_size=DEFAULTS.model.block_size)
 # The default model, whose context is short (128), and the same model with a 512-token context,
 # which shows how the speed-up grows with the context that a step without the cache recomputes.
 MODELS = {"tiny": dict(n_layer=1, n_head=2, n_embd=32, block_size=32)} if QUICK else {
@@ -46,7 +47,8 @@ def decode(model, use_cache, fused=True):
 @pytest.mark.parametrize("label", list(MODELS))
 def test_greedy_decoding(compare, label):
     torch.manual_seed(DEFAULTS.seed)
-    model = GPT(GPTConfig(vocab_size=65, backend=DEFAULTS.backend, **MODELS[label])).eval()
+    ops.use_backend(DEFAULTS.backend)
+    model = GPT(GPTConfig(vocab_size=65, **MODELS[label])).eval()
     compare("generation", f"{NEW_TOKENS} new tokens, {label} model",
             {"cache": lambda: decode(model, True), "cache, op by op": lambda: decode(model, True, fused=False),
              "no-cache": lambda: decode(model, False)}, rounds=3,

@@ -17,9 +17,9 @@ from fastgpt.config import TrainConfig
 from fastgpt.model import GPT, GPTConfig
 
 DEFAULTS = TrainConfig()  # what `python -m fastgpt.train` trains with no arguments
-BATCH, BLOCK = (2, 32) if QUICK else (DEFAULTS.batch_size, DEFAULTS.block_size)
+BATCH, BLOCK = (2, 32) if QUICK else (DEFAULTS.batch_size, DEFAULTS.model.block_size)
 SHAPE = (dict(n_layer=2, n_head=2, n_embd=64) if QUICK
-         else dict(n_layer=DEFAULTS.n_layer, n_head=DEFAULTS.n_head, n_embd=DEFAULTS.n_embd))
+         else dict(n_layer=DEFAULTS.model.n_layer, n_head=DEFAULTS.model.n_head, n_embd=DEFAULTS.model.n_embd))
 OPS_BACKEND = {"reference": "reference", "cpp": "cpp", "builtins": "torch"}
 
 declare_ratios("training", [("cpp vs reference", "cpp", "reference"), ("cpp vs builtins", "cpp", "builtins")])
@@ -31,10 +31,11 @@ def test_training_step(compare, dtype):
 
     def step_of(backend):
         torch.manual_seed(0)
-        model = GPT(GPTConfig(vocab_size=65, block_size=BLOCK, backend=backend, **SHAPE))
+        model = GPT(GPTConfig(vocab_size=65, block_size=BLOCK, **SHAPE))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step():
+            ops.use_backend(backend)  # the backends take turns: each sets its kernels for its step
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                 _, loss = model(tokens[:, :-1], tokens[:, 1:])
             optimizer.zero_grad(set_to_none=True)

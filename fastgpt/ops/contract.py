@@ -63,6 +63,24 @@ class FusedOp:
     kernels: tuple = field(default=("cpp", "triton"))
 
 
+# The parts of an elementwise op whose backward kernel takes (grad_y, x) and whose kernels return
+# contiguous tensors (GELU, ReLU^2, SwiGLU): its definition module may take these as its own.
+
+def save_input(ctx, inputs, output):
+    """setup_context of an op whose backward needs only its input."""
+    ctx.save_for_backward(inputs[0])
+
+
+def backward_from_input(ctx, backward_kernel, grad_y):
+    """backward of an op whose backward kernel takes (grad_y, x)."""
+    (x,) = ctx.saved_tensors
+    return backward_kernel(grad_y, x)
+
+
+def contiguous_like(tensor):
+    return torch.empty_like(tensor, memory_format=torch.contiguous_format)
+
+
 def define_op(module_name, forward_schema, backward_schema, kernels=("cpp", "triton")):
     """The contract of the op defined in the module `module_name` (`fastgpt.ops.definitions.<op>`),
     which names its parts by the fields of `FusedOp`: `fake_forward`, `fake_backward`,
