@@ -72,6 +72,6 @@ setup(
     # Triton is not a requirement: PyTorch's CUDA builds bring the Triton they were built with (torch
     # 2.11: Triton 3.6), and a second requirement could only disagree with it; CPU machines need it
     # only to test the kernels through its interpreter. The range is what CI tests: 3.6 and 3.9.
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.40", TRITON],
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.40", TRITON, "tensorboard"],
                     "gpu": [TRITON]},
 )

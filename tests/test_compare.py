@@ -44,7 +44,10 @@ def test_compare_prints_the_table_and_draws_three_panels(runs, capsys):
     assert [row.split() for row in section[1:]] == [["n_embd", "16", "32"]]
     assert lines[-1] == f"curves: {picture}"
     height, width, _ = matplotlib.image.imread(picture).shape
-    assert width > 2.5 * height  # three panels side by side, one row (no bpb in these records)
+    assert 1.2 * height < width < 2.5 * height  # three panels side by side, loss above bits per byte
+    for run, line in ((narrow, lines[1]), (wide, lines[2])):
+        bits = [r["val_bpb"] for r in read_metrics(run / "metrics.jsonl") if "val_bpb" in r]
+        assert f"{bits[-1]:.4f} / {min(bits):.4f}" in line
 
 
 def test_compare_ignores_a_metrics_line_being_written(runs, capsys):
