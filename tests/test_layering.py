@@ -70,7 +70,7 @@ def cycle(graph):
 
 def test_the_walk_sees_the_whole_package_and_its_imports():
     modules = package_modules()
-    assert {"fastgpt.model", "fastgpt.ops", "fastgpt.ops.cpp", "fastgpt.kernels.attention"} <= modules.keys()
+    assert {"fastgpt.model", "fastgpt.ops", "fastgpt.ops.cpp", "fastgpt.kernels.causal_attention"} <= modules.keys()
     assert imported_modules("fastgpt.sample", modules["fastgpt.sample"], modules) >= {"fastgpt.model",
                                                                                       "fastgpt.device"}
 
