@@ -163,7 +163,7 @@ def local_memory_bytes(compiled):
 
 def check_hopper_compilation(shard, shards):
     """Compile this shard's variants; print one line each; return the problems found."""
-    from fastgpt.kernels.attention import SHARED_MEMORY_BYTES
+    from fastgpt.kernels.causal_attention import SHARED_MEMORY_BYTES
 
     problems = []
     for i, (description, kernel, pointers, constexprs, config, bound) in enumerate(hopper_variants()):
