@@ -152,7 +152,7 @@ def test_generation_continues_past_the_block_size(tiny_model):
 
 COMPILE_CHECK = """
 import torch, torch._dynamo
-from fastgpt.model import GPT
+from fastgpt.model import GPT, GPTConfig
 model = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=16))
 idx = torch.randint(0, 20, (2, 16))
 explained = torch._dynamo.explain(model)(idx, idx)
