@@ -436,7 +436,7 @@ def test_layer_norm_under_autocast_writes_the_autocast_dtype():
     expected_grads = torch.autograd.grad(expected, (x, weight, bias), grad_out.double())
     for grad, expected_grad in zip(grads, expected_grads):
         assert grad.dtype == torch.float32
-        torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(grad.double(), expected_grad.double(), rtol=1e-4, atol=1e-4)
 
 
 def test_layer_norm_backward_reads_the_gradient_through_its_strides():
