@@ -194,6 +194,7 @@ def bench_matmul(sizes, device, timer, report):
 
 
 def bench_training(sizes, device, timer, report):
+    from fastgpt import ops
     from fastgpt.model import GPT, GPTConfig
 
     shape = sizes["model"]
