@@ -16,7 +16,7 @@ from fastgpt.cli import ArgumentParser
 from fastgpt.device import backend_setting, device_setting
 from fastgpt.errors import FastGPTError
 from fastgpt.model import GPTConfig
-from fastgpt.settings import flat_values, from_flat_values, group, leaves, setting
+from fastgpt.settings import check_values, flat_values, from_flat_values, group, leaves, setting
 
 
 @dataclass
@@ -29,33 +29,33 @@ class TrainConfig:
     val_fraction: float = setting(0.1, "share of the corpus, taken from its end, held out for validation")
     model: GPTConfig = group(GPTConfig, "the model's settings (fastgpt.model.GPTConfig)")
     # optimisation
-    batch_size: int = setting(32, "sequences per micro-batch")
-    grad_accum_steps: int = setting(1, "micro-batches accumulated into one optimizer step")
-    max_iters: int = setting(1150, "optimizer steps to train for")
-    learning_rate: float = setting(2e-3, "peak learning rate")
+    batch_size: int = setting(32, "sequences per micro-batch", minimum=1)
+    grad_accum_steps: int = setting(1, "micro-batches accumulated into one optimizer step", minimum=1)
+    max_iters: int = setting(1150, "optimizer steps to train for", minimum=1)
+    learning_rate: float = setting(2e-3, "peak learning rate", minimum=0)
     lr_schedule: str = setting("cosine", "learning rate after the warmup: cosine decay to min_lr at max_iters, "
                                          "linear decay, constant, or wsd (stable, then linear decay over the last "
                                          "decay_fraction of the steps)", ["cosine", "linear", "constant", "wsd"])
-    min_lr: float = setting(2e-4, "learning rate at the end of the decay")
-    warmup_iters: int = setting(100, "steps of linear learning-rate warmup")
+    min_lr: float = setting(2e-4, "learning rate at the end of the decay", minimum=0)
+    warmup_iters: int = setting(100, "steps of linear learning-rate warmup", minimum=0)
     decay_fraction: float = setting(0.2, "wsd: share of the steps after warmup spent decaying to min_lr")
-    weight_decay: float = setting(0.1, "AdamW weight decay, applied to 2-D weights only")
+    weight_decay: float = setting(0.1, "AdamW weight decay, applied to 2-D weights only", minimum=0)
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.99, "AdamW beta2")
-    grad_clip: float = setting(1.0, "clip the global gradient norm to this (0: no clipping)")
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this (0: no clipping)", minimum=0)
     skip_nonfinite: bool = setting(False, "skip an optimizer step whose loss is NaN or infinite instead of "
                                           "stopping the run")
     # evaluation, logging, output
-    eval_interval: int = setting(230, "steps between train/val loss evaluations")
-    eval_iters: int = setting(10, "batches per loss evaluation (fixed batches, the same every time)")
-    log_interval: int = setting(10, "steps between lines in metrics.jsonl")
+    eval_interval: int = setting(230, "steps between train/val loss evaluations", minimum=1)
+    eval_iters: int = setting(10, "batches per loss evaluation (fixed batches, the same every time)", minimum=1)
+    log_interval: int = setting(10, "steps between lines in metrics.jsonl", minimum=1)
     log: tuple[str, ...] = setting((), "also send metrics to: tensorboard (event files in out_dir/tensorboard; "
                                        "needs the tensorboard package); repeatable", ["tensorboard"])
     out_dir: str = setting("out", "directory for the checkpoint, metrics, loss plot and token cache")
     resume: bool = setting(False, "continue from out_dir/ckpt.pt instead of starting afresh")
-    sample_tokens: int = setting(200, "tokens sampled at the end of training (0: none)")
+    sample_tokens: int = setting(200, "tokens sampled at the end of training (0: none)", minimum=0)
     keep_last: int = setting(2, "newest checkpoints also kept as ckpt-<step>.pt (0: none); ckpt.pt is always "
-                                "the newest and best.pt the one with the lowest val loss")
+                                "the newest and best.pt the one with the lowest val loss", minimum=0)
     # system
     seed: int = setting(1337, "seed for initialisation, batches and dropout")
     device: str = device_setting("where to train: auto (CUDA when present), cpu, cuda, cuda:N")
@@ -67,16 +67,9 @@ class TrainConfig:
                                    "or fsdp (parameters, gradients and optimizer state sharded)", ["ddp", "fsdp"])
 
     def validate(self):
-        """Refuse values that cannot work, with a message saying which and why."""
+        """Refuse combinations of values that cannot work, with a message saying which and why (each
+        setting's own choices and minimum are checked by fastgpt.settings.check_values)."""
         self.model.validate()
-        positive = ["batch_size", "grad_accum_steps", "max_iters", "eval_interval", "eval_iters", "log_interval"]
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise FastGPTError(f"{name} must be at least 1 (got {getattr(self, name)})")
-        for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_iters", "sample_tokens",
-                     "keep_last"):
-            if getattr(self, name) < 0:
-                raise FastGPTError(f"{name} must not be negative (got {getattr(self, name)})")
         if self.min_lr > self.learning_rate:
             raise FastGPTError(f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
         if not 0 <= self.decay_fraction <= 1:
@@ -189,17 +182,6 @@ def _read_toml(path, config_class):
     return settings
 
 
-def check_choices(config):
-    """Refuse a setting outside its list of choices, naming them."""
-    values = flat_values(config)
-    for f in leaves(type(config)):
-        choices = f.metadata["choices"]
-        given = values[f.name] if _is_list(f) else (values[f.name],)
-        for value in given:
-            if choices and value not in choices:
-                raise FastGPTError(f"{f.name} must be one of {', '.join(choices)} (got {value!r})")
-
-
 def parse_config(argv, config_class=TrainConfig, prog="python -m fastgpt.train",
                  description="Train a GPT on a text corpus."):
     """The settings from defaults, an optional TOML file and flags, checked by the class's validate()."""
@@ -217,6 +199,6 @@ def parse_config(argv, config_class=TrainConfig, prog="python -m fastgpt.train",
     settings = _read_toml(toml_file, config_class) if toml_file else {}
     settings.update({name: tuple(value) if isinstance(value, list) else value for name, value in values.items()})
     config = from_flat_values(config_class, settings)
-    check_choices(config)
+    check_values(config)
     config.validate()
     return config

@@ -17,7 +17,7 @@ import json
 import math
 import sys
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,19 +45,13 @@ class EvalConfig:
     checkpoint: str = setting("latest", "which checkpoint: latest (ckpt.pt) or best (best.pt, lowest val loss)",
                               list(CHECKPOINT_FILES))
     json: bool = setting(False, "print the result as one JSON object")
-    batch_size: int = setting(16, "windows of block_size tokens evaluated at once")
+    batch_size: int = setting(16, "windows of block_size tokens evaluated at once", minimum=1)
     device: str = device_setting()
     dtype: str = setting("auto", "auto: bf16 autocast on GPUs with native bf16, fp32 elsewhere",
                          ["auto", "float32", "bfloat16"])
     backend: str = backend_setting()
 
     def validate(self):
-        if self.batch_size < 1:
-            raise FastGPTError(f"batch_size must be at least 1 (got {self.batch_size})")
-        for f in fields(self):
-            choices = f.metadata["choices"]
-            if choices and getattr(self, f.name) not in choices:
-                raise FastGPTError(f"{f.name} must be one of {', '.join(choices)} (got {getattr(self, f.name)!r})")
         return self
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from fastgpt import hf, ops
 from fastgpt.errors import FastGPTError
-from fastgpt.settings import setting
+from fastgpt.settings import check_values, setting
 
 
 # GPT-2's block, which the model builds unless a switch of GPTConfig says otherwise, as fused ops
@@ -50,19 +50,17 @@ class GPTConfig:
     """
 
     vocab_size: int = setting(1024, "tokens in the vocabulary; the bpe tokenizer is trained to this many, while the "
-                                    "char and gpt2 tokenizers bring their own", kind="size")
-    block_size: int = setting(128, "context length in tokens", kind="size")
-    n_layer: int = setting(4, "number of transformer blocks", kind="size")
-    n_head: int = setting(4, "attention heads per block", kind="size")
-    n_embd: int = setting(128, "width of the residual stream", kind="size")
+                                    "char and gpt2 tokenizers bring their own", kind="size", minimum=1)
+    block_size: int = setting(128, "context length in tokens", kind="size", minimum=1)
+    n_layer: int = setting(4, "number of transformer blocks", kind="size", minimum=1)
+    n_head: int = setting(4, "attention heads per block", kind="size", minimum=1)
+    n_embd: int = setting(128, "width of the residual stream", kind="size", minimum=1)
     bias: bool = setting(True, "biases in Linear layers and LayerNorms (GPT-2 has them)", kind="size")
     dropout: float = setting(0.0, "dropout probability on embeddings and residual branches", kind="training")
 
     def validate(self):
         """Refuse values no model can have, with a message saying which and why."""
-        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
-            if getattr(self, name) < 1:
-                raise FastGPTError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        check_values(self)
         if self.n_embd % self.n_head:
             raise FastGPTError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
                                "each head gets n_embd / n_head channels")

@@ -114,10 +114,10 @@ class SampleConfig:
                                  "config.json, model.safetensors, vocab.json, merges.txt) instead of out_dir")
     prompt: str = setting("\n", "text to continue")
     interactive: bool = setting(False, "read prompts from standard input, one per line")
-    max_new_tokens: int = setting(500, "tokens to generate")
-    num_samples: int = setting(1, "samples to generate at once, for each prompt")
+    max_new_tokens: int = setting(500, "tokens to generate", minimum=0)
+    num_samples: int = setting(1, "samples to generate at once, for each prompt", minimum=1)
     temperature: float = setting(0.8, "0 picks the likeliest token; higher is more random")
-    top_k: int = setting(200, "sample only among the k likeliest tokens (0: all)")
+    top_k: int = setting(200, "sample only among the k likeliest tokens (0: all)", minimum=0)
     top_p: float = setting(1.0, "sample only among the likeliest tokens whose probabilities add up to p, in (0, 1]")
     repetition_penalty: float = setting(1.0, "above 1 makes tokens already in the text less likely")
     stop: tuple[str, ...] = setting((), "end a sample where this text appears (repeatable; in a flag, backslash "
@@ -132,13 +132,7 @@ class SampleConfig:
                     repetition_penalty=self.repetition_penalty)
 
     def validate(self):
-        if self.top_k < 0:
-            raise FastGPTError(f"--top-k must not be negative (got {self.top_k})")
         Sampler(**self.sampling())
-        if self.max_new_tokens < 0:
-            raise FastGPTError(f"--max-new-tokens must not be negative (got {self.max_new_tokens})")
-        if self.num_samples < 1:
-            raise FastGPTError(f"--num-samples must be at least 1 (got {self.num_samples})")
 
 
 def parse_sample_config(argv):

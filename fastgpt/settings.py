@@ -1,4 +1,5 @@
-"""How a setting is declared: a dataclass field with a default, a meaning, and possibly a list of choices.
+"""How a setting is declared: a dataclass field with a default, a meaning, and possibly the values it may
+take (a list of choices, or a minimum).
 
 Every program's settings are such dataclasses (the model's GPTConfig, training's TrainConfig, the
 sampler's and the exporter's), and fastgpt.config turns any of them into --flags, TOML keys and
@@ -8,12 +9,15 @@ its settings are read as if they were the outer one's own, so each name must be 
 
 from dataclasses import field, fields
 
+from fastgpt.errors import FastGPTError
 
-def setting(default, meaning, choices=None, **metadata):
-    """A field with its default and meaning (shown by --help), the values it may take, and any other
-    metadata its dataclass reads (GPTConfig's `kind`, or `from_flag`: a function that turns a flag's
-    text into the value, where the field's type alone would not)."""
-    return field(default=default, metadata={"help": meaning, "choices": choices, **metadata})
+
+def setting(default, meaning, choices=None, minimum=None, **metadata):
+    """A field with its default and meaning (shown by --help), the values it may take (`choices`, or
+    numbers from `minimum` up), and any other metadata its dataclass reads (GPTConfig's `kind`, or
+    `from_flag`: a function that turns a flag's text into the value, where the field's type alone
+    would not)."""
+    return field(default=default, metadata={"help": meaning, "choices": choices, "minimum": minimum, **metadata})
 
 
 def group(config_class, meaning):
@@ -48,3 +52,17 @@ def from_flat_values(config_class, values):
         elif f.name in values:
             arguments[f.name] = values[f.name]
     return config_class(**arguments)
+
+
+def check_values(config):
+    """Refuse a setting outside its choices or below its minimum, naming it and what it may be."""
+    values = flat_values(config)
+    for f in leaves(type(config)):
+        given = values[f.name] if isinstance(values[f.name], tuple) else (values[f.name],)
+        choices, minimum = f.metadata["choices"], f.metadata["minimum"]
+        for value in given:
+            if choices and value not in choices:
+                raise FastGPTError(f"{f.name} must be one of {', '.join(choices)} (got {value!r})")
+            if minimum is not None and value < minimum:
+                least = "must not be negative" if minimum == 0 else f"must be at least {minimum}"
+                raise FastGPTError(f"{f.name} {least} (got {value})")

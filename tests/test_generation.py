@@ -200,8 +200,8 @@ def test_interactive_mode_answers_each_line_and_survives_a_bad_one(run_dir, caps
 @pytest.mark.parametrize("args, expected", [
     (["--top-p", "0"], "top_p must be in (0, 1]"),
     (["--top-p", "1.01"], "top_p must be in (0, 1]"),
-    (["--num-samples", "0"], "--num-samples"),
-    (["--top-k", "-1"], "--top-k must not be negative"),
+    (["--num-samples", "0"], "num_samples must be at least 1"),
+    (["--top-k", "-1"], "top_k must not be negative"),
     (["--repetition-penalty", "-1"], "repetition_penalty"),
     (["--init-from", "{tmp}/not-there"], "not a directory"),
     (["--backend", "fastest"], "backend must be one of auto, reference"),
