@@ -25,8 +25,6 @@
 namespace fastgpt {
 namespace {
 
-// Elements per task: enough to be worth waking a thread for (as for GELU).
-constexpr int64_t kElementsPerTask = 1 << 14;
 
 // ---- ReLU^2 ------------------------------------------------------------------------------------
 
@@ -53,6 +51,14 @@ void relu_squared_backward_kernel(const scalar_t* grad_y, const scalar_t* x, sca
     });
   });
 }
+
+struct ReluSquaredKernels {  // for elementwise_forward and elementwise_backward
+  static constexpr const char* kName = "relu_squared";
+  template <typename T> static void forward(const T* x, T* y, int64_t n) { relu_squared_forward_kernel(x, y, n); }
+  template <typename T> static void backward(const T* grad_y, const T* x, T* grad_x, int64_t n) {
+    relu_squared_backward_kernel(grad_y, x, grad_x, n);
+  }
+};
 
 // ---- SwiGLU ------------------------------------------------------------------------------------
 
@@ -101,19 +107,6 @@ void swiglu_backward_kernel(const scalar_t* grad_y, const scalar_t* x, scalar_t*
 
 // ---- Op entry points ---------------------------------------------------------------------------
 
-void check_input(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "fastgpt::", op, ": expects CPU tensors, got ", name, " on ", t.device());
-  const auto dtype = t.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kDouble,
-              "fastgpt::", op, ": supports float32, bfloat16 and float64, got ", dtype, " for ", name);
-}
-
-void check_gradient(const at::Tensor& grad_y, const at::Tensor& x, at::IntArrayRef shape, const char* op) {
-  TORCH_CHECK(grad_y.sizes() == shape && grad_y.scalar_type() == x.scalar_type(), "fastgpt::", op,
-              ": grad_y must have shape ", shape, " and x's dtype ", x.scalar_type(), ", got ", grad_y.sizes(),
-              " and ", grad_y.scalar_type());
-}
-
 // The shape of SwiGLU's output, (..., N), for x of shape (..., 2N).
 std::vector<int64_t> swiglu_output_shape(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) % 2 == 0, "fastgpt::", op,
@@ -124,28 +117,6 @@ std::vector<int64_t> swiglu_output_shape(const at::Tensor& x, const char* op) {
 }
 
 }  // namespace
-
-at::Tensor relu_squared_forward(const at::Tensor& x) {
-  check_input(x, "relu_squared_forward", "x");
-  const at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty_like(xc);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fastgpt::relu_squared_forward", [&] {
-    relu_squared_forward_kernel<scalar_t>(xc.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), xc.numel());
-  });
-  return y;
-}
-
-at::Tensor relu_squared_backward(const at::Tensor& grad_y, const at::Tensor& x) {
-  check_input(x, "relu_squared_backward", "x");
-  check_gradient(grad_y, x, x.sizes(), "relu_squared_backward");
-  const at::Tensor xc = x.contiguous(), grad_yc = grad_y.contiguous();
-  at::Tensor grad_x = at::empty_like(xc);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fastgpt::relu_squared_backward", [&] {
-    relu_squared_backward_kernel<scalar_t>(grad_yc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(),
-                                           grad_x.data_ptr<scalar_t>(), xc.numel());
-  });
-  return grad_x;
-}
 
 at::Tensor swiglu_forward(const at::Tensor& x) {
   check_input(x, "swiglu_forward", "x");
@@ -176,8 +147,8 @@ at::Tensor swiglu_backward(const at::Tensor& grad_y, const at::Tensor& x) {
 }  // namespace fastgpt
 
 TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
-  m.impl("cpp_relu_squared_forward", &fastgpt::relu_squared_forward);
-  m.impl("cpp_relu_squared_backward", &fastgpt::relu_squared_backward);
+  m.impl("cpp_relu_squared_forward", &fastgpt::elementwise_forward<fastgpt::ReluSquaredKernels>);
+  m.impl("cpp_relu_squared_backward", &fastgpt::elementwise_backward<fastgpt::ReluSquaredKernels>);
   m.impl("cpp_swiglu_forward", &fastgpt::swiglu_forward);
   m.impl("cpp_swiglu_backward", &fastgpt::swiglu_backward);
 }

@@ -31,6 +31,9 @@ inline at::ScalarType accumulate_type(const at::Tensor& t) {
 
 template <typename scalar_t> using Vec = at::vec::Vectorized<acc_t<scalar_t>>;
 
+// Elements per task of the elementwise kernels: enough to be worth waking a thread for.
+constexpr int64_t kElementsPerTask = 1 << 14;
+
 // Loads `count` (at most one vector's worth of) elements of `scalar_t` as an accumulation vector;
 // missing lanes read as zero.
 template <typename scalar_t>
@@ -198,6 +201,50 @@ void transpose(const T* src, int64_t src_stride, int64_t rows, int64_t cols, T* 
       for (int64_t j = 0; j < cols; j += kLine) __builtin_prefetch(src + (i + kRowsAhead) * src_stride + j);
     for (int64_t j = 0; j < cols; ++j) dst[j * dst_stride + i] = src[i * src_stride + j];
   }
+}
+
+// ---- Op entry points -----------------------------------------------------------------------------
+
+// Refuses a tensor the kernels are not built for: they take CPU tensors in float32, bfloat16 or float64.
+inline void check_input(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "fastgpt::", op, ": expects CPU tensors, got ", name, " on ", t.device());
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kDouble,
+              "fastgpt::", op, ": supports float32, bfloat16 and float64, got ", dtype, " for ", name);
+}
+
+// Refuses a gradient without the shape of the output it belongs to and the input's dtype.
+inline void check_gradient(const at::Tensor& grad_y, const at::Tensor& x, at::IntArrayRef shape, const char* op) {
+  TORCH_CHECK(grad_y.sizes() == shape && grad_y.scalar_type() == x.scalar_type(), "fastgpt::", op,
+              ": grad_y must have shape ", shape, " and x's dtype ", x.scalar_type(), ", got ", grad_y.sizes(),
+              " and ", grad_y.scalar_type());
+}
+
+// The torch ops of an elementwise function y = f(x), given its kernels as a type with a kName and two
+// static function templates over n contiguous elements: forward(x, y, n) and backward(grad_y, x,
+// grad_x, n), which computes grad_x = grad_y f'(x).
+template <typename Kernels>
+at::Tensor elementwise_forward(const at::Tensor& x) {
+  check_input(x, Kernels::kName, "x");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fastgpt::elementwise_forward", [&] {
+    Kernels::forward(xc.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), xc.numel());
+  });
+  return y;
+}
+
+template <typename Kernels>
+at::Tensor elementwise_backward(const at::Tensor& grad_y, const at::Tensor& x) {
+  check_input(x, Kernels::kName, "x");
+  check_gradient(grad_y, x, x.sizes(), Kernels::kName);
+  const at::Tensor xc = x.contiguous(), grad_yc = grad_y.contiguous();
+  at::Tensor grad_x = at::empty_like(xc);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fastgpt::elementwise_backward", [&] {
+    Kernels::backward(grad_yc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(),
+                      xc.numel());
+  });
+  return grad_x;
 }
 
 }  // namespace fastgpt

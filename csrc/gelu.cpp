@@ -12,7 +12,7 @@ void gelu_backward_kernel(const scalar_t* grad_y, const scalar_t* x, scalar_t* g
   using V = Vec<scalar_t>;
   const V c(static_cast<A>(kSqrt2OverPi)), a(static_cast<A>(kCubic)), three_a(static_cast<A>(3 * kCubic));
   const V half(A(0.5)), one(A(1));
-  at::parallel_for(0, n, kGeluElementsPerTask, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, kElementsPerTask, [&](int64_t begin, int64_t end) {
     for_each_vector<scalar_t>(begin, end, [&](int64_t i, int64_t count) {
       const V xv = load(x + i, count);
       const V x2 = xv * xv;
@@ -24,42 +24,20 @@ void gelu_backward_kernel(const scalar_t* grad_y, const scalar_t* x, scalar_t* g
   });
 }
 
-void check_input(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "fastgpt::gelu: expects CPU tensors, got ", name, " on ", t.device());
-  const auto dtype = t.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kDouble,
-              "fastgpt::gelu: supports float32, bfloat16 and float64, got ", dtype, " for ", name);
-}
+struct GeluKernels {  // for elementwise_forward and elementwise_backward
+  static constexpr const char* kName = "gelu";
+  template <typename T> static void forward(const T* x, T* y, int64_t n) { gelu_forward_kernel(x, y, n); }
+  template <typename T> static void backward(const T* grad_y, const T* x, T* grad_x, int64_t n) {
+    gelu_backward_kernel(grad_y, x, grad_x, n);
+  }
+};
 
 }  // namespace
 
-at::Tensor gelu_forward(const at::Tensor& x) {
-  check_input(x, "x");
-  const at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty_like(xc);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fastgpt::gelu_forward", [&] {
-    gelu_forward_kernel<scalar_t>(xc.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), xc.numel());
-  });
-  return y;
-}
-
-at::Tensor gelu_backward(const at::Tensor& grad_y, const at::Tensor& x) {
-  check_input(x, "x");
-  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(),
-              "fastgpt::gelu_backward: grad_y must have x's shape and dtype");
-  const at::Tensor xc = x.contiguous(), grad_yc = grad_y.contiguous();
-  at::Tensor grad_x = at::empty_like(xc);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fastgpt::gelu_backward", [&] {
-    gelu_backward_kernel<scalar_t>(grad_yc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(),
-                                   grad_x.data_ptr<scalar_t>(), xc.numel());
-  });
-  return grad_x;
-}
-
 // The CPU implementations of the op's kernels; their schemas are in fastgpt/ops/definitions/gelu.py.
 TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
-  m.impl("cpp_gelu_forward", &gelu_forward);
-  m.impl("cpp_gelu_backward", &gelu_backward);
+  m.impl("cpp_gelu_forward", &elementwise_forward<GeluKernels>);
+  m.impl("cpp_gelu_backward", &elementwise_backward<GeluKernels>);
 }
 
 }  // namespace fastgpt

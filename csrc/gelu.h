@@ -27,7 +27,6 @@ namespace fastgpt {
 // (each instruction set's build holds its own).
 namespace {
 
-constexpr int64_t kGeluElementsPerTask = 1 << 14;
 constexpr double kSqrt2OverPi = 0.7978845608028654;
 constexpr double kCubic = 0.044715;
 
@@ -44,7 +43,7 @@ void gelu_forward_kernel(const scalar_t* x, scalar_t* y, int64_t n) {
   using A = acc_t<scalar_t>;
   using V = Vec<scalar_t>;
   const V c(static_cast<A>(kSqrt2OverPi)), a(static_cast<A>(kCubic)), half(A(0.5)), one(A(1));
-  at::parallel_for(0, n, kGeluElementsPerTask, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, kElementsPerTask, [&](int64_t begin, int64_t end) {
     for_each_vector<scalar_t>(begin, end, [&](int64_t i, int64_t count) {
       const V xv = load(x + i, count);
       const V t = tanh_via_exp(c * at::vec::fmadd(a * xv, xv * xv, xv));

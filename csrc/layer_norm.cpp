@@ -24,25 +24,17 @@
 namespace fastgpt {
 namespace {
 
-// Rows per task: enough to amortise scheduling, few enough to balance two threads on small inputs.
-constexpr int64_t kRowsPerTask = 16;
-
 template <typename scalar_t>
 void layer_norm_forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                double eps, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
   using A = acc_t<scalar_t>;
-  const int64_t n = x.size(-1), rows = x.numel() / std::max<int64_t>(n, 1);
+  const int64_t n = x.size(-1);
   const scalar_t* x_data = x.data_ptr<scalar_t>();
-  const A* w = weight.data_ptr<A>();
-  const A* b = bias.data_ptr<A>();
+  const A *w = weight.data_ptr<A>(), *b = bias.data_ptr<A>();
   scalar_t* y_data = y.data_ptr<scalar_t>();
-  A* mean_data = mean.data_ptr<A>();
-  A* rstd_data = rstd.data_ptr<A>();
-
-  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      std::tie(mean_data[row], rstd_data[row]) = layer_norm_row(x_data + row * n, y_data + row * n, n, w, b, A(eps));
-    }
+  A *mean_data = mean.data_ptr<A>(), *rstd_data = rstd.data_ptr<A>();
+  for_each_row(x, [&](int64_t row, int64_t) {
+    std::tie(mean_data[row], rstd_data[row]) = layer_norm_row(x_data + row * n, y_data + row * n, n, w, b, A(eps));
   });
 }
 
@@ -75,22 +67,15 @@ void layer_norm_backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, c
                                 const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& dx,
                                 at::Tensor& dweight_partials, at::Tensor& dbias_partials) {
   using A = acc_t<scalar_t>;
-  const int64_t n = x.size(-1), rows = x.numel() / std::max<int64_t>(n, 1);
-  const scalar_t* x_data = x.data_ptr<scalar_t>();
-  const scalar_t* dy_data = grad_y.data_ptr<scalar_t>();
-  const A* w = weight.data_ptr<A>();
-  const A* mean_data = mean.data_ptr<A>();
-  const A* rstd_data = rstd.data_ptr<A>();
+  const int64_t n = x.size(-1);
+  const scalar_t *x_data = x.data_ptr<scalar_t>(), *dy_data = grad_y.data_ptr<scalar_t>();
+  const A *w = weight.data_ptr<A>(), *mean_data = mean.data_ptr<A>(), *rstd_data = rstd.data_ptr<A>();
   scalar_t* dx_data = dx.data_ptr<scalar_t>();
-
-  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
-    // Each thread adds its rows' dw and db terms to its own partials, summed once at the end.
-    A* dw = dweight_partials.data_ptr<A>() + at::get_thread_num() * n;
-    A* db = dbias_partials.data_ptr<A>() + at::get_thread_num() * n;
-    for (int64_t row = begin; row < end; ++row) {
-      layer_norm_backward_row(x_data + row * n, dy_data + row * n, dx_data + row * n, n, w, mean_data[row],
-                              rstd_data[row], dw, db);
-    }
+  A *dw = dweight_partials.data_ptr<A>(), *db = dbias_partials.data_ptr<A>();
+  for_each_row(x, [&](int64_t row, int64_t thread) {
+    const int64_t offset = row * n;
+    layer_norm_backward_row(x_data + offset, dy_data + offset, dx_data + offset, n, w, mean_data[row],
+                            rstd_data[row], dw + thread * n, db + thread * n);
   });
 }
 

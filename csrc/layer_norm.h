@@ -14,6 +14,22 @@ namespace fastgpt {
 // (each instruction set's build holds its own).
 namespace {
 
+// Rows per task: enough to amortise scheduling, few enough to balance two threads on small inputs.
+constexpr int64_t kRowsPerTask = 16;
+
+// Calls row_body(row, thread) for each row of x (a row: x's last dimension), the rows split over
+// threads; `thread` (at::get_thread_num) lets a backward add each row's terms of the parameters'
+// gradients to its own thread's partial sums, which are added once at the end (deterministic for
+// a given number of threads).
+template <typename RowBody>
+inline void for_each_row(const at::Tensor& x, const RowBody& row_body) {
+  const int64_t n = x.size(-1), rows = x.numel() / std::max<int64_t>(n, 1);
+  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    const int64_t thread = at::get_thread_num();
+    for (int64_t row = begin; row < end; ++row) row_body(row, thread);
+  });
+}
+
 // The sums over a row of n elements of the K vectors term(j, count) returns (an array of K vectors
 // for elements j .. j + count - 1, which must be 0 in the lanes past the row's end). Each sum is kept
 // as two running sums over alternating vectors: a vector add waits for the one before it to finish

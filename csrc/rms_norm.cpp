@@ -23,9 +23,6 @@
 namespace fastgpt {
 namespace {
 
-// Rows per task: enough to amortise scheduling, few enough to balance two threads on small inputs.
-constexpr int64_t kRowsPerTask = 16;
-
 // One row of the forward: y = x * rstd * w; returns rstd.
 template <typename scalar_t>
 inline acc_t<scalar_t> rms_norm_row(const scalar_t* x, scalar_t* y, int64_t n, const acc_t<scalar_t>* w,
@@ -48,15 +45,13 @@ template <typename scalar_t>
 void rms_norm_forward_kernel(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& y,
                              at::Tensor& rstd) {
   using A = acc_t<scalar_t>;
-  const int64_t n = x.size(-1), rows = x.numel() / std::max<int64_t>(n, 1);
+  const int64_t n = x.size(-1);
   const scalar_t* x_data = x.data_ptr<scalar_t>();
   const A* w = weight.data_ptr<A>();
   scalar_t* y_data = y.data_ptr<scalar_t>();
   A* rstd_data = rstd.data_ptr<A>();
-  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      rstd_data[row] = rms_norm_row(x_data + row * n, y_data + row * n, n, w, A(eps));
-    }
+  for_each_row(x, [&](int64_t row, int64_t) {
+    rstd_data[row] = rms_norm_row(x_data + row * n, y_data + row * n, n, w, A(eps));
   });
 }
 
@@ -83,18 +78,15 @@ template <typename scalar_t>
 void rms_norm_backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
                               const at::Tensor& rstd, at::Tensor& dx, at::Tensor& dweight_partials) {
   using A = acc_t<scalar_t>;
-  const int64_t n = x.size(-1), rows = x.numel() / std::max<int64_t>(n, 1);
-  const scalar_t* x_data = x.data_ptr<scalar_t>();
-  const scalar_t* dy_data = grad_y.data_ptr<scalar_t>();
-  const A* w = weight.data_ptr<A>();
-  const A* rstd_data = rstd.data_ptr<A>();
+  const int64_t n = x.size(-1);
+  const scalar_t *x_data = x.data_ptr<scalar_t>(), *dy_data = grad_y.data_ptr<scalar_t>();
+  const A *w = weight.data_ptr<A>(), *rstd_data = rstd.data_ptr<A>();
   scalar_t* dx_data = dx.data_ptr<scalar_t>();
-  const bool has_weight = dweight_partials.defined();
-  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
-    A* dw = has_weight ? dweight_partials.data_ptr<A>() + at::get_thread_num() * n : nullptr;
-    for (int64_t row = begin; row < end; ++row) {
-      rms_norm_backward_row(x_data + row * n, dy_data + row * n, dx_data + row * n, n, w, rstd_data[row], dw);
-    }
+  A* dw = dweight_partials.defined() ? dweight_partials.data_ptr<A>() : nullptr;  // none without a weight
+  for_each_row(x, [&](int64_t row, int64_t thread) {
+    const int64_t offset = row * n;
+    rms_norm_backward_row(x_data + offset, dy_data + offset, dx_data + offset, n, w, rstd_data[row],
+                          dw == nullptr ? nullptr : dw + thread * n);
   });
 }
 

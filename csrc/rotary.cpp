@@ -30,8 +30,6 @@
 namespace fastgpt {
 namespace {
 
-// Elements per task: enough to be worth waking a thread for (as for GELU).
-constexpr int64_t kElementsPerTask = 1 << 14;
 
 // cos(p * theta_i) and sign * sin(p * theta_i) for p = offset .. offset + rows - 1 and i < half, as a
 // (2, rows, half) tensor in the accumulation type of `options`.

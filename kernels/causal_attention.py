@@ -243,6 +243,30 @@ def _kv_head_start(base, batch_head, n_heads, kv_group, stride_b, stride_h):
 
 
 @triton.jit
+def _backward_head_inputs(Q, K, V, DO, LSE, DELTA, batch_head, n_heads, kv_group, stride_qb, stride_qh,
+                          stride_kb, stride_kh, stride_vb, stride_vh, stride_dob, stride_doh, seq_len_q):
+    """Where one (batch, head)'s Q, dO, LSE and Delta start, and the K and V of the key/value head it
+    attends with: what both backward kernels read."""
+    rows = batch_head.to(tl.int64) * seq_len_q
+    return (_head_start(Q, batch_head, n_heads, stride_qb, stride_qh),
+            _kv_head_start(K, batch_head, n_heads, kv_group, stride_kb, stride_kh),
+            _kv_head_start(V, batch_head, n_heads, kv_group, stride_vb, stride_vh),
+            _head_start(DO, batch_head, n_heads, stride_dob, stride_doh), LSE + rows, DELTA + rows)
+
+
+@triton.jit
+def _load_query_rows(Q, DO, LSE, DELTA, queries, stride_qt, stride_dot, seq_len_q,
+                     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """q, dO, LSE and Delta of a block of query rows. Rows past the end load as zeros (dO = 0,
+    Delta = 0), so their dS is zero."""
+    q = _load_rows(Q, queries, stride_qt, seq_len_q, HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE)
+    do = _load_rows(DO, queries, stride_dot, seq_len_q, HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE)
+    lse = tl.load(LSE + queries, mask=queries < seq_len_q, other=0.0)
+    delta = tl.load(DELTA + queries, mask=queries < seq_len_q, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
 def _program_block(n_blocks, HEAVY_FIRST: tl.constexpr):
     """(batch x head index, block index) of this program on the one-dimensional grid.
 
@@ -369,10 +393,8 @@ def _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, k
     """
     for start_m in range(query_start, query_end, BLOCK_M):
         queries = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q, queries, stride_qt, seq_len_q, HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE)
-        do = _load_rows(DO, queries, stride_dot, seq_len_q, HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE)
-        lse = tl.load(LSE + queries, mask=queries < seq_len_q, other=0.0)
-        delta = tl.load(DELTA + queries, mask=queries < seq_len_q, other=0.0)
+        q, do, lse, delta = _load_query_rows(Q, DO, LSE, DELTA, queries, stride_qt, stride_dot, seq_len_q,
+                                             HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE)
 
         p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
         if CAUSAL_MASK:
@@ -382,52 +404,6 @@ def _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, k
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(DOT_DTYPE), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
-
-
-@triton.autotune(configs=BACKWARD_DKDV_CONFIGS, key=TUNING_KEY,
-                 prune_configs_by={"early_config_prune": BACKWARD_DKDV_PRUNER})
-@triton.jit
-def _attention_backward_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, DK, DV,
-        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-        stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh, stride_dkt,
-        n_heads, kv_group, seq_len_q, seq_len_k, scale, qk_scale, tune_len_q, tune_len_k,
-        HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, DOT_DTYPE: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # The first key blocks are seen by the most queries: the natural order is the heavy one first.
-    batch_head, block = _program_block(tl.cdiv(seq_len_k, BLOCK_N), False)
-    key_start = block * BLOCK_N
-    Q = _head_start(Q, batch_head, n_heads, stride_qb, stride_qh)
-    K = _kv_head_start(K, batch_head, n_heads, kv_group, stride_kb, stride_kh)
-    V = _kv_head_start(V, batch_head, n_heads, kv_group, stride_vb, stride_vh)
-    DO = _head_start(DO, batch_head, n_heads, stride_dob, stride_doh)
-    DK = _head_start(DK, batch_head, n_heads, stride_dkb, stride_dkh)  # dV has dK's layout
-    DV = _head_start(DV, batch_head, n_heads, stride_dkb, stride_dkh)
-    LSE += batch_head.to(tl.int64) * seq_len_q
-    DELTA += batch_head.to(tl.int64) * seq_len_q
-    query_offset = seq_len_k - seq_len_q
-
-    keys = key_start + tl.arange(0, BLOCK_N)
-    k = _load_rows(K, keys, stride_kt, seq_len_k, HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE)
-    v = _load_rows(V, keys, stride_vt, seq_len_k, HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM_PADDED], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM_PADDED], dtype=tl.float32)
-
-    # Query i sees key j when i >= j - query_offset. The queries in the band of BLOCK_N rows starting
-    # at key_start - query_offset see part of this key block; every later query sees all of it, and
-    # no earlier query sees any of it.
-    diagonal_start = tl.maximum(key_start - query_offset, 0)
-    diagonal_end = tl.maximum(key_start + BLOCK_N - query_offset, 0)
-    full_start = diagonal_start + tl.cdiv(diagonal_end - diagonal_start, BLOCK_M) * BLOCK_M
-    dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, keys, diagonal_start,
-                                full_start, query_offset, seq_len_q, qk_scale, True,
-                                HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE, DOT_PRECISION, BLOCK_M)
-    dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, keys, full_start,
-                                seq_len_q, query_offset, seq_len_q, qk_scale, False,
-                                HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE, DOT_PRECISION, BLOCK_M)
-
-    _store_rows(DK, dk * scale, keys, stride_dkt, seq_len_k, HEAD_DIM, HEAD_DIM_PADDED)
-    _store_rows(DV, dv, keys, stride_dkt, seq_len_k, HEAD_DIM, HEAD_DIM_PADDED)
 
 
 @triton.jit
@@ -449,44 +425,76 @@ def _dq_key_blocks(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, queries, k
     return dq
 
 
-@triton.autotune(configs=BACKWARD_DQ_CONFIGS, key=TUNING_KEY,
-                 prune_configs_by={"early_config_prune": BACKWARD_DQ_PRUNER})
 @triton.jit
-def _attention_backward_dq_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ,
+def _attention_backward_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-        stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
+        stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt, stride_dkb, stride_dkh, stride_dkt,
         n_heads, kv_group, seq_len_q, seq_len_k, scale, qk_scale, tune_len_q, tune_len_k,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, DOT_DTYPE: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    batch_head, block = _program_block(tl.cdiv(seq_len_q, BLOCK_M), True)
-    query_start = block * BLOCK_M
-    Q = _head_start(Q, batch_head, n_heads, stride_qb, stride_qh)
-    K = _kv_head_start(K, batch_head, n_heads, kv_group, stride_kb, stride_kh)
-    V = _kv_head_start(V, batch_head, n_heads, kv_group, stride_vb, stride_vh)
-    DO = _head_start(DO, batch_head, n_heads, stride_dob, stride_doh)
-    DQ = _head_start(DQ, batch_head, n_heads, stride_dqb, stride_dqh)
-    LSE += batch_head.to(tl.int64) * seq_len_q
-    DELTA += batch_head.to(tl.int64) * seq_len_q
+        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_BLOCKS: tl.constexpr):
+    """One program's share of the backward: with KEY_BLOCKS, dK and dV of one block of BLOCK_N keys
+    (over every query that sees it); otherwise dQ of one block of BLOCK_M queries (over every key it
+    sees). The two are launched one after the other, each autotuned on its own (below)."""
+    # dK/dV: the first key blocks are seen by the most queries, so the natural order is heavy first;
+    # dQ: the last query blocks see the most keys, so they go first.
+    n_blocks = tl.cdiv(seq_len_k, BLOCK_N) if KEY_BLOCKS else tl.cdiv(seq_len_q, BLOCK_M)
+    batch_head, block = _program_block(n_blocks, not KEY_BLOCKS)
+    Q, K, V, DO, LSE, DELTA = _backward_head_inputs(Q, K, V, DO, LSE, DELTA, batch_head, n_heads, kv_group,
+                                                    stride_qb, stride_qh, stride_kb, stride_kh, stride_vb,
+                                                    stride_vh, stride_dob, stride_doh, seq_len_q)
     query_offset = seq_len_k - seq_len_q
 
-    # Query rows past the end load as zeros (dO = 0, Delta = 0), so their dS is zero.
-    queries = query_start + tl.arange(0, BLOCK_M)
-    q = _load_rows(Q, queries, stride_qt, seq_len_q, HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE)
-    do = _load_rows(DO, queries, stride_dot, seq_len_q, HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE)
-    lse = tl.load(LSE + queries, mask=queries < seq_len_q, other=0.0)
-    delta = tl.load(DELTA + queries, mask=queries < seq_len_q, other=0.0)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], dtype=tl.float32)
+    if KEY_BLOCKS:
+        DK = _head_start(DK, batch_head, n_heads, stride_dkb, stride_dkh)  # dV has dK's layout
+        DV = _head_start(DV, batch_head, n_heads, stride_dkb, stride_dkh)
+        key_start = block * BLOCK_N
+        keys = key_start + tl.arange(0, BLOCK_N)
+        k = _load_rows(K, keys, stride_kt, seq_len_k, HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE)
+        v = _load_rows(V, keys, stride_vt, seq_len_k, HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM_PADDED], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM_PADDED], dtype=tl.float32)
 
-    diagonal_start, diagonal_end = _diagonal_keys(query_start, query_offset, seq_len_k, BLOCK_M, BLOCK_N)
-    dq = _dq_key_blocks(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, queries, 0, diagonal_start,
-                        query_offset, seq_len_k, qk_scale, False,
-                        HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE, DOT_PRECISION, BLOCK_N)
-    dq = _dq_key_blocks(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, queries, diagonal_start, diagonal_end,
-                        query_offset, seq_len_k, qk_scale, True,
-                        HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE, DOT_PRECISION, BLOCK_N)
+        # Query i sees key j when i >= j - query_offset. The queries in the band of BLOCK_N rows
+        # starting at key_start - query_offset see part of this key block; every later query sees
+        # all of it, and no earlier query sees any of it.
+        diagonal_start = tl.maximum(key_start - query_offset, 0)
+        diagonal_end = tl.maximum(key_start + BLOCK_N - query_offset, 0)
+        full_start = diagonal_start + tl.cdiv(diagonal_end - diagonal_start, BLOCK_M) * BLOCK_M
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, keys, diagonal_start,
+                                    full_start, query_offset, seq_len_q, qk_scale, True,
+                                    HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE, DOT_PRECISION, BLOCK_M)
+        dk, dv = _dkdv_query_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, keys, full_start,
+                                    seq_len_q, query_offset, seq_len_q, qk_scale, False,
+                                    HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE, DOT_PRECISION, BLOCK_M)
+        _store_rows(DK, dk * scale, keys, stride_dkt, seq_len_k, HEAD_DIM, HEAD_DIM_PADDED)
+        _store_rows(DV, dv, keys, stride_dkt, seq_len_k, HEAD_DIM, HEAD_DIM_PADDED)
+    else:
+        DQ = _head_start(DQ, batch_head, n_heads, stride_dqb, stride_dqh)
+        query_start = block * BLOCK_M
+        queries = query_start + tl.arange(0, BLOCK_M)
+        q, do, lse, delta = _load_query_rows(Q, DO, LSE, DELTA, queries, stride_qt, stride_dot, seq_len_q,
+                                             HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], dtype=tl.float32)
 
-    _store_rows(DQ, dq * scale, queries, stride_dqt, seq_len_q, HEAD_DIM, HEAD_DIM_PADDED)
+        diagonal_start, diagonal_end = _diagonal_keys(query_start, query_offset, seq_len_k, BLOCK_M, BLOCK_N)
+        dq = _dq_key_blocks(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, queries, 0, diagonal_start,
+                            query_offset, seq_len_k, qk_scale, False,
+                            HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE, DOT_PRECISION, BLOCK_N)
+        dq = _dq_key_blocks(dq, q, do, lse, delta, K, V, stride_kt, stride_vt, queries, diagonal_start,
+                            diagonal_end, query_offset, seq_len_k, qk_scale, True,
+                            HEAD_DIM, HEAD_DIM_PADDED, DOT_DTYPE, DOT_PRECISION, BLOCK_N)
+        _store_rows(DQ, dq * scale, queries, stride_dqt, seq_len_q, HEAD_DIM, HEAD_DIM_PADDED)
+
+
+# The same kernel twice, autotuned apart: the dK/dV programs keep a key block resident and stream
+# query blocks, the dQ programs the other way round, so their best tiles differ.
+_attention_backward_dkdv_kernel = triton.autotune(
+    configs=BACKWARD_DKDV_CONFIGS, key=TUNING_KEY,
+    prune_configs_by={"early_config_prune": BACKWARD_DKDV_PRUNER})(_attention_backward_kernel)
+_attention_backward_dq_kernel = triton.autotune(
+    configs=BACKWARD_DQ_CONFIGS, key=TUNING_KEY,
+    prune_configs_by={"early_config_prune": BACKWARD_DQ_PRUNER})(_attention_backward_kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -602,11 +610,10 @@ def backward(grad_out, q, k, v, out, lse, scale):
     _backward_delta_kernel[heads_major_grid(batch_heads, triton.cdiv(seq_len_q, DELTA_BLOCK))](
         out, grad_out, delta, *_strides(out, grad_out), n_heads, seq_len_q,
         BLOCK_M=DELTA_BLOCK, **_head_dims(head_dim))
-    args = dict(qk_scale=scale * LOG2_E, scale=scale, **_shape_args(q, k))
-    _attention_backward_dkdv_kernel[_grid(batch_heads, seq_len_k, "BLOCK_N")](
-        q, k, v, grad_out, lse, delta, dk, dv, *_strides(q, k, v, grad_out, dk), **args)
-    _attention_backward_dq_kernel[_grid(batch_heads, seq_len_q, "BLOCK_M")](
-        q, k, v, grad_out, lse, delta, dq, *_strides(q, k, v, grad_out, dq), **args)
+    args = (q, k, v, grad_out, lse, delta, dq, dk, dv, *_strides(q, k, v, grad_out, dq, dk))
+    sizes = dict(qk_scale=scale * LOG2_E, scale=scale, **_shape_args(q, k))
+    _attention_backward_dkdv_kernel[_grid(batch_heads, seq_len_k, "BLOCK_N")](*args, KEY_BLOCKS=True, **sizes)
+    _attention_backward_dq_kernel[_grid(batch_heads, seq_len_q, "BLOCK_M")](*args, KEY_BLOCKS=False, **sizes)
     if kv_heads != n_heads:
         dk, dv = (_sum_over_groups(grad, kv_heads) for grad in (dk, dv))
     return dq, dk, dv

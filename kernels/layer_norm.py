@@ -103,25 +103,32 @@ def _layer_norm_forward_kernel(
     tl.store(RSTD + rows, rstd, mask=rows < n_rows)
 
 
+@triton.jit
+def _backward_rows(X, DY, first_row, cols, stride_x_row, stride_dy_row, n_rows, n_cols,
+                   ROWS_PER_PROGRAM: tl.constexpr):
+    """The rows a backward program takes next: their indices, the mask of what lies inside the
+    tensor, and x and dy in fp32 (0 outside it). Shared with kernels/rms_norm.py."""
+    rows = first_row + tl.arange(0, ROWS_PER_PROGRAM)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    x = tl.load(X + rows[:, None].to(tl.int64) * stride_x_row + cols[None, :], mask=mask, other=0.0)
+    dy = tl.load(DY + rows[:, None].to(tl.int64) * stride_dy_row + cols[None, :], mask=mask, other=0.0)
+    return rows, mask, x.to(tl.float32), dy.to(tl.float32)
+
+
 @_autotune(BACKWARD_PRUNER)
 @triton.jit
 def _layer_norm_backward_kernel(
         X, W, DY, DX, MEAN, RSTD, DW_PARTIAL, DB_PARTIAL, stride_x_row, stride_dy_row, n_rows, n_cols,
         HAS_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr):
-    program = tl.program_id(0)
-    n_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     db = tl.zeros([BLOCK_N], dtype=tl.float32)
 
-    for first_row in range(program * ROWS_PER_PROGRAM, n_rows, n_programs * ROWS_PER_PROGRAM):
-        rows = first_row + tl.arange(0, ROWS_PER_PROGRAM)
-        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-        x = tl.load(X + rows[:, None].to(tl.int64) * stride_x_row + cols[None, :], mask=mask, other=0.0)
-        dy = tl.load(DY + rows[:, None].to(tl.int64) * stride_dy_row + cols[None, :], mask=mask, other=0.0)
-        x, dy = x.to(tl.float32), dy.to(tl.float32)
+    for first_row in range(tl.program_id(0) * ROWS_PER_PROGRAM, n_rows, tl.num_programs(0) * ROWS_PER_PROGRAM):
+        rows, mask, x, dy = _backward_rows(X, DY, first_row, cols, stride_x_row, stride_dy_row, n_rows, n_cols,
+                                           ROWS_PER_PROGRAM)
         mean = tl.load(MEAN + rows, mask=rows < n_rows, other=0.0)
         rstd = tl.load(RSTD + rows, mask=rows < n_rows, other=0.0)
 
@@ -137,8 +144,8 @@ def _layer_norm_backward_kernel(
         dw += tl.sum(dy * x_hat, 0)
         db += tl.sum(dy, 0)
 
-    tl.store(DW_PARTIAL + program * n_cols + cols, dw, mask=cols < n_cols)
-    tl.store(DB_PARTIAL + program * n_cols + cols, db, mask=cols < n_cols)
+    tl.store(DW_PARTIAL + tl.program_id(0) * n_cols + cols, dw, mask=cols < n_cols)
+    tl.store(DB_PARTIAL + tl.program_id(0) * n_cols + cols, db, mask=cols < n_cols)
 
 
 def _rows(x):
@@ -147,9 +154,10 @@ def _rows(x):
     return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
 
 
-def _block_n(n_cols):
+def _block_n(n_cols, op="LayerNorm"):
+    """The columns a program's tile spans: the row's length rounded up to a power of two."""
     if n_cols > MAX_COLUMNS:
-        raise ValueError(f"the Triton LayerNorm kernel takes rows of up to {MAX_COLUMNS} values, got {n_cols}")
+        raise ValueError(f"the Triton {op} kernel takes rows of up to {MAX_COLUMNS} values, got {n_cols}")
     return triton.next_power_of_2(n_cols)
 
 

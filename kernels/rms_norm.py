@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import mend_interpreter
-from .layer_norm import BACKWARD_PRUNER, FORWARD_PRUNER, MAX_COLUMNS, _autotune, _backward_programs, _rows
+from .layer_norm import BACKWARD_PRUNER, FORWARD_PRUNER, _autotune, _backward_programs, _backward_rows, _block_n, _rows
 
 mend_interpreter()
 
@@ -51,21 +51,16 @@ def _rms_norm_forward_kernel(
 @_autotune(BACKWARD_PRUNER)
 @triton.jit
 def _rms_norm_backward_kernel(
-        X, W, DY, DX, RSTD, DW_PARTIAL, stride_x_row, n_rows, n_cols,
+        X, W, DY, DX, RSTD, DW_PARTIAL, stride_x_row, stride_dy_row, n_rows, n_cols,
         HAS_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr):
-    program = tl.program_id(0)
-    n_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
 
-    for first_row in range(program * ROWS_PER_PROGRAM, n_rows, n_programs * ROWS_PER_PROGRAM):
-        rows = first_row + tl.arange(0, ROWS_PER_PROGRAM)
-        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-        x = tl.load(X + rows[:, None].to(tl.int64) * stride_x_row + cols[None, :], mask=mask, other=0.0)
-        dy = tl.load(DY + rows[:, None].to(tl.int64) * n_cols + cols[None, :], mask=mask, other=0.0)
-        x, dy = x.to(tl.float32), dy.to(tl.float32)
+    for first_row in range(tl.program_id(0) * ROWS_PER_PROGRAM, n_rows, tl.num_programs(0) * ROWS_PER_PROGRAM):
+        rows, mask, x, dy = _backward_rows(X, DY, first_row, cols, stride_x_row, stride_dy_row, n_rows, n_cols,
+                                           ROWS_PER_PROGRAM)
         rstd = tl.load(RSTD + rows, mask=rows < n_rows, other=0.0)
 
         x_hat = x * rstd[:, None]  # 0 outside the rows and columns: x loads as 0 there
@@ -80,13 +75,7 @@ def _rms_norm_backward_kernel(
             dw += tl.sum(dy * x_hat, 0)
 
     if HAS_WEIGHT:
-        tl.store(DW_PARTIAL + program * n_cols + cols, dw, mask=cols < n_cols)
-
-
-def _block_n(n_cols):
-    if n_cols > MAX_COLUMNS:
-        raise ValueError(f"the Triton RMSNorm kernel takes rows of up to {MAX_COLUMNS} values, got {n_cols}")
-    return triton.next_power_of_2(n_cols)
+        tl.store(DW_PARTIAL + tl.program_id(0) * n_cols + cols, dw, mask=cols < n_cols)
 
 
 def forward(x, weight, eps):
@@ -98,7 +87,7 @@ def forward(x, weight, eps):
     grid = lambda meta: (triton.cdiv(n_rows, meta["ROWS_PER_PROGRAM"]),)  # noqa: E731
     _rms_norm_forward_kernel[grid](
         x2d, weight, y, rstd, x2d.stride(0), n_rows, n_cols, eps,
-        HAS_WEIGHT=weight is not None, BLOCK_N=_block_n(n_cols))
+        HAS_WEIGHT=weight is not None, BLOCK_N=_block_n(n_cols, "RMSNorm"))
     return y.view(x.shape), rstd.view(x.shape[:-1])
 
 
@@ -106,13 +95,13 @@ def backward(grad_y, x, weight, rstd):
     """(dx in x's dtype, dweight in fp32) of RMSNorm; dweight is an empty tensor without a weight."""
     x2d = _rows(x)
     n_rows, n_cols = x2d.shape
-    grad_y = grad_y.contiguous()
+    grad_y = _rows(grad_y)
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     n_programs = _backward_programs(x.device, n_rows)
     dw_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=x.device) if weight is not None \
         else None
     _rms_norm_backward_kernel[(n_programs,)](
-        x2d, weight, grad_y, dx, rstd.contiguous(), dw_partial, x2d.stride(0), n_rows, n_cols,
-        HAS_WEIGHT=weight is not None, BLOCK_N=_block_n(n_cols))
+        x2d, weight, grad_y, dx, rstd.contiguous(), dw_partial, x2d.stride(0), grad_y.stride(0), n_rows, n_cols,
+        HAS_WEIGHT=weight is not None, BLOCK_N=_block_n(n_cols, "RMSNorm"))
     dw = dw_partial.sum(0) if weight is not None else torch.empty(0, dtype=torch.float32, device=x.device)
     return dx.view(x.shape), dw

@@ -68,25 +68,26 @@ def hopper_variants():
 
     from fastgpt.kernels import causal_attention as attention, layer_norm
 
-    kernels = {
+    kernels = {  # name: (kernel, its tiles, its pruner, its own constexprs)
         "attention forward": (attention._attention_forward_kernel, attention.HOPPER_FORWARD_TILES,
-                              attention.FORWARD_PRUNER),
+                              attention.FORWARD_PRUNER, {}),
         "attention backward dK/dV": (attention._attention_backward_dkdv_kernel, attention.HOPPER_BACKWARD_DKDV_TILES,
-                                     attention.BACKWARD_DKDV_PRUNER),
+                                     attention.BACKWARD_DKDV_PRUNER, {"KEY_BLOCKS": True}),
         "attention backward dQ": (attention._attention_backward_dq_kernel, attention.HOPPER_BACKWARD_DQ_TILES,
-                                  attention.BACKWARD_DQ_PRUNER),
+                                  attention.BACKWARD_DQ_PRUNER, {"KEY_BLOCKS": False}),
     }
     for dtype, head_dim, precision in ATTENTION_VARIANTS:
         padded = triton.next_power_of_2(head_dim)
         dims = dict(HEAD_DIM=head_dim, HEAD_DIM_PADDED=padded)
         constexprs = dict(dims, DOT_PRECISION=precision, DOT_DTYPE={
             torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype])
-        for name, (kernel, tiles, pruner) in kernels.items():
+        for name, (kernel, tiles, pruner, own_constexprs) in kernels.items():
             args = dict(Q=torch.empty(0, dtype=dtype), HEAD_DIM_PADDED=padded, DOT_PRECISION=precision,
                         tune_len_q=LONG_SEQUENCE, tune_len_k=LONG_SEQUENCE)
             for config in pruner(attention.make_configs(tiles), args):
                 bound = pruner.shared_memory_bytes(config, padded, dtype.itemsize)
-                yield (f"{name} {dtype} D={head_dim} {precision}", kernel, {"*": dtype}, constexprs, config, bound)
+                yield (f"{name} {dtype} D={head_dim} {precision}", kernel, {"*": dtype},
+                       {**constexprs, **own_constexprs}, config, bound)
         delta_config = triton.Config({"BLOCK_M": attention.DELTA_BLOCK}, num_warps=4)
         yield f"attention backward Delta {dtype} D={head_dim}", attention._backward_delta_kernel, {"*": dtype}, dims, \
             delta_config, None
