@@ -196,6 +196,7 @@ def bench_matmul(sizes, device, timer, report):
 def bench_training(sizes, device, timer, report):
     from fastgpt import ops
     from fastgpt.model import GPT, GPTConfig
+    from fastgpt.optim import build_optimizer
 
     shape = sizes["model"]
     tokens = torch.randint(0, shape["vocab_size"], (sizes["train_batch"], shape["block_size"] + 1), device=device)
@@ -205,7 +206,8 @@ def bench_training(sizes, device, timer, report):
     for variant, backend in (("triton", "triton"), ("builtins", "torch"), ("auto", "auto")):
         torch.manual_seed(0)
         model = GPT(GPTConfig(**shape)).to(device)
-        optimizer = model.configure_optimizer(6e-4, 0.1, (0.9, 0.95), device.type)
+        optimizer = build_optimizer(model, "adamw", 6e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                    device_type=device.type)
 
         def step(model=model, optimizer=optimizer, backend=backend):
             ops.use_backend(backend)  # the variants take turns: each sets its kernels for its step

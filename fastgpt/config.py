@@ -32,7 +32,12 @@ class TrainConfig:
     batch_size: int = setting(32, "sequences per micro-batch", minimum=1)
     grad_accum_steps: int = setting(1, "micro-batches accumulated into one optimizer step", minimum=1)
     max_iters: int = setting(1150, "optimizer steps to train for", minimum=1)
-    learning_rate: float = setting(2e-3, "peak learning rate", minimum=0)
+    optimizer: str = setting("adamw", "adamw on every parameter, or muon on the blocks' weight matrices with adamw on "
+                                      "the rest (embeddings, head, gains and biases)", ["adamw", "muon"])
+    learning_rate: float = setting(2e-3, "peak learning rate (of AdamW)", minimum=0)
+    muon_lr: float = setting(0.02, "muon: peak learning rate of Muon, which the schedule scales like learning_rate",
+                             minimum=0)
+    muon_momentum: float = setting(0.95, "muon: Muon's (Nesterov) momentum")
     lr_schedule: str = setting("cosine", "learning rate after the warmup: cosine decay to min_lr at max_iters, "
                                          "linear decay, constant, or wsd (stable, then linear decay over the last "
                                          "decay_fraction of the steps)", ["cosine", "linear", "constant", "wsd"])
@@ -76,8 +81,9 @@ class TrainConfig:
             raise FastGPTError(f"decay_fraction must be in [0, 1] (got {self.decay_fraction})")
         if not 0 < self.val_fraction < 1:
             raise FastGPTError(f"val_fraction must be between 0 and 1 (got {self.val_fraction})")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise FastGPTError(f"beta1 and beta2 must be in [0, 1) (got {self.beta1}, {self.beta2})")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and 0 <= self.muon_momentum < 1):
+            raise FastGPTError(f"beta1, beta2 and muon_momentum must be in [0, 1) (got {self.beta1}, {self.beta2}, "
+                               f"{self.muon_momentum})")
         if self.tokenizer == "bpe" and self.model.vocab_size < 257:
             raise FastGPTError(f"a bpe vocabulary starts from the 256 bytes: vocab_size must be at least 257 "
                                f"(got {self.model.vocab_size})")

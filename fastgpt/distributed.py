@@ -134,21 +134,21 @@ def gradient_sync(runner, model, enabled):
         yield
 
 
-def full_state(model, optimizer):
-    """The model's and optimizer's whole state, on the CPU, keyed by parameter name.
+def full_state(model, optimizers):
+    """The model's and optimizers' whole state, on the CPU, keyed by parameter name.
 
     Under FSDP every process must call this (it gathers the shards); the result is the same as a
     single process's, so any checkpoint loads into any number of processes and either mode.
     """
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizers, options=options)
 
 
-def load_full_state(model, optimizer, model_state, optimizer_state):
-    """Load what `full_state` returned into a model and optimizer, sharding it where they are sharded."""
+def load_full_state(model, optimizers, model_state, optimizer_state):
+    """Load what `full_state` returned into a model and optimizers, sharding it where they are sharded."""
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=options)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    set_optimizer_state_dict(model, optimizers, optimizer_state, options=options)
 
 
 def sum_across(tensor, world):

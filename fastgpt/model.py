@@ -1,12 +1,20 @@
-"""The GPT model, GPT-2's architecture exactly, in the order a reader needs the pieces.
+"""The GPT model: GPT-2's architecture exactly by default, in the order a reader needs the pieces.
 
 Token and position embeddings feed a stack of blocks; each block is pre-LayerNorm masked multi-head
 self-attention followed by a GELU MLP, each with a residual connection; a final LayerNorm and a
 language-model head, tied to the token embedding, turn the last hidden states into next-token logits.
 
-Attention, LayerNorm and GELU go through `fastgpt.ops`, which runs them on the fastest backend available
-for the tensors' device (fused C++ on CPU, Triton on GPU) or on the plain-PyTorch reference. Which
-backend is a run-time choice of the process (`ops.use_backend`), not part of the model.
+The switches of GPTConfig swap single pieces for the ones later models use, each on its own so that
+an experiment can measure what it buys: RMSNorm for LayerNorm (`norm`), rotary positions inside
+attention for learned embeddings (`position`), SwiGLU or ReLU^2 for GELU (`mlp`), fewer key/value
+heads than query heads (`n_kv_head`, grouped-query attention), RMS-normalised queries and keys
+(`qk_norm`) and a head with its own weight (`tie_embeddings`). All of them together, without biases,
+is Llama's architecture.
+
+Attention, the norms, rotary positions and the MLP activations go through `fastgpt.ops`, which runs
+them on the fastest backend available for the tensors' device (fused C++ on CPU, Triton on GPU) or on
+the plain-PyTorch reference. Which backend is a run-time choice of the process (`ops.use_backend`),
+not part of the model.
 
 Generation decodes one token at a time with a key/value cache, so each new token costs one row of
 attention per layer instead of a pass over the whole context.
@@ -24,12 +32,7 @@ from fastgpt.errors import FastGPTError
 from fastgpt.settings import check_values, setting
 
 
-# GPT-2's block, which the model builds unless a switch of GPTConfig says otherwise, as fused ops
-# are told about it (GPTConfig.block_description). A switch named like one of GPT2_BLOCK's entries
-# takes that entry's place in the description.
-LAYER_NORM_EPS = 1e-5
-MLP_RATIO = 4  # the MLP's hidden layer is this many times as wide as the model
-GPT2_BLOCK = {"norm": "layernorm", "position": "learned", "mlp": "gelu", "mlp_ratio": MLP_RATIO, "qk_norm": False}
+MLP_RATIO = 4  # GPT-2's MLP hidden layer is this many times as wide as the model
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,23 @@ class GPTConfig:
     n_layer: int = setting(4, "number of transformer blocks", kind="size", minimum=1)
     n_head: int = setting(4, "attention heads per block", kind="size", minimum=1)
     n_embd: int = setting(128, "width of the residual stream", kind="size", minimum=1)
+    n_kv_head: int = setting(0, "key/value heads, dividing n_head: grouped-query attention shares each among "
+                                "n_head / n_kv_head query heads (0: n_head, GPT-2's; 1: multi-query)",
+                             kind="size", minimum=0)
+    mlp_hidden: int = setting(0, "width of the MLP's hidden layer (0: 4 n_embd; for swiglu 8/3 n_embd rounded up "
+                                 "to a multiple of 64, the same number of weights)", kind="size", minimum=0)
     bias: bool = setting(True, "biases in Linear layers and LayerNorms (GPT-2 has them)", kind="size")
+    tie_embeddings: bool = setting(True, "the language-model head shares the token embedding's weight (GPT-2) "
+                                         "instead of having its own", kind="size")
+    norm: str = setting("layernorm", "the norms: layernorm (GPT-2) or rmsnorm", ["layernorm", "rmsnorm"])
+    norm_eps: float = setting(1e-5, "epsilon of every norm, added to the variance (GPT-2: 1e-5)")
+    position: str = setting("learned", "positions: learned embeddings added to the tokens' (GPT-2), or rope "
+                                       "(rotary positions applied to queries and keys)", ["learned", "rope"])
+    rope_base: float = setting(10000.0, "rope: the base of the rotary frequencies")
+    mlp: str = setting("gelu", "the MLP: gelu (GPT-2, tanh approximation), swiglu (SiLU-gated, Llama's), or relu2 "
+                               "(ReLU squared)", ["gelu", "swiglu", "relu2"])
+    qk_norm: bool = setting(False, "RMS-normalise each head's queries and keys (no gain) before rope and "
+                                   "attention")
     dropout: float = setting(0.0, "dropout probability on embeddings and residual branches", kind="training")
 
     def validate(self):
@@ -64,8 +83,34 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise FastGPTError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
                                "each head gets n_embd / n_head channels")
+        if self.n_head % self.kv_heads:
+            raise FastGPTError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}): each key/value "
+                               "head serves the same number of query heads")
+        if self.position == "rope" and self.head_dim % 2:
+            raise FastGPTError(f"rope rotates pairs of channels: the head size n_embd / n_head must be even "
+                               f"(got {self.head_dim})")
+        if not self.norm_eps > 0 or not self.rope_base > 0:
+            raise FastGPTError(f"norm_eps and rope_base must be positive (got {self.norm_eps}, {self.rope_base})")
         if not 0 <= self.dropout < 1:
             raise FastGPTError(f"dropout must be in [0, 1) (got {self.dropout})")
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden_width(self):
+        """The MLP's hidden layer: mlp_hidden, or by default 4 n_embd, or for swiglu, whose input
+        projection is two matrices (gate and up), 8/3 n_embd (rounded up to a multiple of 64)."""
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":
+            return -(-2 * MLP_RATIO * self.n_embd // 3 // 64) * 64
+        return MLP_RATIO * self.n_embd
 
     def to_dict(self):
         return asdict(self)
@@ -80,10 +125,11 @@ class GPTConfig:
                 if value != theirs[name]]
 
     def block_description(self):
-        """What one block computes, apart from the sizes a fused op reads off its tensors: GPT-2's block
-        with this config's switches in it, as sorted (name, value) pairs. A fused op for a whole block
-        declares the one description it computes (fastgpt.ops.block_decoder)."""
-        return tuple(sorted({**GPT2_BLOCK, **self._of_kind("switch")}.items()))
+        """What one block computes, apart from the sizes a fused op reads off its tensors: the
+        switches, and whether key/value heads are shared (which a (B, Hkv, T, D) cache alone does not
+        tell), as sorted (name, value) pairs. A fused op for a whole block declares the one
+        description it computes (fastgpt.ops.block_decoder)."""
+        return tuple(sorted({**self._of_kind("switch"), "grouped_query": self.kv_heads != self.n_head}.items()))
 
     def non_gpt2_switches(self):
         """The switches set to something other than GPT-2's choice: ["name = value", ...]."""
@@ -98,33 +144,62 @@ def dropout(x, p, training):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (GPT-2 has one), eps 1e-5 (GPT-2's), computed by fastgpt.ops."""
+    """LayerNorm with an optional bias (GPT-2 has one), computed by fastgpt.ops."""
 
-    def __init__(self, n_embd, bias):
+    def __init__(self, n_embd, bias, eps):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(n_embd))
         self.bias = nn.Parameter(torch.zeros(n_embd)) if bias else None
-        self.eps = LAYER_NORM_EPS
+        self.eps = eps
 
     def forward(self, x):
         return ops.layer_norm(x, self.weight, self.bias, self.eps)
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm (x / sqrt(mean(x^2) + eps), times a gain): LayerNorm without the mean and the bias."""
+
+    def __init__(self, n_embd, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_embd))
+        self.eps = eps
+
+    def forward(self, x):
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+def norm(config):
+    """The norm the config asks for, over the residual stream."""
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return LayerNorm(config.n_embd, config.bias, config.norm_eps)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
-        # One projection makes queries, keys and values for all heads at once.
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        # One projection makes the queries of all heads and the keys and values of all key/value
+        # heads at once (GPT-2: as many of each).
+        width = (self.n_head + 2 * self.n_kv_head) * self.head_dim
+        self.c_attn = nn.Linear(config.n_embd, width, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
-        self.n_head = config.n_head
+        self.rope_base = config.rope_base if config.position == "rope" else None
+        self.qk_norm_eps = config.norm_eps if config.qk_norm else None
 
     def forward(self, x, cache=None):
         B, T, C = x.shape
-        # (B, T, 3, H, D) -> three (B, H, T, D) views; the fused kernels read these strides directly.
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).unbind(dim=2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        D = self.head_dim
+        q, k, v = self.c_attn(x).split([self.n_head * D, self.n_kv_head * D, self.n_kv_head * D], dim=-1)
+        # (B, T, heads * D) -> (B, heads, T, D) views; the fused kernels read these strides directly.
+        q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norm_eps is not None:
+            q, k = ops.rms_norm(q, None, self.qk_norm_eps), ops.rms_norm(k, None, self.qk_norm_eps)
+        if self.rope_base is not None:
+            # The new tokens' positions follow the cached ones'.
+            start = cache.position if cache is not None else 0
+            q, k = (ops.rotary(t, offset=start, base=self.rope_base) for t in (q, k))
         if cache is not None:
             # The new queries attend over every cached key as well as the new ones; the op aligns
             # its causal mask to the end, so query i sees the cache and the new keys up to its own.
@@ -137,21 +212,32 @@ class CausalSelfAttention(nn.Module):
 
 
 class KVCache:
-    """The keys and values one attention layer has computed so far, in (B, H, T, D) tensors.
+    """The keys and values one attention layer has computed so far, in (B, Hkv, T, D) tensors.
 
     Earlier tokens' keys and values never change (attention is causal), so decoding computes them
     once and each new token only adds its own row. The rows live in one buffer sized for the whole
     context (block_size), allocated at the first append, so adding a token writes one row instead of
     copying every cached row into a new, longer tensor.
+
+    A sliding cache (`slides`, for rotary positions) makes room when full by dropping its oldest rows:
+    rotated keys depend only on positions relative to the queries', so the rows it keeps stay valid
+    while positions go on counting past block_size.
     """
 
-    def __init__(self, block_size):
+    def __init__(self, block_size, slides=False):
         self.block_size = block_size
+        self.slides = slides
         self.length = 0
-        self.k = self.v = None  # (B, H, block_size, D) buffers, once something is cached
+        self.dropped = 0  # rows dropped to make room, by a sliding cache
+        self.k = self.v = None  # (B, Hkv, block_size, D) buffers, once something is cached
 
     def __len__(self):
         return self.length
+
+    @property
+    def position(self):
+        """The position of the next token: how many tokens the cache has seen."""
+        return self.dropped + self.length
 
     def reserve(self, n, batch, n_head, head_dim, like):
         """The two buffers, once it is checked that they have room for n more positions.
@@ -171,8 +257,10 @@ class KVCache:
         self.length += n
 
     def append(self, k, v):
-        """Add the new tokens' k and v; return (views of) the keys and values of all the tokens so far."""
+        """Add the new tokens' k and v; return (views of) the keys and values of all the tokens held."""
         B, H, T, D = k.shape
+        if self.slides and self.length + T > self.block_size:
+            self._drop(min(self.length, self.length + T - self.block_size))
         k_buffer, v_buffer = self.reserve(T, B, H, D, k)
         start = self.length
         k_buffer[:, :, start:start + T] = k
@@ -180,25 +268,40 @@ class KVCache:
         self.advance(T)
         return k_buffer[:, :, :start + T], v_buffer[:, :, :start + T]
 
+    def _drop(self, n):
+        """Forget the n oldest rows, moving the others to the front of the buffers."""
+        kept = self.length - n
+        for buffer in (self.k, self.v):
+            buffer[:, :, :kept] = buffer[:, :, n:self.length].clone()
+        self.length = kept
+        self.dropped += n
+
+
+# GPT-2 uses the tanh approximation of GELU (matching it lets GPT-2 weights load unchanged). SwiGLU
+# takes the gate and up projections side by side, [gate, up], as one matrix product makes them.
+ACTIVATIONS = {"gelu": ops.gelu, "swiglu": ops.swiglu, "relu2": ops.relu_squared}
+
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, MLP_RATIO * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(MLP_RATIO * config.n_embd, config.n_embd, bias=config.bias)
+        hidden = config.hidden_width
+        inputs = 2 * hidden if config.mlp == "swiglu" else hidden
+        self.c_fc = nn.Linear(config.n_embd, inputs, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.activation = ACTIVATIONS[config.mlp]
         self.dropout = config.dropout
 
     def forward(self, x):
-        # GPT-2 uses the tanh approximation of GELU; matching it lets GPT-2 weights load unchanged.
-        return dropout(self.c_proj(ops.gelu(self.c_fc(x))), self.dropout, self.training)
+        return dropout(self.c_proj(self.activation(self.c_fc(x))), self.dropout, self.training)
 
 
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, config.bias)
+        self.ln_1 = norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, config.bias)
+        self.ln_2 = norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x, cache=None):
@@ -212,7 +315,7 @@ class Block(nn.Module):
         B, _, C = x.shape
         n_head = self.attn.n_head
         k_buffer, v_buffer = cache.reserve(1, B, n_head, C // n_head, x)
-        # One eps serves both LayerNorms: the model gives every LayerNorm GPT-2's 1e-5.
+        # One eps serves both LayerNorms: the model gives every norm the same (norm_eps).
         y = decoder(x.view(B, C), self.decode_parameters(), k_buffer, v_buffer, len(cache), self.ln_1.eps)
         cache.advance(1)
         return y.view(B, 1, C)
@@ -237,16 +340,19 @@ class GPT(nn.Module):
         self.config = config
         # Asked of the backend at every one-token decoding step, so worked out once.
         self.block_description = config.block_description()
+        # Learned positions are an embedding of their own; rotary ones are applied inside attention.
+        positions = {"wpe": nn.Embedding(config.block_size, config.n_embd)} if config.position == "learned" else {}
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **positions,
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, config.bias),
+            ln_f=norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying: the output projection reuses the token embedding (fewer parameters, and
-        # tokens that mean alike are both embedded and predicted alike).
-        self.lm_head.weight = self.transformer.wte.weight
+        if config.tie_embeddings:
+            # Weight tying: the output projection reuses the token embedding (fewer parameters, and
+            # tokens that mean alike are both embedded and predicted alike).
+            self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
         # GPT-2's scaled init: each residual branch's output projection gets std 0.02/sqrt(2 n_layer),
         # so the residual stream's variance does not grow with depth.
@@ -266,24 +372,35 @@ class GPT(nn.Module):
     def num_parameters(self, exclude_positions=True):
         """Parameter count; position embeddings are usually left out (they cost no matmul FLOPs)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if exclude_positions else n
+        if exclude_positions and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    @property
+    def slides(self):
+        """Whether the model's window can slide over a cached context one token at a time: with
+        rotary positions, which are relative, it can; learned positions are absolute."""
+        return self.config.position == "rope"
 
     def new_cache(self):
         """An empty key/value cache for `forward(..., cache=)`: one KVCache per block."""
-        return [KVCache(self.config.block_size) for _ in self.transformer.h]
+        return [KVCache(self.config.block_size, self.slides) for _ in self.transformer.h]
 
     def forward(self, idx, targets=None, cache=None):
         """Logits for each position of idx (B, T); with targets, also the mean cross-entropy loss.
 
         With a cache (from `new_cache`), idx holds only the tokens that follow the cached ones: they
-        take the next positions, and their keys and values are added to the cache.
+        take the next positions, and their keys and values are added to the cache (which, for a
+        model that slides, drops its oldest rows to make room).
         """
         B, T = idx.shape
-        past = len(cache[0]) if cache else 0
-        if past + T > self.config.block_size:
-            raise ValueError(f"sequence of length {past + T} is longer than the block size {self.config.block_size}")
-        positions = torch.arange(past, past + T, device=idx.device)
-        x = dropout(self.transformer.wte(idx) + self.transformer.wpe(positions), self.config.dropout, self.training)
+        held = len(cache[0]) if cache else 0
+        if T > self.config.block_size or (held + T > self.config.block_size and not self.slides):
+            raise ValueError(f"sequence of length {held + T} is longer than the block size {self.config.block_size}")
+        x = self.transformer.wte(idx)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(held, held + T, device=idx.device))
+        x = dropout(x, self.config.dropout, self.training)
         # One new token per sequence, in inference: where the backend fuses this kind of block into
         # one op for this case (ops.block_decoder), each block is that op instead of about twenty.
         # Not under autocast, whose choice of precision per op the fused op would not follow.
@@ -299,17 +416,6 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
         return logits, loss
 
-    def configure_optimizer(self, learning_rate, weight_decay, betas, device_type):
-        """AdamW that decays only 2-D weights (matmuls, embeddings), never biases or LayerNorm gains."""
-        parameters = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in parameters if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        # The fused AdamW step is faster on GPUs; on CPU the default implementation is used.
-        fused = {"fused": True} if device_type == "cuda" else {}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **fused)
-
     @classmethod
     def from_pretrained(cls, directory):
         """A GPT-2 saved in the Hugging Face layout in `directory` (see fastgpt.hf), in evaluation mode;
@@ -323,19 +429,27 @@ class GPT(nn.Module):
         """Extend idx (B, T) by max_new_tokens tokens, one at a time, yielding each new (B, 1) column.
 
         How each token is chosen is `Sampler`'s business (temperature, top_k, top_p, repetition_penalty).
-        The model sees at most block_size tokens. When the context is full, its oldest half is dropped
-        and generation goes on from the newest half, at positions starting again from 0 as in training.
-        Dropping one token per step instead would shift every position by one at every step: the
-        learned position embeddings are absolute, so no cached key would stay valid and each step
-        would cost a full pass. The same windows are used with and without the cache, so
-        `use_cache=False` (a full pass over the window per token) gives the same tokens, only slower.
+        The model attends over at most block_size tokens. When the context is full:
+
+        - a model with rotary positions slides its window by one token: its cache drops the oldest
+          row and keeps the rest, which stay valid because rotary positions are relative. Each new
+          token costs one step, as before. The kept keys of later layers still carry some of what has
+          left the window (as in sliding-window attention), so past the context this is not the same
+          as a fresh pass over the last block_size tokens, which `use_cache=False` makes;
+        - a model with learned positions drops the oldest half instead and goes on from the newest
+          half, at positions starting again from 0 as in training: dropping one token per step would
+          shift every absolute position at every step, so no cached key would stay valid and each
+          step would cost a full pass. The same windows are used with and without the cache, so
+          `use_cache=False` gives the same tokens, only slower.
         """
         sampler = Sampler(temperature, top_k, top_p, repetition_penalty)
         block_size = self.config.block_size
         start = max(0, idx.size(1) - block_size)  # where the model's window begins in idx
         cache = None
         for _ in range(max_new_tokens):
-            if idx.size(1) - start > block_size:
+            if idx.size(1) - start > block_size and self.slides:
+                start = idx.size(1) - block_size
+            elif idx.size(1) - start > block_size:
                 start = idx.size(1) - max(1, block_size // 2)
                 cache = None
             # Inference mode skips all autograd bookkeeping, which no_grad still does per op: the

@@ -136,6 +136,11 @@ class CombinedOptimizer:
             group.setdefault("base_lr", group["lr"])
 
     @property
+    def parts(self):
+        """The torch optimizers, for code that takes a list of them (the distributed checkpoint helpers)."""
+        return list(self.optimizers.values())
+
+    @property
     def param_groups(self):
         return [group for optimizer in self.optimizers.values() for group in optimizer.param_groups]
 

@@ -35,6 +35,7 @@ from fastgpt.errors import FastGPTError
 from fastgpt.hardware import choose_precision, startup_line
 from fastgpt.lr_schedules import learning_rate_at
 from fastgpt.model import GPT, GPTConfig
+from fastgpt.optim import build_optimizer
 from fastgpt.pretrained import load_pretrained
 from fastgpt.run_lock import RunLock
 from fastgpt.sinks import LossPlot, MetricsFile, ProgressBar
@@ -51,12 +52,14 @@ def requested_model_config(config, vocab_size):
     return dataclasses.replace(config.model, vocab_size=vocab_size)
 
 
-def tokenizer_differences(saved_settings, config):
-    """The tokenizer settings that differ from a checkpoint's: the kind, and what bpe is trained to."""
-    names = ["tokenizer"] + (["vocab_size"] if config.tokenizer == "bpe" else [])
-    requested = config.to_dict()
-    return [f"{name} {saved_settings[name]} vs {requested[name]}" for name in names
-            if saved_settings[name] != requested[name]]
+def fixed_setting_differences(saved_settings, config):
+    """The settings besides the model's that differ from a checkpoint's and that a run cannot change
+    when it resumes: the tokenizer's kind, what bpe is trained to, and the optimizer (its state).
+    A checkpoint older than a setting had the setting's default."""
+    names = ["tokenizer", "optimizer"] + (["vocab_size"] if config.tokenizer == "bpe" else [])
+    requested, defaults = config.to_dict(), TrainConfig().to_dict()
+    saved = {name: saved_settings.get(name, defaults[name]) for name in names}
+    return [f"{name} {saved[name]} vs {requested[name]}" for name in names if saved[name] != requested[name]]
 
 
 def resume_command(config, world):
@@ -133,8 +136,9 @@ class Trainer:
             self.checkpoints.check_room(self.raw_model)
         self.model = distributed.parallelize(self.raw_model, self.world, config.parallel, config.compile,
                                              getattr(torch, self.precision.dtype))
-        self.optimizer = self.raw_model.configure_optimizer(
-            config.learning_rate, config.weight_decay, (config.beta1, config.beta2), self.device.type)
+        self.optimizer = build_optimizer(self.raw_model, config.optimizer, config.learning_rate, config.muon_lr,
+                                         (config.beta1, config.beta2), config.weight_decay, config.muon_momentum,
+                                         device_type=self.device.type)
         self.step = 0
         self.best_val_loss = float("inf")
         # Losses of the steps since the last metrics record; saved, so a resumed run logs the same averages.
@@ -157,9 +161,9 @@ class Trainer:
         checkpoint = load_checkpoint(self.checkpoints.latest)
         saved = model_config_of(checkpoint)
         requested = requested_model_config(self.config, tokenizer_from_state(checkpoint["tokenizer"]).vocab_size)
-        differences = tokenizer_differences(checkpoint["config"], self.config) + saved.architecture_differences(requested)
+        differences = fixed_setting_differences(checkpoint["config"], self.config) + saved.architecture_differences(requested)
         if differences:
-            raise FastGPTError(f"the checkpoint in {self.out_dir} was made with another vocabulary or model "
+            raise FastGPTError(f"the checkpoint in {self.out_dir} was made with another vocabulary, model or optimizer "
                                f"(checkpoint vs requested: {', '.join(differences)}); "
                                "resume with the same settings or use another --out-dir")
         return checkpoint
@@ -189,7 +193,7 @@ class Trainer:
                 for split in ("train", "val")}
 
     def _restore(self, checkpoint):
-        distributed.load_full_state(self.raw_model, self.optimizer, checkpoint["model"], checkpoint["optimizer"])
+        distributed.load_full_state(self.raw_model, self.optimizer.parts, checkpoint["model"], checkpoint["optimizer"])
         self.step = checkpoint["step"]
         self.best_val_loss = checkpoint["best_val_loss"]
         self.unlogged_losses = list(checkpoint["unlogged_losses"])
@@ -209,8 +213,8 @@ class Trainer:
         """
         config = self.config
         lr = learning_rate_at(self.step, config)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        # The schedule scales every part's rate alike (AdamW's and Muon's).
+        self.optimizer.set_lr_multiplier(lr / config.learning_rate if config.learning_rate > 0 else 0.0)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for micro_step in range(config.grad_accum_steps):
             x, y = self.blocks.batch("train", self._starts("train", self.batch_generator), self.device)
@@ -258,7 +262,7 @@ class Trainer:
 
     def save(self, is_best=False):
         """Write a checkpoint (rank 0; under FSDP every process must call this, to gather the shards)."""
-        model_state, optimizer_state = distributed.full_state(self.raw_model, self.optimizer)
+        model_state, optimizer_state = distributed.full_state(self.raw_model, self.optimizer.parts)
         if not self.world.is_main:
             return
         self.checkpoints.save({

@@ -97,7 +97,8 @@ def implementation(op, on_backend=None):
 
 # The block csrc/decode.cpp computes, as a model describes its block (GPTConfig.block_description):
 # GPT-2's. A model whose block differs in anything decodes op by op, as does a bf16 model.
-DECODE_BLOCK = (("mlp", "gelu"), ("mlp_ratio", 4), ("norm", "layernorm"), ("position", "learned"), ("qk_norm", False))
+DECODE_BLOCK = (("grouped_query", False), ("mlp", "gelu"), ("norm", "layernorm"), ("norm_eps", 1e-5),
+                ("position", "learned"), ("qk_norm", False), ("rope_base", 10000.0))
 DECODE_BLOCK_DTYPES = (torch.float32, torch.float64)
 
 # One block of the model for one new token per sequence (x: (batch, channels)), inference only: writes
