@@ -1,7 +1,8 @@
 """Every training setting in one place, and how any program's settings are read.
 
-A setting comes from, in increasing priority: its default, a `--config file.toml`, and a
-`--name value` flag. `python -m fastgpt.train --help` lists them all. The model's own settings are
+A setting comes from, in increasing priority: its default, a bundled `--preset NAME` (training:
+fastgpt/presets/NAME.toml), a `--config file.toml`, and a `--name value` flag.
+`python -m fastgpt.train --help` lists them all. The model's own settings are
 GPTConfig's (fastgpt.model); TrainConfig holds them as its `model` group, and they are given like any
 other setting (`--n-layer 6`, or `n_layer = 6` in the TOML file).
 """
@@ -11,6 +12,7 @@ import difflib
 import tomllib
 import typing
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from fastgpt.cli import ArgumentParser
 from fastgpt.device import backend_setting, device_setting
@@ -93,8 +95,12 @@ class TrainConfig:
         return flat_values(self)
 
 
+# The bundled sets of training settings, one TOML file each, named by --preset.
+PRESETS = {path.stem: path for path in sorted((Path(__file__).parent / "presets").glob("*.toml"))}
+
+
 # ---------------------------------------------------------------------------------------------
-# reading settings: flags, a TOML file, defaults
+# reading settings: flags, a TOML file, a preset, defaults
 
 
 def _parse_bool(text):
@@ -127,9 +133,14 @@ def _from_toml(f, value):
     return _SCALARS[f.type](value)
 
 
-def build_parser(config_class, prog, description):
-    """One --name flag per setting of config_class (groups flattened), with its default and meaning, plus --config."""
+def build_parser(config_class, prog, description, presets):
+    """One --name flag per setting of config_class (groups flattened), with its default and meaning, plus
+    --config and, where there are presets, --preset."""
     parser = ArgumentParser(prog=prog, description=description)
+    if presets:
+        parser.add_argument("--preset", choices=list(presets), metavar="NAME",
+                            help=f"start from a bundled set of settings: {', '.join(presets)} (fastgpt/presets/); "
+                                 "--config and flags override it")
     parser.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file (flags win)")
     sections = {config_class: parser}
     for f in fields(config_class):
@@ -189,9 +200,10 @@ def _read_toml(path, config_class):
 
 
 def parse_config(argv, config_class=TrainConfig, prog="python -m fastgpt.train",
-                 description="Train a GPT on a text corpus."):
-    """The settings from defaults, an optional TOML file and flags, checked by the class's validate()."""
-    parser = build_parser(config_class, prog, description)
+                 description="Train a GPT on a text corpus.", presets=None):
+    """The settings from defaults, an optional preset (one of `presets`, {name: TOML file}), an optional
+    TOML file and flags, checked by the class's validate()."""
+    parser = build_parser(config_class, prog, description, presets)
     namespace, unknown = parser.parse_known_args(argv)
     names = [f.name for f in leaves(config_class)]
     if unknown:
@@ -201,8 +213,9 @@ def parse_config(argv, config_class=TrainConfig, prog="python -m fastgpt.train",
         hint = f"; did you mean --{close[0].replace('_', '-')}?" if close else " (see --help for every setting)"
         raise FastGPTError(f"unknown setting {flag!r}{hint}")
     values = vars(namespace)
-    toml_file = values.pop("config", None)
-    settings = _read_toml(toml_file, config_class) if toml_file else {}
+    preset, toml_file = values.pop("preset", None), values.pop("config", None)
+    settings = _read_toml(presets[preset], config_class) if preset else {}
+    settings.update(_read_toml(toml_file, config_class) if toml_file else {})
     settings.update({name: tuple(value) if isinstance(value, list) else value for name, value in values.items()})
     config = from_flat_values(config_class, settings)
     check_values(config)

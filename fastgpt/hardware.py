@@ -114,8 +114,9 @@ def describe_processor(device):
         major, minor = torch.cuda.get_device_capability(device)
         return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
     bf16 = "native bf16" if has_native_bf16(cpu_flags()) else "no native bf16"
+    threads = torch.get_num_threads()
     return (f"{cpu_name()}, {torch.backends.cpu.get_cpu_capability()}, {bf16}, "
-            f"{torch.get_num_threads()} threads")
+            f"{threads} thread{'s' if threads != 1 else ''}")
 
 
 def describe_kernels(backend):

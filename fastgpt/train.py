@@ -27,7 +27,7 @@ from tqdm import tqdm
 from fastgpt import distributed, hf
 from fastgpt.checkpoint import CheckpointFiles, load_checkpoint, model_config_of, model_entries
 from fastgpt.cli import run_cli
-from fastgpt.config import TrainConfig, parse_config
+from fastgpt.config import PRESETS, TrainConfig, parse_config
 from fastgpt.bits_per_byte import bits_per_byte, token_byte_lengths
 from fastgpt.data import TokenBlocks, corpus_files, encode_corpus, fit_tokenizer
 from fastgpt.device import pick_device, use_backend
@@ -403,7 +403,7 @@ def main(argv=None):
     outcome = {}
 
     def command():
-        outcome.update(train(parse_config(sys.argv[1:] if argv is None else argv)))
+        outcome.update(train(parse_config(sys.argv[1:] if argv is None else argv, presets=PRESETS)))
     status = run_cli(command)
     if status == 0 and outcome.get("stopped_by"):
         return 128 + outcome["stopped_by"]

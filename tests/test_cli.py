@@ -7,7 +7,7 @@ import torch
 
 from fastgpt import sample, train
 from fastgpt.checkpoint import load_checkpoint, save_checkpoint
-from fastgpt.config import TrainConfig, parse_config
+from fastgpt.config import PRESETS, TrainConfig, parse_config
 from fastgpt.settings import leaves
 
 
@@ -127,6 +127,24 @@ def test_config_file_and_flags_combine_with_flags_winning(tmp_path):
     config = parse_config(["--config", str(tmp_path / "c.toml"), "--n-layer", "5"])
     assert (config.model.n_layer, config.model.n_embd, config.tokenizer, config.lr_schedule) == (5, 96, "bpe", "wsd")
     assert config.to_dict()["n_layer"] == 5 and "model" not in config.to_dict()
+
+
+def test_a_preset_is_overridden_by_a_config_file_and_flags(tmp_path, capsys):
+    assert parse_config(["--preset", "gpt2"], presets=PRESETS) == TrainConfig()  # exactly the defaults
+    modern = parse_config(["--preset", "modern"], presets=PRESETS)
+    assert modern.model.position == "rope" and modern.optimizer == "muon"
+    (tmp_path / "c.toml").write_text('position = "learned"\nn_layer = 3\n')
+    config = parse_config(["--preset", "modern", "--config", str(tmp_path / "c.toml"), "--n-layer", "5"],
+                          presets=PRESETS)
+    assert (config.model.position, config.model.n_layer, config.optimizer) == ("learned", 5, "muon")
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    assert "--preset NAME" in capsys.readouterr().out
+
+
+def test_an_unknown_preset_is_one_clear_line(corpus, train_args, tmp_path, error_line):
+    assert train.main([*train_args(corpus, tmp_path), "--preset", "newest"]) != 0
+    assert "argument --preset: invalid choice: 'newest' (choose from 'gpt2', 'modern')" in error_line()
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -72,7 +72,7 @@ def test_startup_line_names_processor_build_threads_dtype_and_why(monkeypatch):
     capability = torch.backends.cpu.get_cpu_capability()
     assert line.startswith("fastgpt: AMD EPYC 7B13, ")
     assert f", {capability}, " in line
-    assert f"{torch.get_num_threads()} threads" in line
+    assert f", {torch.get_num_threads()} thread" in line
     assert f"kernels: cpp ({isa_for_capability(capability)} build)" in line
     assert "dtype: float32 (auto: this CPU has no native bf16" in line
     assert "\n" not in line
