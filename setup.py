@@ -37,10 +37,13 @@ def cpp_extensions():
     config = runpy.run_path(config_path)
     isa_at_hand = runpy.run_path(os.path.join(HERE, "fastgpt", "ops", "isa.py"))["isa_for_capability"](
         torch.backends.cpu.get_cpu_capability())
-    sources = [os.path.relpath(path, HERE) for path in config["source_paths"](os.path.join(HERE, "csrc"))]
+    def sources(isa):
+        paths = config["unity_sources"](os.path.join(HERE, "csrc"), os.path.join(HERE, "build", "unity"), isa)
+        return [os.path.relpath(path, HERE) for path in paths]
+
     return [CppExtension(
         name="fastgpt." + config["module_name"](isa),
-        sources=sources,
+        sources=sources(isa),
         extra_compile_args=config["COMPILE_FLAGS"] + config["ISA_FLAGS"][isa],
         extra_link_args=config["LINK_FLAGS"],
     ) for isa in config["isas_to_build"](isa_at_hand)]
@@ -57,7 +60,7 @@ setup(
     # fastgpt.kernels: an unrelated package on the index is called `kernels`.
     packages=["fastgpt", "fastgpt.ops", "fastgpt.ops.definitions", "fastgpt.kernels"],
     package_dir={"fastgpt": "fastgpt", "fastgpt.kernels": "kernels"},
-    package_data={"fastgpt": ["data/*.txt"]},
+    package_data={"fastgpt": ["data/*.txt", "presets/*.toml"]},
     ext_modules=cpp_extensions(),
     cmdclass={"build_ext": BuildExtension},
     install_requires=[
