@@ -65,6 +65,7 @@ setup(
         "numpy",
         "tiktoken>=0.7",
         "regex",
+        "tokenizers>=0.19",
         "safetensors>=0.4",
         "tqdm",
         "matplotlib",

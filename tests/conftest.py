@@ -11,6 +11,7 @@ import sys
 from dataclasses import make_dataclass
 
 import pytest
+import tokenizers as huggingface_tokenizers
 import torch
 
 if not torch.cuda.is_available():
@@ -138,3 +139,19 @@ def config_with_switch():
                                   bases=(GPTConfig,), frozen=True)
         return switched(**{name: value}, **changes)
     return config
+
+
+@pytest.fixture(scope="session")
+def byte_level_tokenizer_json():
+    """train(text, vocab_size, special_token): the text of a byte-level BPE tokenizer.json (as GPT-2's
+    and Llama 3's), trained on `text` by the tokenizers library, with one special token (id 0)."""
+    def train(text, vocab_size, special_token):
+        tokenizer = huggingface_tokenizers.Tokenizer(huggingface_tokenizers.models.BPE())
+        tokenizer.pre_tokenizer = huggingface_tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = huggingface_tokenizers.decoders.ByteLevel()
+        trainer = huggingface_tokenizers.trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=[special_token],
+            initial_alphabet=huggingface_tokenizers.pre_tokenizers.ByteLevel.alphabet())
+        tokenizer.train_from_iterator([text], trainer)
+        return tokenizer.to_str()
+    return train
