@@ -58,7 +58,7 @@ setup(
     python_requires=">=3.10",
     # The Triton kernels live in the top-level kernels/ folder of the repository but install as
     # fastgpt.kernels: an unrelated package on the index is called `kernels`.
-    packages=["fastgpt", "fastgpt.ops", "fastgpt.ops.definitions", "fastgpt.kernels"],
+    packages=["fastgpt", "fastgpt.hf", "fastgpt.ops", "fastgpt.ops.definitions", "fastgpt.kernels"],
     package_dir={"fastgpt": "fastgpt", "fastgpt.kernels": "kernels"},
     package_data={"fastgpt": ["data/*.txt", "presets/*.toml"]},
     ext_modules=cpp_extensions(),
@@ -68,6 +68,7 @@ setup(
         "numpy",
         "tiktoken>=0.7",
         "regex",
+        "tokenizers>=0.19",
         "safetensors>=0.4",
         "tqdm",
         "matplotlib",

@@ -19,13 +19,7 @@ from fastgpt.errors import FastGPTError
 
 def token_byte_lengths(tokenizer):
     """How many UTF-8 bytes each token id spells: an int64 tensor of tokenizer.vocab_size entries."""
-    if tokenizer.kind == "char":
-        lengths = [len(character.encode("utf-8")) for character in tokenizer.chars]
-    else:
-        from fastgpt.hf import tokenizer_tokens  # the bytes of every bpe or gpt2 token
-
-        lengths = [len(token) for token in tokenizer_tokens(tokenizer)]
-    return torch.tensor(lengths, dtype=torch.int64)
+    return torch.tensor([len(token) for token in tokenizer.token_bytes()], dtype=torch.int64)
 
 
 def bits_per_byte(total_nats, total_bytes):

@@ -1,10 +1,12 @@
-"""Export a trained fastgpt run as a GPT-2 checkpoint in the Hugging Face layout:
-`python -m fastgpt.export --out-dir out --to gpt2-export`.
+"""Export a trained fastgpt run as a GPT-2 or Llama checkpoint in the Hugging Face layout:
+`python -m fastgpt.export --out-dir out --to my-export`.
 
-The directory then holds config.json, model.safetensors, vocab.json and merges.txt, which
-`transformers.GPT2LMHeadModel.from_pretrained`, `fastgpt.GPT.from_pretrained` and `--init-from` load.
-Only byte-level BPE tokenizers (bpe, gpt2) have a GPT-2 form. Exporting runs no kernels, so it
-has no backend setting.
+A model with GPT-2's switches becomes config.json, model.safetensors, vocab.json and merges.txt, which
+`transformers.GPT2LMHeadModel.from_pretrained` loads; one with Llama's (norm rmsnorm, position rope,
+mlp swiglu) becomes config.json, model.safetensors and tokenizer.json, which
+`transformers.LlamaForCausalLM.from_pretrained` loads. `fastgpt.GPT.from_pretrained` and `--init-from`
+load either. Only byte-level BPE tokenizers (bpe, gpt2, and a Llama's own tokenizer.json for Llama)
+can be written. Exporting runs no kernels, so it has no backend setting.
 """
 
 import sys
@@ -23,11 +25,11 @@ from fastgpt.settings import setting
 @dataclass
 class ExportConfig:
     out_dir: str = setting("out", "directory holding ckpt.pt from fastgpt.train")
-    to: str = setting("", "directory to write the GPT-2 checkpoint to (required)")
+    to: str = setting("", "directory to write the Hugging Face checkpoint to (required)")
 
     def validate(self):
         if not self.to:
-            raise FastGPTError("say where to write the GPT-2 checkpoint with --to DIR")
+            raise FastGPTError("say where to write the checkpoint with --to DIR")
 
 
 def export(config):

@@ -418,10 +418,10 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory):
-        """A GPT-2 saved in the Hugging Face layout in `directory` (see fastgpt.hf), in evaluation mode;
-        nothing is downloaded. fastgpt.pretrained.load_pretrained also reads its tokenizer."""
+        """A GPT-2 or Llama saved in the Hugging Face layout in `directory` (see fastgpt.hf), in evaluation
+        mode; nothing is downloaded. fastgpt.pretrained.load_pretrained also reads its tokenizer."""
         model = cls(GPTConfig(**hf.read_config(directory)))
-        model.load_state_dict(hf.state_dict_from_hf(hf.read_weights(directory), model.state_dict()))
+        model.load_state_dict(hf.read_state_dict(directory, model.config, model.state_dict()))
         return model.eval()
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.0,

@@ -1,8 +1,8 @@
 """Continue a prompt with a trained model: `python -m fastgpt.sample --prompt "ROMEO:"`.
 
 The text is printed as it is generated; the same --seed gives the same text. --init-from DIR samples
-from a GPT-2 checkpoint in the Hugging Face layout instead of a fastgpt run; --interactive reads one
-prompt per line from standard input.
+from a GPT-2 or Llama checkpoint in the Hugging Face layout instead of a fastgpt run; --interactive
+reads one prompt per line from standard input.
 
 In Python, `generate_text` streams the same text and `complete` returns it whole:
 
@@ -110,8 +110,9 @@ def _unescape(text):
 @dataclass
 class SampleConfig:
     out_dir: str = setting("out", "directory holding ckpt.pt from fastgpt.train")
-    init_from: str = setting("", "sample from the GPT-2 checkpoint in this directory (Hugging Face layout: "
-                                 "config.json, model.safetensors, vocab.json, merges.txt) instead of out_dir")
+    init_from: str = setting("", "sample from the GPT-2 or Llama checkpoint in this directory (Hugging Face "
+                                 "layout: config.json, model.safetensors, and vocab.json with merges.txt or "
+                                 "tokenizer.json) instead of out_dir")
     prompt: str = setting("\n", "text to continue")
     interactive: bool = setting(False, "read prompts from standard input, one per line")
     max_new_tokens: int = setting(500, "tokens to generate", minimum=0)

@@ -1,29 +1,37 @@
 """Tokenizers: text to token ids and back.
 
-Three kinds, chosen by name:
+Three kinds that training makes, chosen by name:
 
 - `char`: one token per character of the training text (its sorted unique characters).
 - `bpe`: byte-level byte-pair encoding trained on the training text, run by tiktoken. Every UTF-8
   text round-trips exactly, whatever characters it holds. Saved in tiktoken's `.tiktoken` rank format.
 - `gpt2`: tiktoken's GPT-2 encoding (50257 tokens), read from tiktoken's local cache, never downloaded.
 
+and one that comes with a pretrained checkpoint:
+
+- `huggingface`: a `tokenizer.json` (such as a Llama checkpoint ships), run by Hugging Face's
+  `tokenizers` library.
+
 A tokenizer's `state_dict()` is plain Python (str, int, list, bytes) stored in the checkpoint, and
 `tokenizer_from_state` rebuilds it.
 """
 
 import base64
+import functools
 import hashlib
 import heapq
 import os
 import tempfile
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import regex
 import tiktoken
+import tokenizers as huggingface_tokenizers
 
 from fastgpt.errors import FastGPTError
 
-KINDS = ("char", "bpe", "gpt2")
+KINDS = ("char", "bpe", "gpt2")  # the kinds train_tokenizer makes
 
 # GPT-2's pre-split: contractions, words with their leading space, numbers, punctuation runs and
 # whitespace. BPE merges never cross these pieces, so a token never spans two words.
@@ -31,7 +39,8 @@ GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}
 
 
 class Tokenizer:
-    """What every tokenizer offers: `kind`, `vocab_size`, `encode`, `decode` and `state_dict`."""
+    """What every tokenizer offers: `kind`, `vocab_size`, `encode`, `decode`, `state_dict` and
+    `token_bytes`."""
 
     kind: str
     vocab_size: int
@@ -52,6 +61,10 @@ class Tokenizer:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def token_bytes(self) -> list[bytes]:
+        """The UTF-8 bytes of the text each token id spells, in id order."""
         raise NotImplementedError
 
 
@@ -87,6 +100,9 @@ class CharTokenizer(Tokenizer):
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "chars": self.chars}
+
+    def token_bytes(self) -> list[bytes]:
+        return [c.encode("utf-8") for c in self.chars]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +215,9 @@ class BPETokenizer(Tokenizer):
     def state_dict(self) -> dict:
         return {"kind": self.kind, "tokens": list(self.tokens)}
 
+    def token_bytes(self) -> list[bytes]:
+        return list(self.tokens)
+
     def save(self, path: str) -> None:
         """Write the ranks as a `.tiktoken` file: base64 of the token's bytes, a space, its rank."""
         with open(path, "wb") as f:
@@ -285,6 +304,98 @@ class GPT2Tokenizer(Tokenizer):
     def state_dict(self) -> dict:
         return {"kind": self.kind}
 
+    def token_bytes(self) -> list[bytes]:
+        return [self._encoding.decode_single_token_bytes(i) for i in range(self.vocab_size)]
+
+
+# ---------------------------------------------------------------------------------------------
+# huggingface
+
+
+@functools.cache
+def bytes_to_unicode():
+    """GPT-2's map from each byte to a printable character, which is how byte-level BPE vocabularies
+    (vocab.json, and tokenizer.json's ByteLevel models) spell bytes.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 (controls, space, ...) take the
+    characters from U+0100 on, in byte order.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    characters = {b: chr(b) for b in printable}
+    for b in range(256):
+        if b not in characters:
+            characters[b] = chr(256 + len(characters) - len(printable))
+    return characters
+
+
+@functools.cache
+def byte_of_character():
+    """bytes_to_unicode's inverse: the byte each of its characters stands for."""
+    return {character: b for b, character in bytes_to_unicode().items()}
+
+
+def byte_level_bytes(token):
+    """The bytes a byte-level vocabulary's token stands for: its characters read back through
+    bytes_to_unicode, or, for a special token spelt in other characters, its own text."""
+    byte_of = byte_of_character()
+    if all(c in byte_of for c in token):
+        return bytes(byte_of[c] for c in token)
+    return token.encode("utf-8")
+
+
+def sentencepiece_bytes(token):
+    """The bytes a SentencePiece-style token (as in Llama 2's tokenizer.json) spells: `<0xNN>` is the
+    byte NN (byte fallback), and U+2581 "▁" marks a space."""
+    if regex.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+        return bytes([int(token[3:5], 16)])
+    return token.replace("\u2581", " ").encode("utf-8")
+
+
+class HuggingFaceTokenizer(Tokenizer):
+    """The tokenizer of a tokenizer.json file, run by Hugging Face's `tokenizers` library.
+
+    As the other kinds, encode adds no special tokens (no beginning-of-text token): a corpus is encoded
+    chunk by chunk and a prompt is continued as it is. Special tokens written out in the text still
+    become those tokens, as in transformers. decode spells special tokens out.
+    """
+
+    kind = "huggingface"
+
+    def __init__(self, json_text: str, source: str = "the tokenizer state"):
+        """`json_text`: the text of a tokenizer.json file; `source`: where it comes from, for errors."""
+        try:
+            self._tokenizer = huggingface_tokenizers.Tokenizer.from_str(json_text)
+        except Exception as error:  # the library reports every kind of bad file as a plain Exception
+            raise FastGPTError(f"{source} is not a tokenizer.json the tokenizers library can run ({error})") from None
+        self.json = json_text
+        # Ids run from 0 to the largest, added tokens included; the vocabulary may skip some.
+        self.vocab_size = max(self._tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+
+    @classmethod
+    def load(cls, path) -> "HuggingFaceTokenizer":
+        try:
+            return cls(Path(path).read_text(encoding="utf-8"), str(path))
+        except (OSError, UnicodeDecodeError) as error:
+            raise FastGPTError(f"cannot read the tokenizer file {path} ({type(error).__name__})") from None
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=False)
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "json": self.json}
+
+    def token_bytes(self) -> list[bytes]:
+        """Each token's bytes, read from its spelling in the vocabulary: through bytes_to_unicode for a
+        byte-level tokenizer (one with a ByteLevel decoder, as GPT-2's and Llama 3's), else as
+        SentencePiece spells tokens (as Llama 2's). An id the vocabulary skips spells nothing."""
+        byte_level = isinstance(self._tokenizer.decoder, huggingface_tokenizers.decoders.ByteLevel)
+        spelt = byte_level_bytes if byte_level else sentencepiece_bytes
+        tokens = (self._tokenizer.id_to_token(i) for i in range(self.vocab_size))
+        return [b"" if token is None else spelt(token) for token in tokens]
+
 
 # ---------------------------------------------------------------------------------------------
 # choosing one
@@ -316,5 +427,7 @@ def tokenizer_from_state(state: dict) -> Tokenizer:
         return BPETokenizer(state["tokens"])
     if kind == "gpt2":
         return GPT2Tokenizer()
-    raise FastGPTError(f"the checkpoint's tokenizer state is not one of {', '.join(KINDS)} "
+    if kind == "huggingface" and isinstance(state.get("json"), str):
+        return HuggingFaceTokenizer(state["json"])
+    raise FastGPTError(f"the checkpoint's tokenizer state is not one of {', '.join(KINDS)}, huggingface "
                        f"(kind {kind!r}); load a checkpoint saved by fastgpt")

@@ -5,12 +5,15 @@ interpreter is chosen when Triton is first imported, so the variable is set here
 module can import Triton.
 """
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import make_dataclass
 
 import pytest
+import tokenizers as huggingface_tokenizers
 import torch
 
 if not torch.cuda.is_available():
@@ -138,3 +141,62 @@ def config_with_switch():
                                   bases=(GPTConfig,), frozen=True)
         return switched(**{name: value}, **changes)
     return config
+
+
+@pytest.fixture
+def broken_copy(tmp_path):
+    """copy(directory, remove=(), config=None): a copy of a checkpoint directory in the Hugging Face
+    layout, without the files named in `remove` and with the settings in `config` changed in its
+    config.json."""
+    def copy(directory, remove=(), config=None):
+        broken = tmp_path / "broken"
+        shutil.copytree(directory, broken)
+        for name in remove:
+            (broken / name).unlink()
+        if config:
+            settings = json.loads((broken / "config.json").read_text())
+            (broken / "config.json").write_text(json.dumps({**settings, **config}))
+        return broken
+    return copy
+
+
+@pytest.fixture(scope="session")
+def byte_level_tokenizer_json():
+    """train(text, vocab_size, special_token): the text of a byte-level BPE tokenizer.json (as GPT-2's
+    and Llama 3's), trained on `text` by the tokenizers library, with one special token (id 0)."""
+    def train(text, vocab_size, special_token):
+        tokenizer = huggingface_tokenizers.Tokenizer(huggingface_tokenizers.models.BPE())
+        tokenizer.pre_tokenizer = huggingface_tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = huggingface_tokenizers.decoders.ByteLevel()
+        trainer = huggingface_tokenizers.trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=[special_token],
+            initial_alphabet=huggingface_tokenizers.pre_tokenizers.ByteLevel.alphabet())
+        tokenizer.train_from_iterator([text], trainer)
+        return tokenizer.to_str()
+    return train
+
+
+@pytest.fixture
+def fine_tune_at_lr_0(tmp_path):
+    """run(directory, text): train with --init-from `directory` on `text` for 2 steps at a learning rate
+    of 0, on blocks of 16 tokens, and check that the checkpoint holds the pretrained weights exactly
+    and resumes for a third step; returns the checkpoint."""
+    from fastgpt import train
+    from fastgpt.checkpoint import load_checkpoint
+    from fastgpt.pretrained import load_pretrained
+
+    def run(directory, text):
+        corpus = tmp_path / "corpus.txt"
+        corpus.write_text(text)
+        out = tmp_path / "run"
+        args = ["--data", str(corpus), "--init-from", str(directory), "--out-dir", str(out), "--block-size", "16",
+                "--batch-size", "2", "--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1",
+                "--sample-tokens", "0", "--learning-rate", "0", "--min-lr", "0", "--backend", "reference"]
+        assert train.main(args) == 0
+        pretrained, _ = load_pretrained(directory)
+        checkpoint = load_checkpoint(out / "ckpt.pt")
+        for name, value in pretrained.state_dict().items():
+            torch.testing.assert_close(checkpoint["model"][name], value, rtol=0, atol=0)
+        assert train.main(args[:-2] + ["--max-iters", "3", "--resume", "--backend", "reference"]) == 0
+        return checkpoint
+    return run

@@ -1,14 +1,12 @@
 """GPT-2 checkpoints in the Hugging Face layout: loaded faithfully, exported exactly, refused clearly."""
 
-import json
 import shutil
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
-from fastgpt import GPT, export, sample, train
-from fastgpt.checkpoint import load_checkpoint
+from fastgpt import GPT, export, sample
 from fastgpt.errors import FastGPTError
 from fastgpt.model import GPTConfig
 from fastgpt.pretrained import export_pretrained, load_pretrained
@@ -129,21 +127,10 @@ def test_a_char_tokenizer_cannot_be_exported(tmp_path):
 
 def test_a_model_of_another_architecture_cannot_be_exported(tokenizer, config_with_switch, tmp_path):
     sizes = dict(vocab_size=tokenizer.vocab_size, block_size=4, n_layer=1, n_head=1, n_embd=8)
-    with pytest.raises(FastGPTError, match="sets norm = 'rmsnorm'; GPT-2's layout holds only"):
-        export_pretrained(GPT(config_with_switch("norm", "layernorm", "rmsnorm", **sizes)), tokenizer, tmp_path)
+    with pytest.raises(FastGPTError, match="GPT-2's has no place for parallel_blocks = True"):
+        export_pretrained(GPT(config_with_switch("parallel_blocks", False, True, **sizes)), tokenizer, tmp_path)
     assert not any(tmp_path.iterdir())
-    export_pretrained(GPT(config_with_switch("norm", "layernorm", "layernorm", **sizes)), tokenizer, tmp_path)
-
-
-def broken_copy(hf_dir, tmp_path, remove=(), config=None):
-    directory = tmp_path / "broken"
-    shutil.copytree(hf_dir, directory)
-    for name in remove:
-        (directory / name).unlink()
-    if config:
-        settings = json.loads((directory / "config.json").read_text())
-        (directory / "config.json").write_text(json.dumps({**settings, **config}))
-    return directory
+    export_pretrained(GPT(config_with_switch("parallel_blocks", False, False, **sizes)), tokenizer, tmp_path)
 
 
 @pytest.mark.parametrize("changes, expected", [
@@ -156,17 +143,17 @@ def broken_copy(hf_dir, tmp_path, remove=(), config=None):
     pytest.param(dict(config={"tie_word_embeddings": False}), "cannot represent", id="untied head"),
     pytest.param(dict(config={"n_embd": 64}), "do not fit", id="other shape"),
 ])
-def test_a_bad_checkpoint_directory_is_one_clear_line(changes, expected, hf_dir, tmp_path, capsys):
-    directory = broken_copy(hf_dir, tmp_path, **changes)
+def test_a_bad_checkpoint_directory_is_one_clear_line(changes, expected, hf_dir, broken_copy, capsys):
+    directory = broken_copy(hf_dir, **changes)
     assert sample.main(["--init-from", str(directory), "--max-new-tokens", "3"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fastgpt: error: ") and expected in err[0], err
 
 
-def test_pytorch_model_bin_without_the_transformer_prefix_loads_too(hf_dir, tmp_path):
+def test_pytorch_model_bin_without_the_transformer_prefix_loads_too(hf_dir, broken_copy):
     from safetensors.torch import load_file
 
-    directory = broken_copy(hf_dir, tmp_path, remove=["model.safetensors"])
+    directory = broken_copy(hf_dir, remove=["model.safetensors"])
     tensors = load_file(hf_dir / "model.safetensors")
     torch.save({name.removeprefix("transformer."): t for name, t in tensors.items()}, directory / "pytorch_model.bin")
     loaded, _ = load_pretrained(directory)
@@ -175,19 +162,7 @@ def test_pytorch_model_bin_without_the_transformer_prefix_loads_too(hf_dir, tmp_
     assert torch.equal(loaded(idx)[0], expected(idx)[0])
 
 
-def test_training_with_init_from_fine_tunes_the_pretrained_weights(hf_dir, tmp_path):
+def test_training_with_init_from_fine_tunes_the_pretrained_weights(hf_dir, fine_tune_at_lr_0):
     """--init-from starts from GPT-2's weights and tokenizer, on blocks shorter than its 24 positions."""
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(TEXT)
-    out = tmp_path / "run"
-    args = ["--data", str(corpus), "--init-from", str(hf_dir), "--out-dir", str(out), "--block-size", "16",
-            "--batch-size", "2", "--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1",
-            "--sample-tokens", "0", "--learning-rate", "0", "--min-lr", "0", "--backend", "reference"]
-    assert train.main(args) == 0
-    pretrained, _ = load_pretrained(hf_dir)
-    checkpoint = load_checkpoint(out / "ckpt.pt")
+    checkpoint = fine_tune_at_lr_0(hf_dir, TEXT)
     assert checkpoint["model_config"]["n_embd"] == 32 and checkpoint["model_config"]["block_size"] == 24
-    # With a learning rate of 0 the weights stay exactly GPT-2's.
-    for name, value in pretrained.state_dict().items():
-        torch.testing.assert_close(checkpoint["model"][name], value, rtol=0, atol=0)
-    assert train.main(args[:-2] + ["--max-iters", "3", "--resume", "--backend", "reference"]) == 0

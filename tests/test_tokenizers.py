@@ -1,5 +1,5 @@
-"""The char, bpe and gpt2 tokenizers: exact round trips, the BPE trainer against a naive one, saving
-and loading, and the errors a user sees."""
+"""The char, bpe, gpt2 and huggingface tokenizers: exact round trips, the BPE trainer against a naive
+one, saving and loading, and the errors a user sees."""
 
 import time
 from collections import Counter
@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import regex
 import tiktoken.load
+import tokenizers as huggingface_tokenizers
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastgpt import tokenizers
 from fastgpt.errors import FastGPTError
-from fastgpt.tokenizers import (BPETokenizer, CharTokenizer, GPT2Tokenizer, merge_pair, tokenizer_from_state,
-                                train_bpe, train_tokenizer)
+from fastgpt.tokenizers import (BPETokenizer, CharTokenizer, GPT2Tokenizer, HuggingFaceTokenizer, merge_pair,
+                                tokenizer_from_state, train_bpe, train_tokenizer)
 
 CORPUS = (Path(tokenizers.__file__).parent / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
 SAMPLE = CORPUS[:100_000]
@@ -167,6 +168,48 @@ def test_gpt2_round_trips_when_cached():
     assert tok.decode(tok.encode(SAMPLE[:5000])) == SAMPLE[:5000]
 
 
+# ---- huggingface
+
+
+@pytest.fixture(scope="module")
+def byte_level_json(byte_level_tokenizer_json):
+    return byte_level_tokenizer_json(SAMPLE[:20_000], 400, "<s>")
+
+
+def test_huggingface_runs_tokenizer_json_and_its_state_survives_torch_save(byte_level_json, tmp_path):
+    tok = HuggingFaceTokenizer(byte_level_json)
+    text = SAMPLE[:2000] + "".join(AWKWARD[:-3])
+    assert tok.vocab_size == 400 and tok.decode(tok.encode(text)) == text
+    assert tok.encode("<s>") == [0] and tok.decode([0]) == "<s>"
+    torch.save({"tokenizer": tok.state_dict()}, tmp_path / "ckpt.pt")
+    restored = tokenizer_from_state(torch.load(tmp_path / "ckpt.pt", weights_only=True)["tokenizer"])
+    assert restored.kind == "huggingface" and restored.encode(text) == tok.encode(text)
+
+
+def test_huggingface_token_bytes_add_up_to_the_text(byte_level_json):
+    tok = HuggingFaceTokenizer(byte_level_json)
+    text = SAMPLE[:2000] + "".join(AWKWARD[:-3])
+    spelt = tok.token_bytes()
+    assert b"".join(spelt[i] for i in tok.encode(text)) == text.encode()
+
+
+def test_huggingface_token_bytes_of_a_sentencepiece_vocabulary():
+    """As Llama 2's tokenizer.json spells tokens: U+2581 for a space, <0xNN> for a byte."""
+    vocab = {"<unk>": 0, "<0x0A>": 1, "\u2581the": 2, "\u2581": 3, "t": 4, "h": 5, "e": 6, "\u2581t": 7, "he": 8}
+    model = huggingface_tokenizers.models.BPE(vocab, [("\u2581", "t"), ("h", "e"), ("\u2581t", "he")],
+                                              unk_token="<unk>", byte_fallback=True)
+    tok = HuggingFaceTokenizer(huggingface_tokenizers.Tokenizer(model).to_str())
+    assert tok.token_bytes()[:4] == [b"<unk>", b"\n", b" the", b" "]
+
+
+def test_huggingface_bad_file_is_a_clear_error(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"model": 3}')
+    with pytest.raises(FastGPTError, match="tokenizer.json is not a tokenizer.json the tokenizers library can run"):
+        HuggingFaceTokenizer.load(tmp_path / "tokenizer.json")
+    with pytest.raises(FastGPTError, match="cannot read the tokenizer file"):
+        HuggingFaceTokenizer.load(tmp_path / "missing.json")
+
+
 # ---- every kind
 
 
@@ -213,7 +256,7 @@ def test_bad_input_is_a_clear_error(kind, text, vocab_size, message):
         train_tokenizer(kind, text, vocab_size)
 
 
-@pytest.mark.parametrize("state", [{}, {"kind": "bpe"}, {"kind": "char", "chars": 3}, None])
+@pytest.mark.parametrize("state", [{}, {"kind": "bpe"}, {"kind": "char", "chars": 3}, {"kind": "huggingface"}, None])
 def test_unrecognised_state_is_a_clear_error(state):
     with pytest.raises(FastGPTError, match="tokenizer state is not one of"):
         tokenizer_from_state(state)
