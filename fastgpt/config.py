@@ -26,7 +26,7 @@ class TrainConfig:
     # data and tokenizer
     data: str = setting("", "text file or directory of .txt files to train on (empty: the bundled Tiny Shakespeare)")
     tokenizer: str = setting("char", "how text becomes tokens", ["char", "bpe", "gpt2"])
-    init_from: str = setting("", "fine-tune the GPT-2 checkpoint (Hugging Face layout) in this directory: its "
+    init_from: str = setting("", "fine-tune the GPT-2 or Llama checkpoint (Hugging Face layout) in this directory: its "
                                  "weights, architecture and tokenizer replace the model settings and tokenizer")
     val_fraction: float = setting(0.1, "share of the corpus, taken from its end, held out for validation")
     model: GPTConfig = group(GPTConfig, "the model's settings (fastgpt.model.GPTConfig)")

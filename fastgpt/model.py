@@ -132,9 +132,9 @@ class GPTConfig:
         return tuple(sorted({**self._of_kind("switch"), "grouped_query": self.kv_heads != self.n_head}.items()))
 
     def non_gpt2_switches(self):
-        """The switches set to something other than GPT-2's choice: ["name = value", ...]."""
-        return [f"{f.name} = {getattr(self, f.name)!r}" for f in fields(self)
-                if f.metadata.get("kind", "switch") == "switch" and getattr(self, f.name) != f.default]
+        """The switches set to something other than GPT-2's choice: {name: value}."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.metadata.get("kind", "switch") == "switch" and getattr(self, f.name) != f.default}
 
 
 def dropout(x, p, training):

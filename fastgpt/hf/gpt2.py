@@ -132,7 +132,8 @@ def unheld(config):
     sizes = [(config.kv_heads != config.n_head, f"n_kv_head = {config.n_kv_head}"),
              (not config.tie_embeddings, "tie_embeddings = False"),
              (config.hidden_width != MLP_RATIO * config.n_embd, f"mlp_hidden = {config.mlp_hidden}")]
-    return config.non_gpt2_switches() + [setting for differs, setting in sizes if differs]
+    switches = [f"{name} = {value!r}" for name, value in config.non_gpt2_switches().items()]
+    return switches + [setting for differs, setting in sizes if differs]
 
 
 def export_files(model, tokenizer):

@@ -164,11 +164,10 @@ def read_tokenizer(directory):
 def unheld(config):
     """What of a model's config (a GPTConfig) Llama's layout has no place for: switches other than
     Llama's. ["name = value", ...]"""
-    not_llamas = [f"{name} = {getattr(config, name)!r}" for name, value in SWITCHES.items()
-                  if getattr(config, name) != value]
-    not_gpt2s = [setting for setting in config.non_gpt2_switches()
-                 if setting.partition(" = ")[0] not in (*SWITCHES, *SETTINGS)]
-    return not_llamas + not_gpt2s
+    not_llamas = {name: getattr(config, name) for name, value in SWITCHES.items() if getattr(config, name) != value}
+    not_gpt2s = {name: value for name, value in config.non_gpt2_switches().items()
+                 if name not in (*SWITCHES, *SETTINGS)}
+    return [f"{name} = {value!r}" for name, value in {**not_llamas, **not_gpt2s}.items()]
 
 
 def export_files(model, tokenizer):
