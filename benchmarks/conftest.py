@@ -96,6 +96,29 @@ def compare(benchmark):
     return run
 
 
+def op_steps(implementations, inputs, grad_output, backward):
+    """{name: step} for each of `implementations` ({name: fn}) applied to `inputs` (a tuple of tensors):
+    the forward alone, or the forward and the backward of `grad_output` (clearing the inputs' gradients)."""
+    def step_of(fn):
+        def step():
+            if backward:
+                fn(*inputs).backward(grad_output)
+                for x in inputs:
+                    x.grad = None
+            else:
+                with torch.no_grad():
+                    fn(*inputs)
+        return step
+    return {name: step_of(fn) for name, fn in implementations.items()}
+
+
+def backends_with_kernels(*names):
+    """The names among `names` of the fastgpt.ops backends that can run here."""
+    from fastgpt import ops
+
+    return [name for name in names if ops.available_backends()[name] is None]
+
+
 def declare_ratios(table, ratios):
     """Which ratios (name, numerator column, denominator column) of median times a table reports."""
     REPORT.declare_ratios(table, ratios)
