@@ -42,3 +42,14 @@ def test_installed_builds_carry_no_debug_information():
     assert builds, "no compiled build of the C++ extension next to fastgpt"
     for build in builds:
         assert b".debug_info" not in build.read_bytes(), f"{build.name} was compiled with debug information"
+
+
+def test_each_build_compiles_every_source_once_through_its_unity_files(build_config, tmp_path):
+    paths = build_config["unity_sources"](str(CSRC), str(tmp_path), "avx2")
+    assert len(paths) == build_config["UNITY_FILES"]
+    included = sorted(line for path in paths for line in Path(path).read_text().splitlines())
+    assert included == sorted(f'#include "{source}"' for source in build_config["source_paths"](str(CSRC)))
+    # Unchanged sources leave the files untouched, so that ninja does not recompile them.
+    modified = [Path(path).stat().st_mtime_ns for path in paths]
+    assert build_config["unity_sources"](str(CSRC), str(tmp_path), "avx2") == paths
+    assert [Path(path).stat().st_mtime_ns for path in paths] == modified
