@@ -38,6 +38,11 @@ def atomic_write(path, write):
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path, text):
+    """Write `text` (UTF-8) to `path` whole or not at all (atomic_write)."""
+    atomic_write(path, lambda handle: handle.write(text.encode()))
     # Sync the directory too, so that the rename itself is on disk.
     directory = os.open(path.parent, os.O_RDONLY)
     try:

@@ -10,7 +10,7 @@ import json
 
 from tqdm import tqdm
 
-from fastgpt.checkpoint import atomic_write
+from fastgpt.checkpoint import atomic_write_text
 from fastgpt.plots import plot_losses
 from fastgpt.run_files import read_metrics
 
@@ -28,7 +28,7 @@ class MetricsFile:
         if resumed_step is not None and path.exists():
             self.history = [record for record in read_metrics(path) if record["step"] <= resumed_step]
         text = "".join(json.dumps(record) + "\n" for record in self.history)
-        atomic_write(path, lambda handle: handle.write(text.encode()))
+        atomic_write_text(path, text)
 
     def log(self, record):
         with open(self.path, "a") as handle:

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from fastgpt import distributed, hf
-from fastgpt.checkpoint import CheckpointFiles, atomic_write, load_checkpoint, model_config_of, model_entries
+from fastgpt.checkpoint import CheckpointFiles, atomic_write_text, load_checkpoint, model_config_of, model_entries
 from fastgpt.cli import run_cli
 from fastgpt.config import PRESETS, TrainConfig, parse_config
 from fastgpt.bits_per_byte import bits_per_byte, token_byte_lengths
@@ -338,8 +338,7 @@ class Trainer:
             return
         config = self.config
         # Whole or not at all: compare and eval may read it while this run starts.
-        text = json.dumps(config.to_dict(), indent=2) + "\n"
-        atomic_write(self.out_dir / "config.json", lambda handle: handle.write(text.encode()))
+        atomic_write_text(self.out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
         say(f"fastgpt: {self.raw_model.num_parameters() / 1e6:.2f}M parameters, {self.tokenizer.kind} tokenizer "
             f"({self.tokenizer.vocab_size} tokens), {self.blocks.size('train'):,} training tokens, "
             f"device {self.device}, kernels: {self.backend}"

@@ -106,6 +106,19 @@ def tiny_config():
 
 
 @pytest.fixture(scope="session")
+def decode_step_by_step():
+    """decode(model, idx, prompt): the logits of idx (B, T) from a key/value cache, the first `prompt`
+    tokens in one pass and then one token per step, as generation makes them (inference mode)."""
+    def decode(model, idx, prompt):
+        with torch.inference_mode():
+            cache = model.new_cache()
+            steps = [model(idx[:, :prompt], cache=cache)[0]]
+            steps += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(prompt, idx.size(1))]
+        return torch.cat(steps, dim=1)
+    return decode
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_config):
     """model(seed=0, name=value, ...): a GPT of tiny_config's, seeded, in evaluation mode."""
     def model(seed=0, **changes):

@@ -104,7 +104,8 @@ def test_decoding_token_by_token_gives_the_forward_of_the_whole_sequence(batch, 
     torch.testing.assert_close(decoded, block(tokens), rtol=0, atol=1e-12)
 
 
-def test_the_model_decodes_with_the_fused_step_to_the_logits_of_the_full_forward(fused_calls, backend):
+def test_the_model_decodes_with_the_fused_step_to_the_logits_of_the_full_forward(fused_calls, backend,
+                                                                                  decode_step_by_step):
     backend("cpp")
     torch.manual_seed(2)
     model = GPT(GPTConfig(vocab_size=50, block_size=20, n_layer=3, n_head=3, n_embd=48))
@@ -112,9 +113,7 @@ def test_the_model_decodes_with_the_fused_step_to_the_logits_of_the_full_forward
     idx = torch.randint(0, 50, (2, 20))
     with torch.inference_mode():
         full, _ = model(idx)
-        cache = model.new_cache()
-        pieces = [model(idx[:, :3], cache=cache)[0]] + [model(idx[:, t:t + 1], cache=cache)[0] for t in range(3, 20)]
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-10)
+    torch.testing.assert_close(decode_step_by_step(model, idx, 3), full, rtol=0, atol=1e-10)
     assert len(fused_calls) == 17 * 3  # every one-token step, every block
 
 

@@ -28,15 +28,13 @@ def describe(switches):
 
 
 @pytest.mark.parametrize("switches", DRAWN, ids=describe)
-def test_cached_decoding_equals_the_full_forward(tiny_config, switches):
+def test_cached_decoding_equals_the_full_forward(tiny_config, decode_step_by_step, switches):
     torch.manual_seed(0)
     model = GPT(tiny_config(n_head=4, **switches)).double().eval()
     idx = torch.randint(0, 32, (2, 11))
     with torch.no_grad():
         full, _ = model(idx)
-        cache = model.new_cache()
-        steps = [model(idx[:, :5], cache=cache)[0]] + [model(idx[:, t:t + 1], cache=cache)[0] for t in range(5, 11)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-10)
+    torch.testing.assert_close(decode_step_by_step(model, idx, 5), full, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("switches", DRAWN[:8], ids=describe)
