@@ -3,11 +3,14 @@
 - check_against_references: a kernel's output and gradients against a plain-PyTorch reference run in
   the same dtype and in float64 (test_ops.py's rule: the kernel must be about as close to the float64
   result as the same-dtype reference is).
+- The two kernel backends as pytest parameters (`backend_cases`), so one test holds both to the
+  same checks, each skipped where its backend is unavailable.
 - Compiling Triton kernels for Hopper (sm_90) without a GPU and counting their register spills, in a
   subprocess without TRITON_INTERPRET (see tests/test_triton_kernels.py).
 """
 
 import contextlib
+import importlib.util
 import io
 import os
 import re
@@ -15,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from fastgpt.ops import cpp, dispatch
@@ -30,8 +34,21 @@ CPP_DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 TRITON_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+needs_cpp = pytest.mark.skipif(CPP_UNAVAILABLE is not None, reason=f"C++ extension unavailable: {CPP_UNAVAILABLE}")
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
 def dtype_id(dtype):
     return str(dtype).split(".")[-1]
+
+
+def backend_cases(cpp_kernel, triton_kernel, every_dtype=True):
+    """pytest parameters (kernel, dtype): the C++ and the Triton kernel, each with every dtype it takes
+    (or fp32 alone), each skipped where its backend is unavailable."""
+    def cases(name, kernel, dtypes, needs):
+        return [pytest.param(kernel, dtype, marks=needs, id=f"{name}-{dtype_id(dtype)}")
+                for dtype in (dtypes if every_dtype else [torch.float32])]
+    return cases("cpp", cpp_kernel, CPP_DTYPES, needs_cpp) + cases("triton", triton_kernel, TRITON_DTYPES, needs_triton)
 
 
 def run_reference(reference, tensors, grad_out):

@@ -9,7 +9,6 @@ Run as a script, `python tests/test_kernels_rms_norm.py --compile-for-hopper SHA
 a share of the Triton kernels' variants for sm_90 and reports their register spills.
 """
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -17,15 +16,13 @@ import sys
 import pytest
 import torch
 
-from kernel_checks import (CPP_DTYPES, CPP_UNAVAILABLE, ROOT, TRITON_DTYPES, check_against_references,
-                           compile_for_hopper_in_subprocesses, compile_for_hopper_main, compiler_environment, dtype_id,
-                           most_register_hungry)
+from kernel_checks import (ROOT, TRITON_DTYPES, backend_cases, check_against_references, compile_for_hopper_in_subprocesses,
+                           compile_for_hopper_main, compiler_environment, dtype_id, most_register_hungry, needs_cpp,
+                           needs_triton)
 
 EPS = 1e-6
 WIDTHS = [1, 7, 48, 80, 768, 1000]
 ROWS = 37  # more than one task of rows per thread, and not a multiple of any block of rows
-needs_cpp = pytest.mark.skipif(CPP_UNAVAILABLE is not None, reason=f"C++ extension unavailable: {CPP_UNAVAILABLE}")
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
 def rms_norm(x, weight, eps):
@@ -73,31 +70,31 @@ def inputs(rows, width, dtype, weight_dtype, layout="contiguous"):
     return x, weight, grad_y
 
 
-# ---- C++ ---------------------------------------------------------------------------------------
+# ---- Both backends -----------------------------------------------------------------------------
 
-@needs_cpp
 @pytest.mark.parametrize("with_weight", [True, False], ids=["weight", "no-weight"])
 @pytest.mark.parametrize("width", WIDTHS)
-@pytest.mark.parametrize("dtype", CPP_DTYPES, ids=dtype_id)
-def test_cpp_matches_reference_and_float64(dtype, width, with_weight):
+@pytest.mark.parametrize("kernel, dtype", backend_cases(cpp_rms_norm, triton_rms_norm))
+def test_matches_reference_and_float64(kernel, dtype, width, with_weight):
     x, weight, grad_y = inputs(ROWS, width, dtype, dtype if with_weight else None)
-    check(cpp_rms_norm, f"cpp rms_norm {dtype_id(dtype)} width {width}", x, weight, grad_y)
+    check(kernel, f"{kernel.__name__} {dtype_id(dtype)} width {width}", x, weight, grad_y)
 
 
-@needs_cpp
-def test_cpp_on_non_contiguous_inputs_and_batched_shapes():
-    x, weight, grad_y = inputs(ROWS, 80, torch.float32, torch.float32, layout="transposed")
+@pytest.mark.parametrize("kernel, dtype", backend_cases(cpp_rms_norm, triton_rms_norm, every_dtype=False))
+def test_on_non_contiguous_inputs_batched_shapes_and_mixed_dtypes(kernel, dtype):
+    name = kernel.__name__
+    x, weight, grad_y = inputs(ROWS, 80, dtype, dtype, layout="transposed")
     assert not x.is_contiguous() and not grad_y.is_contiguous()
-    check(cpp_rms_norm, "cpp rms_norm transposed", x, weight, grad_y)
-    x, weight, grad_y = torch.randn(2, 3, 5, 48), torch.randn(48), torch.randn(2, 3, 5, 48)
-    check(cpp_rms_norm, "cpp rms_norm (2, 3, 5, 48)", x, weight, grad_y)
+    check(kernel, f"{name} transposed", x, weight, grad_y)
+    rows_apart = torch.randn(ROWS, 2, 48, dtype=dtype)[:, 0]  # rows 96 values apart: read in place
+    check(kernel, f"{name} strided rows", rows_apart, torch.randn(48, dtype=dtype), torch.randn(ROWS, 48, dtype=dtype))
+    x, weight, grad_y = torch.randn(2, 3, 5, 48, dtype=dtype), torch.randn(48, dtype=dtype), torch.randn(2, 3, 5, 48)
+    check(kernel, f"{name} (2, 3, 5, 48)", x, weight, grad_y.to(dtype))
+    x, weight, grad_y = inputs(ROWS, 768, torch.bfloat16, torch.float32)  # autocast: bf16 rows, fp32 weight
+    check(kernel, f"{name} bf16 x, fp32 weight", x, weight, grad_y)
 
 
-@needs_cpp
-def test_cpp_bf16_input_with_fp32_weight():
-    x, weight, grad_y = inputs(ROWS, 768, torch.bfloat16, torch.float32)
-    check(cpp_rms_norm, "cpp rms_norm bf16 x, fp32 weight", x, weight, grad_y)
-
+# ---- C++ ---------------------------------------------------------------------------------------
 
 @needs_cpp
 def test_cpp_backward_is_deterministic():
@@ -146,25 +143,6 @@ def test_cpp_rejects_a_weight_of_the_wrong_size():
 
 
 # ---- Triton ------------------------------------------------------------------------------------
-
-@needs_triton
-@pytest.mark.parametrize("with_weight", [True, False], ids=["weight", "no-weight"])
-@pytest.mark.parametrize("width", WIDTHS)
-@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=dtype_id)
-def test_triton_matches_reference_and_float64(dtype, width, with_weight):
-    x, weight, grad_y = inputs(ROWS, width, dtype, dtype if with_weight else None)
-    check(triton_rms_norm, f"triton rms_norm {dtype_id(dtype)} width {width}", x, weight, grad_y)
-
-
-@needs_triton
-def test_triton_on_non_contiguous_inputs_and_mixed_dtypes():
-    x, weight, grad_y = inputs(ROWS, 80, torch.float32, torch.float32, layout="transposed")
-    check(triton_rms_norm, "triton rms_norm transposed", x, weight, grad_y)
-    rows_apart = torch.randn(ROWS, 2, 48)[:, 0]  # rows 96 values apart: read in place
-    check(triton_rms_norm, "triton rms_norm strided rows", rows_apart, torch.randn(48), torch.randn(ROWS, 48))
-    x, weight, grad_y = inputs(ROWS, 768, torch.bfloat16, torch.float32)  # autocast: bf16 rows, fp32 weight
-    check(triton_rms_norm, "triton rms_norm bf16 x, fp32 weight", x, weight, grad_y)
-
 
 def hopper_variants():
     """For rows of 1024 and 8192 values (bf16 rows, fp32 weight: autocast), each kernel with the most

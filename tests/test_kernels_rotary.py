@@ -11,19 +11,15 @@ Run as a script, `python tests/test_kernels_rotary.py --compile-for-hopper SHARD
 share of the Triton kernel's variants for sm_90 and reports their register spills.
 """
 
-import importlib.util
 import math
 
 import pytest
 import torch
 
-from kernel_checks import (CPP_DTYPES, CPP_UNAVAILABLE, TRITON_DTYPES, check_against_references,
-                           compile_for_hopper_in_subprocesses, compile_for_hopper_main, dtype_id,
-                           most_register_hungry)
+from kernel_checks import (TRITON_DTYPES, backend_cases, check_against_references, compile_for_hopper_in_subprocesses,
+                           compile_for_hopper_main, dtype_id, most_register_hungry, needs_cpp, needs_triton)
 
 BASE = 10000.0
-needs_cpp = pytest.mark.skipif(CPP_UNAVAILABLE is not None, reason=f"C++ extension unavailable: {CPP_UNAVAILABLE}")
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
 def rotary(x, offset, base):
@@ -76,25 +72,26 @@ SHAPES = [(1, 1, 1, 48), (2, 3, 37, 80), (1, 2, 33, 128), (2, 1, 7, 2), (1, 3, 1
 OFFSETS = [0, 5, 1000]
 
 
-# ---- C++ ---------------------------------------------------------------------------------------
+# ---- Both backends -----------------------------------------------------------------------------
 
-@needs_cpp
 @pytest.mark.parametrize("offset", OFFSETS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", CPP_DTYPES, ids=dtype_id)
-def test_cpp_matches_reference_and_float64(dtype, shape, offset):
+@pytest.mark.parametrize("kernel, dtype", backend_cases(cpp_rotary, triton_rotary))
+def test_matches_reference_and_float64(kernel, dtype, shape, offset):
     x, grad_y = inputs(shape, dtype, "contiguous")
-    check(cpp_rotary, f"cpp rotary {dtype_id(dtype)} {shape} offset {offset}", x, grad_y, offset)
+    check(kernel, f"{kernel.__name__} {dtype_id(dtype)} {shape} offset {offset}", x, grad_y, offset)
 
 
-@needs_cpp
 @pytest.mark.parametrize("layout", ["transposed", "qkv-slice", "channels-apart"])
-def test_cpp_on_the_views_a_model_passes(layout):
-    x, grad_y = inputs((2, 3, 37, 48), torch.float32, layout)
-    y = check(cpp_rotary, f"cpp rotary {layout}", x, grad_y, 3, base=500000.0)
+@pytest.mark.parametrize("kernel, dtype", backend_cases(cpp_rotary, triton_rotary, every_dtype=False))
+def test_on_the_views_a_model_passes(kernel, dtype, layout):
+    x, grad_y = inputs((2, 3, 37, 48), dtype, layout)
+    y = check(kernel, f"{kernel.__name__} {layout}", x, grad_y, 3, base=500000.0)
     if layout == "transposed":  # dense: read in place, and the output is laid out as the input
         assert y.stride() == x.stride()
 
+
+# ---- C++ ---------------------------------------------------------------------------------------
 
 @needs_cpp
 def test_cpp_angles_stay_exact_far_into_the_sequence():
@@ -137,24 +134,6 @@ def test_cpp_rejects_bad_shapes():
 
 
 # ---- Triton ------------------------------------------------------------------------------------
-
-@needs_triton
-@pytest.mark.parametrize("offset", OFFSETS)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=dtype_id)
-def test_triton_matches_reference_and_float64(dtype, shape, offset):
-    x, grad_y = inputs(shape, dtype, "contiguous")
-    check(triton_rotary, f"triton rotary {dtype_id(dtype)} {shape} offset {offset}", x, grad_y, offset)
-
-
-@needs_triton
-@pytest.mark.parametrize("layout", ["transposed", "qkv-slice", "channels-apart"])
-def test_triton_on_the_views_a_model_passes(layout):
-    x, grad_y = inputs((2, 3, 37, 48), torch.float32, layout)
-    y = check(triton_rotary, f"triton rotary {layout}", x, grad_y, 3, base=500000.0)
-    if layout == "transposed":
-        assert y.stride() == x.stride()
-
 
 @needs_triton
 def test_triton_angles_stay_exact_far_into_the_sequence():
