@@ -5,14 +5,22 @@ from contextlib import nullcontext
 import torch
 
 from fastgpt import ops
+from fastgpt.cpu_memory import reuse_freed_memory
 from fastgpt.errors import FastGPTError
 from fastgpt.settings import setting
 
 
 def pick_device(name):
-    """The torch.device named by a --device setting: auto (CUDA when present), cpu, cuda or cuda:N."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The torch.device named by a --device setting: auto (CUDA when present), cpu, cuda or cuda:N.
+    On the CPU, freed memory is also kept for reuse from here on (fastgpt.cpu_memory says why)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else named_device(name)
+    if device.type == "cpu":
+        reuse_freed_memory()
+    return device
+
+
+def named_device(name):
+    """The device a --device setting other than auto names, refused where this machine has none such."""
     try:
         device = torch.device(name)
     except RuntimeError:
