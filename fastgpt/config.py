@@ -40,6 +40,8 @@ class TrainConfig:
     muon_lr: float = setting(0.02, "muon: peak learning rate of Muon, which the schedule scales like learning_rate",
                              minimum=0)
     muon_momentum: float = setting(0.95, "muon: Muon's (Nesterov) momentum")
+    muon_weight_decay: float = setting(0.0, "muon: Muon's decoupled weight decay (each step shrinks the matrices by "
+                                            "lr x this)", minimum=0)
     lr_schedule: str = setting("cosine", "learning rate after the warmup: cosine decay to min_lr at max_iters, "
                                          "linear decay, constant, or wsd (stable, then linear decay over the last "
                                          "decay_fraction of the steps)", ["cosine", "linear", "constant", "wsd"])

@@ -146,8 +146,11 @@ def test_a_checkpoint_records_every_switch_and_a_resume_with_another_is_refused(
 def test_muon_trains_resumes_exactly_and_refuses_a_resume_with_adamw(corpus, train_args, tmp_path_factory,
                                                                     error_line):
     straight, stopped = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("stopped")
-    settings = dict(optimizer="muon", n_head=4, **MODERN)
+    settings = dict(optimizer="muon", muon_lr=0.03, muon_weight_decay=0.1, n_head=4, **MODERN)
     assert train.main(train_args(corpus, straight, max_iters=6, **settings)) == 0
+    groups = load_checkpoint(straight / "ckpt.pt")["optimizer"]["param_groups"]
+    [muon_group] = [group for group in groups if "transformer.h.0.mlp.c_fc.weight" in group["params"]]
+    assert (muon_group["base_lr"], muon_group["weight_decay"]) == (0.03, 0.1)
     assert train.main(train_args(corpus, stopped, max_iters=3, **settings)) == 0
     assert train.main(train_args(corpus, stopped, max_iters=6, **{**settings, "optimizer": "adamw"}) + ["--resume"]) != 0
     assert "optimizer muon vs adamw" in error_line()
