@@ -11,43 +11,22 @@ columns (and saved as .md and .json when FASTGPT_BENCH_RESULTS names a file pref
 on a shared machine: only ratios measured in the same run mean anything.
 """
 
-import ctypes
 import os
-import platform
 
 import pytest
 import torch
 
 from fastgpt import timing
+from fastgpt.cpu_memory import reuse_freed_memory
 from harness import Report, machine_facts
 
 QUICK = os.environ.get("FASTGPT_BENCH_QUICK") == "1"
 THREADS = int(os.environ.get("FASTGPT_BENCH_THREADS", "2"))
 
 
-def _keep_freed_memory_in_the_process():
-    """Make glibc keep the memory of freed tensors for the next ones, as a caching allocator would.
-
-    PyTorch allocates CPU tensors with malloc. By default glibc serves large blocks with fresh mmaps,
-    or trims freed ones back to the operating system, under thresholds that move with the history of
-    the process; a tensor's pages then have to be faulted in and zeroed again, which costs a
-    memory-bound op such as LayerNorm (25 MB in, 25 MB out) more than its own work, and more or less
-    at random depending on what ran before. Fixed thresholds (the largest mmap threshold glibc
-    accepts, 32 MB; no trimming below 1 GB) make every implementation run on memory the process
-    already has, so that the benchmarks compare kernels rather than page faults.
-    """
-    if platform.system() != "Linux":
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)
-    libc.mallopt(m_trim_threshold, 1024 * 1024 * 1024)
-
-
-_keep_freed_memory_in_the_process()
+# As training does: implementations then run on memory the process already has, so that the
+# benchmarks compare kernels rather than page faults (fastgpt/cpu_memory.py says why).
+reuse_freed_memory()
 
 REPORT = Report("fastgpt CPU benchmarks")
 

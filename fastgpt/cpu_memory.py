@@ -4,12 +4,13 @@ A step allocates its activations and gradients and frees them again, the same si
 glibc's malloc serves blocks from 128 KiB up (a threshold it raises, as it sees such blocks freed, to
 at most 32 MiB) with fresh pages from the operating system and hands them back when they are freed,
 so every step pays for the kernel to fault in and zero those pages again: 5,800 page faults a step of
-the default model (4 layers x 128, batch 32 x 128), about a tenth of its time on a 2-core AMD EPYC
-(Zen 3, AVX2). Fixing the mmap threshold at its ceiling and never trimming the heap below 1 GiB of
+the default model (4 layers x 128, batch 32 x 128), whose step then takes 5-7% longer (2 threads on a
+2-core AMD EPYC, Zen 3, AVX2). Fixing the mmap threshold at its ceiling and never trimming the heap below 1 GiB of
 free space keeps those blocks in the heap: one page fault a step.
 
-The cost is that the process keeps its peak memory until it exits, which suits a training, sampling
-or evaluation run. Only glibc has these knobs (`mallopt`); with another C library nothing changes.
+The speed benchmarks do the same, so that they compare kernels rather than page faults. The cost is
+that the process keeps its peak memory until it exits, which suits a training, sampling or evaluation
+run. Only glibc has these knobs (`mallopt`); with another C library nothing changes.
 """
 
 import ctypes
