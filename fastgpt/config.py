@@ -33,10 +33,10 @@ class TrainConfig:
     # optimisation
     batch_size: int = setting(32, "sequences per micro-batch", minimum=1)
     grad_accum_steps: int = setting(1, "micro-batches accumulated into one optimizer step", minimum=1)
-    max_iters: int = setting(1150, "optimizer steps to train for", minimum=1)
+    max_iters: int = setting(900, "optimizer steps to train for", minimum=1)
     optimizer: str = setting("adamw", "adamw on every parameter, or muon on the blocks' weight matrices with adamw on "
                                       "the rest (embeddings, head, gains and biases)", ["adamw", "muon"])
-    learning_rate: float = setting(2e-3, "peak learning rate (of AdamW)", minimum=0)
+    learning_rate: float = setting(6e-3, "peak learning rate (of AdamW)", minimum=0)
     muon_lr: float = setting(0.02, "muon: peak learning rate of Muon, which the schedule scales like learning_rate",
                              minimum=0)
     muon_momentum: float = setting(0.95, "muon: Muon's (Nesterov) momentum")
@@ -46,7 +46,7 @@ class TrainConfig:
                                          "linear decay, constant, or wsd (stable, then linear decay over the last "
                                          "decay_fraction of the steps)", ["cosine", "linear", "constant", "wsd"])
     min_lr: float = setting(2e-4, "learning rate at the end of the decay", minimum=0)
-    warmup_iters: int = setting(100, "steps of linear learning-rate warmup", minimum=0)
+    warmup_iters: int = setting(50, "steps of linear learning-rate warmup", minimum=0)
     decay_fraction: float = setting(0.2, "wsd: share of the steps after warmup spent decaying to min_lr")
     weight_decay: float = setting(0.1, "AdamW weight decay, applied to 2-D weights only", minimum=0)
     beta1: float = setting(0.9, "AdamW beta1")
@@ -55,7 +55,7 @@ class TrainConfig:
     skip_nonfinite: bool = setting(False, "skip an optimizer step whose loss is NaN or infinite instead of "
                                           "stopping the run")
     # evaluation, logging, output
-    eval_interval: int = setting(230, "steps between train/val loss evaluations", minimum=1)
+    eval_interval: int = setting(180, "steps between train/val loss evaluations", minimum=1)
     eval_iters: int = setting(10, "batches per loss evaluation (fixed batches, the same every time)", minimum=1)
     log_interval: int = setting(10, "steps between lines in metrics.jsonl", minimum=1)
     log: tuple[str, ...] = setting((), "also send metrics to: tensorboard (event files in out_dir/tensorboard; "
