@@ -6,7 +6,8 @@ at most 32 MiB) with fresh pages from the operating system and hands them back w
 so every step pays for the kernel to fault in and zero those pages again: 5,800 page faults a step of
 the default model (4 layers x 128, batch 32 x 128), whose step then takes 5-7% longer (2 threads on a
 2-core AMD EPYC, Zen 3, AVX2). Fixing the mmap threshold at its ceiling and never trimming the heap below 1 GiB of
-free space keeps those blocks in the heap: one page fault a step.
+free space keeps those blocks in the heap: once the heap holds what a step needs, as few as one page
+fault a step (the counts vary with the history of the process).
 
 The speed benchmarks do the same, so that they compare kernels rather than page faults. The cost is
 that the process keeps its peak memory until it exits, which suits a training, sampling or evaluation
