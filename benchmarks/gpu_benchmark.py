@@ -195,6 +195,7 @@ def bench_matmul(sizes, device, timer, report):
 
 def bench_training(sizes, device, timer, report):
     from fastgpt import ops
+    from fastgpt.config import TrainConfig
     from fastgpt.model import GPT, GPTConfig
     from fastgpt.optim import build_optimizer
 
@@ -206,8 +207,8 @@ def bench_training(sizes, device, timer, report):
     for variant, backend in (("triton", "triton"), ("builtins", "torch"), ("auto", "auto")):
         torch.manual_seed(0)
         model = GPT(GPTConfig(**shape)).to(device)
-        optimizer = build_optimizer(model, "adamw", 6e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                                    device_type=device.type)
+        optimizer = build_optimizer(model, TrainConfig(optimizer="adamw", learning_rate=6e-4, beta2=0.95,
+                                                       weight_decay=0.1), device_type=device.type)
 
         def step(model=model, optimizer=optimizer, backend=backend):
             ops.use_backend(backend)  # the variants take turns: each sets its kernels for its step

@@ -176,30 +176,31 @@ def muon_parameters(model):
     return {name for name, p in model.named_parameters() if name.startswith("transformer.h.") and p.dim() == 2}
 
 
-def build_optimizer(model, optimizer="adamw", learning_rate=2e-3, muon_learning_rate=0.02, betas=(0.9, 0.99),
-                    weight_decay=0.1, muon_momentum=0.95, muon_weight_decay=0.0, device_type="cpu"):
-    """The optimizer for a fastgpt GPT: `optimizer` "adamw" or "muon".
+def build_optimizer(model, settings, device_type="cpu"):
+    """The optimizer for a fastgpt GPT, as the training settings (fastgpt.config.TrainConfig) ask.
 
-    adamw: AdamW on everything at `learning_rate`; weight decay on the 2-D weights only (matrices and
-    embeddings, never biases or gains). muon: Muon on the blocks' weight matrices at `muon_learning_rate`
-    (with `muon_momentum` and `muon_weight_decay`), AdamW as above on the rest.
+    settings.optimizer "adamw": AdamW on everything at learning_rate, with beta1 and beta2; weight decay
+    on the 2-D weights only (matrices and embeddings, never biases or gains). "muon": Muon on the blocks'
+    weight matrices at muon_lr (with muon_momentum and muon_weight_decay), AdamW as above on the rest.
     Returns a CombinedOptimizer whose parts are named "adamw" and, with muon, "muon".
     """
+    optimizer = settings.optimizer
     if optimizer not in ("adamw", "muon"):
         raise FastGPTError(f"optimizer must be adamw or muon (got {optimizer!r})")
     # named_parameters lists a tied parameter once, under its first name (the token embedding).
     parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
     matrices = muon_parameters(model) if optimizer == "muon" else set()
     rest = [p for name, p in parameters.items() if name not in matrices]
-    adamw_groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+    adamw_groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": settings.weight_decay},
                     {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     # The fused AdamW step is faster on GPUs; on CPU the default implementation is used.
     fused = {"fused": True} if device_type == "cuda" else {}
-    parts = {"adamw": torch.optim.AdamW([group for group in adamw_groups if group["params"]], lr=learning_rate,
-                                        betas=betas, **fused)}
+    parts = {"adamw": torch.optim.AdamW([group for group in adamw_groups if group["params"]],
+                                        lr=settings.learning_rate, betas=(settings.beta1, settings.beta2), **fused)}
     if matrices:
         # bf16 matrix products are fast on CUDA GPUs; CPUs without native bf16 emulate them (see above).
         ns_dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
-        parts["muon"] = Muon([p for name, p in parameters.items() if name in matrices], lr=muon_learning_rate,
-                             momentum=muon_momentum, weight_decay=muon_weight_decay, ns_dtype=ns_dtype)
+        parts["muon"] = Muon([p for name, p in parameters.items() if name in matrices], lr=settings.muon_lr,
+                             momentum=settings.muon_momentum, weight_decay=settings.muon_weight_decay,
+                             ns_dtype=ns_dtype)
     return CombinedOptimizer(**parts)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fastgpt.checkpoint import load_checkpoint, load_trained_model, model_entries, save_checkpoint
+from fastgpt.config import TrainConfig
 from fastgpt.errors import FastGPTError
 from fastgpt.model import GPT
 from fastgpt.optim import build_optimizer
@@ -46,7 +47,7 @@ def test_weights_are_tied_and_residual_projections_scaled(tiny_config):
 def test_a_tiny_model_overfits_one_batch(tiny_config):
     torch.manual_seed(0)
     model = GPT(tiny_config())
-    optimizer = build_optimizer(model, "adamw", learning_rate=3e-3, weight_decay=0.0)
+    optimizer = build_optimizer(model, TrainConfig(optimizer="adamw", learning_rate=3e-3, weight_decay=0.0))
     idx = torch.randint(0, 32, (4, 17))
     for _ in range(150):
         _, loss = model(idx[:, :-1], idx[:, 1:])

@@ -8,6 +8,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 
+from fastgpt.config import TrainConfig
 from fastgpt.errors import FastGPTError
 from fastgpt.model import GPT, GPTConfig
 from fastgpt.optim import NS_COEFFICIENTS, NS_STEPS, Muon, build_optimizer, orthogonalize
@@ -112,7 +113,7 @@ def small_gpt(seed=0):
 
 def test_muon_trains_the_block_matrices_and_adamw_everything_else_once():
     model = small_gpt()
-    optimizer = build_optimizer(model, "muon")
+    optimizer = build_optimizer(model, TrainConfig(optimizer="muon"))
     muon = {id(p) for group in optimizer.optimizers["muon"].param_groups for p in group["params"]}
     adamw = [id(p) for group in optimizer.optimizers["adamw"].param_groups for p in group["params"]]
     names = {id(p): name for name, p in model.named_parameters()}
@@ -126,7 +127,7 @@ def test_muon_trains_the_block_matrices_and_adamw_everything_else_once():
 
 def test_adamw_trains_everything_and_decays_matrices_only():
     model = small_gpt()
-    optimizer = build_optimizer(model, "adamw", weight_decay=0.1)
+    optimizer = build_optimizer(model, TrainConfig(optimizer="adamw", weight_decay=0.1))
     assert list(optimizer.optimizers) == ["adamw"]
     decayed, plain = optimizer.param_groups
     assert decayed["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decayed["params"])
@@ -136,11 +137,11 @@ def test_adamw_trains_everything_and_decays_matrices_only():
 
 def test_an_unknown_optimizer_is_refused():
     with pytest.raises(FastGPTError, match="adamw or muon"):
-        build_optimizer(small_gpt(), "sgd")
+        build_optimizer(small_gpt(), TrainConfig(optimizer="sgd"))
 
 
 def test_the_lr_multiplier_scales_each_groups_own_rate():
-    optimizer = build_optimizer(small_gpt(), "muon", learning_rate=1e-3, muon_learning_rate=0.02)
+    optimizer = build_optimizer(small_gpt(), TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=0.02))
     optimizer.set_lr_multiplier(0.5)
     assert [g["lr"] for g in optimizer.optimizers["adamw"].param_groups] == [5e-4, 5e-4]
     assert [g["lr"] for g in optimizer.optimizers["muon"].param_groups] == [0.01]
@@ -188,19 +189,19 @@ def load_state(model, optimizer, model_state, optimizer_state, through_helpers):
 @pytest.mark.parametrize("kind", ["muon", "adamw"])
 @pytest.mark.parametrize("through_helpers", [False, True], ids=["state_dict", "distributed_helpers"])
 def test_resuming_gives_bit_identical_parameters(kind, through_helpers):
-    settings = dict(learning_rate=3e-3, muon_learning_rate=0.02, weight_decay=0.1, muon_weight_decay=0.05)
+    settings = TrainConfig(optimizer=kind, learning_rate=3e-3, muon_lr=0.02, weight_decay=0.1, muon_weight_decay=0.05)
     straight = small_gpt()
-    straight_optimizer = build_optimizer(straight, kind, **settings)
+    straight_optimizer = build_optimizer(straight, settings)
     train_steps(straight, straight_optimizer, 6, seed=3)
 
     first = small_gpt()
-    first_optimizer = build_optimizer(first, kind, **settings)
+    first_optimizer = build_optimizer(first, settings)
     train_steps(first, first_optimizer, 3, seed=3)
     save = resumed_through_distributed_helpers if through_helpers else resumed_through_state_dicts
     model_state, optimizer_state = save(first, first_optimizer)
 
     resumed = small_gpt(seed=99)  # other initial weights: everything must come from the checkpoint
-    resumed_optimizer = build_optimizer(resumed, kind, **settings)
+    resumed_optimizer = build_optimizer(resumed, settings)
     load_state(resumed, resumed_optimizer, model_state, optimizer_state, through_helpers)
     # The remaining steps see the batches the straight run saw after its third step.
     generator = torch.Generator().manual_seed(3)
@@ -219,10 +220,10 @@ def test_resuming_gives_bit_identical_parameters(kind, through_helpers):
 
 def test_the_state_dict_round_trip_keeps_momenta_and_base_rates():
     model = small_gpt()
-    optimizer = build_optimizer(model, "muon", learning_rate=1e-3, muon_learning_rate=0.03)
+    optimizer = build_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=0.03))
     train_steps(model, optimizer, 2, seed=5)
     state = saved_and_loaded(optimizer.state_dict())
-    fresh = build_optimizer(model, "muon", learning_rate=5e-3, muon_learning_rate=0.05)
+    fresh = build_optimizer(model, TrainConfig(optimizer="muon", learning_rate=5e-3, muon_lr=0.05))
     fresh.load_state_dict(state)
     assert [g["base_lr"] for g in fresh.param_groups] == [1e-3, 1e-3, 0.03]
     for name in ("adamw", "muon"):
@@ -236,6 +237,6 @@ def test_the_state_dict_round_trip_keeps_momenta_and_base_rates():
 
 def test_loading_another_optimizers_state_is_refused():
     model = small_gpt()
-    state = build_optimizer(model, "adamw").state_dict()
+    state = build_optimizer(model, TrainConfig(optimizer="adamw")).state_dict()
     with pytest.raises(FastGPTError, match="--optimizer"):
-        build_optimizer(model, "muon").load_state_dict(state)
+        build_optimizer(model, TrainConfig(optimizer="muon")).load_state_dict(state)
