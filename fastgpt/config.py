@@ -56,7 +56,8 @@ class TrainConfig:
                                           "stopping the run")
     # evaluation, logging, output
     eval_interval: int = setting(180, "steps between train/val loss evaluations", minimum=1)
-    eval_iters: int = setting(10, "batches per loss evaluation (fixed batches, the same every time)", minimum=1)
+    eval_iters: int = setting(10, "batches per loss evaluation (blocks spread evenly over each split, the same "
+                                  "every time)", minimum=1)
     log_interval: int = setting(10, "steps between lines in metrics.jsonl", minimum=1)
     log: tuple[str, ...] = setting((), "also send metrics to: tensorboard (event files in out_dir/tensorboard; "
                                        "needs the tensorboard package); repeatable", ["tensorboard"])

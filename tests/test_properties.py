@@ -104,3 +104,21 @@ def test_batches_are_consecutive_tokens_of_the_cache_shifted_by_one(tmp_path_fac
     for row, start in enumerate(starts.tolist()):
         expected = torch.from_numpy(np.asarray(tokens[split + start:split + start + block_size + 1], dtype=np.int64))
         assert torch.equal(x[row], expected[:-1]) and torch.equal(y[row], expected[1:])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(length=st.integers(20, 400), block_size=st.integers(1, 8), count=st.integers(1, 50))
+def test_evaluation_blocks_spread_evenly_from_the_first_block_of_a_split_to_its_last(tmp_path_factory, length,
+                                                                                     block_size, count):
+    tokenizer = train_tokenizer("char", "ab")
+    corpus = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    corpus.write_text("ab" * (length // 2), encoding="utf-8")
+    blocks = TokenBlocks(encode_corpus([corpus], tokenizer, corpus.parent / "cache"), block_size, 0.5)
+    starts = blocks.spread_starts("val", count).tolist()
+    last = blocks.size("val") - block_size - 1
+    assert len(starts) == count and starts[0] == 0
+    assert starts[-1] == (last if count > 1 else 0)
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert all(gap >= 0 for gap in gaps) and max(gaps, default=0) - min(gaps, default=0) <= 1
+    x, _ = blocks.batch("val", torch.tensor(starts), torch.device("cpu"))  # every block lies inside the split
+    assert x.shape == (count, block_size)
