@@ -174,6 +174,16 @@ class Trainer:
         distributed.barrier(self.world)
         return tokens if self.world.local_rank == 0 else encode_corpus(files, self.tokenizer, cache)
 
+    @property
+    def _global_batch(self):
+        """Sequences in one batch of all processes together."""
+        return self.config.batch_size * self.world.size
+
+    def _own_share(self, global_starts):
+        """This process's slice of the starts of one global batch."""
+        size, rank = self.config.batch_size, self.world.rank
+        return global_starts[rank * size:(rank + 1) * size]
+
     def _starts(self, split, generator):
         """This process's share of one global batch of block starts.
 
@@ -181,17 +191,15 @@ class Trainer:
         and keeps its own slice, so N processes see exactly the blocks one process with an N times
         larger batch would see, and the generator's state is the same everywhere (and in the checkpoint).
         """
-        size, rank = self.config.batch_size, self.world.rank
-        return self.blocks.starts(split, size * self.world.size, generator)[rank * size:(rank + 1) * size]
+        return self._own_share(self.blocks.starts(split, self._global_batch, generator))
 
     def _fixed_eval_starts(self):
         """The evaluation blocks: eval_iters global batches spread evenly over each split, the same at
         every evaluation and for every seed, so that losses compare across steps and runs."""
-        size, rank, processes = self.config.batch_size, self.world.rank, self.world.size
-        starts = {split: self.blocks.spread_starts(split, self.config.eval_iters * size * processes)
-                  for split in ("train", "val")}
-        return {split: [batch[rank * size:(rank + 1) * size] for batch in spread.view(self.config.eval_iters, -1)]
-                for split, spread in starts.items()}
+        batches = self.config.eval_iters
+        return {split: [self._own_share(batch)
+                        for batch in self.blocks.spread_starts(split, batches * self._global_batch).view(batches, -1)]
+                for split in ("train", "val")}
 
     def _restore(self, checkpoint):
         distributed.load_full_state(self.raw_model, self.optimizer.parts, checkpoint["model"], checkpoint["optimizer"])
@@ -299,8 +307,7 @@ class Trainer:
         config = self.config
         self._announce()
         sinks = self.sinks()
-        speed = Speed(config.batch_size * config.model.block_size * config.grad_accum_steps * self.world.size,
-                      self.step)
+        speed = Speed(self._global_batch * config.model.block_size * config.grad_accum_steps, self.step)
         stopped_by = None
         try:
             with self.stop.installed():
