@@ -69,7 +69,7 @@ class TrainConfig:
     # system
     seed: int = setting(1337, "seed for initialisation, batches and dropout")
     device: str = device_setting("where to train: auto (CUDA when present), cpu, cuda, cuda:N")
-    dtype: str = setting("auto", "auto: bf16 autocast on GPUs with native bf16, fp32 elsewhere (see "
+    dtype: str = setting("auto", "auto: bf16 autocast where the GPU or CPU has native bf16, fp32 elsewhere (see "
                                  "fastgpt/hardware.py)", ["auto", "float32", "bfloat16"])
     compile: bool = setting(False, "compile the model with torch.compile")
     backend: str = backend_setting()

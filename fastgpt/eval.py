@@ -47,7 +47,7 @@ class EvalConfig:
     json: bool = setting(False, "print the result as one JSON object")
     batch_size: int = setting(16, "windows of block_size tokens evaluated at once", minimum=1)
     device: str = device_setting()
-    dtype: str = setting("auto", "auto: bf16 autocast on GPUs with native bf16, fp32 elsewhere",
+    dtype: str = setting("auto", "auto: bf16 autocast where the GPU or CPU has native bf16, fp32 elsewhere",
                          ["auto", "float32", "bfloat16"])
     backend: str = backend_setting()
 

@@ -5,10 +5,12 @@ instructions, on Arm CPUs the BF16 extension, on NVIDIA GPUs compute capability 
 later. Elsewhere every bf16 operation is emulated through fp32 conversions: a training step of the
 default model took 4.8 s in bf16 autocast against 0.27 s in fp32 on a 2-core AMD EPYC (Zen 3, AVX2).
 
-`--dtype auto` takes bf16 autocast on GPUs with native bf16 and fp32 everywhere else, including
-CPUs with native bf16: there a bf16 step was measured 1.45x faster (126 vs 183 ms, Zen 5 with
-AVX512-BF16) but not yet that training reaches the same loss in the same time. Until such a
-side-by-side measurement says so, CPUs stay fp32.
+`--dtype auto` takes bf16 autocast wherever the processor has native bf16, and fp32 elsewhere. On a
+CPU with native bf16 this was measured side by side (an Intel Xeon with AVX512-BF16 and AMX, 2
+threads, 2026-12-01): the default run took 75 s of training in bf16 against 118 s in fp32, and
+`--preset modern` 73 s against 106 s, at the same loss over the whole validation split to within
+what a change of seed moves it (0.007-0.010): bf16 - fp32 = -0.004 and -0.004 for the default, +0.004
+and +0.005 for the modern recipe, over two seeds each.
 """
 
 import platform
@@ -97,15 +99,11 @@ def choose_precision(requested, device, native_bf16=None):
         return Precision("bfloat16", f"bf16 autocast, asked for with --dtype bfloat16, emulated on this {processor}",
                          warning=f"fastgpt: warning: --dtype bfloat16 is emulated on this {processor} ({cost}); "
                                  "use --dtype float32 (or auto, which picks it here)")
-    if on_gpu and native_bf16:
-        return Precision("bfloat16", "auto: bf16 autocast, as this GPU has native bf16")
+    if native_bf16:
+        return Precision("bfloat16", f"auto: bf16 autocast, as this {processor} has native bf16")
     if on_gpu:
         return Precision("float32", "auto: this GPU has no native bf16")
-    if native_bf16:
-        return Precision("float32", "auto: fp32 on CPUs; bf16 autocast on this CPU (native bf16) is not yet "
-                                    "measured to reach the same loss sooner")
     return Precision("float32", "auto: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 would be emulated")
-
 
 def describe_processor(device):
     """'AMD EPYC, AVX2, no native bf16, 2 threads' or 'NVIDIA H200 (compute capability 9.0)'."""

@@ -37,12 +37,12 @@ def test_no_warning_where_bf16_is_native_or_not_asked_for():
         assert choose_precision("auto", "cpu", native_bf16=native).warning is None
 
 
-def test_auto_is_fp32_on_every_cpu_and_says_why():
+def test_auto_on_a_cpu_follows_native_bf16_and_says_why():
     without = choose_precision("auto", "cpu", native_bf16=False)
     with_native = choose_precision("auto", "cpu", native_bf16=True)
-    assert without.dtype == with_native.dtype == "float32"
+    assert (without.dtype, with_native.dtype) == ("float32", "bfloat16")
     assert "no native bf16" in without.reason
-    assert "not yet measured" in with_native.reason
+    assert "has native bf16" in with_native.reason
 
 
 def test_auto_on_a_gpu_follows_native_bf16():
