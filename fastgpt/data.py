@@ -20,7 +20,7 @@ from fastgpt.errors import FastGPTError
 from fastgpt.tokenizers import train_tokenizer
 
 CHUNK_CHARS = 1 << 20  # characters read and encoded at a time
-BPE_TRAINING_CHARS = 8 << 20  # a BPE vocabulary is learnt from (at most) the corpus's first 8 M characters
+BPE_TRAINING_CHARS = 8 << 20  # a BPE vocabulary is learnt from (at most) 8 M characters of training text
 
 
 def bundled_corpus():
@@ -90,19 +90,31 @@ def _tokenizer_fingerprint(tokenizer):
     return hashlib.sha256(state.encode()).hexdigest()
 
 
-def fit_tokenizer(kind, files, vocab_size):
-    """Learn a tokenizer from the corpus: its characters (char), its merges (bpe), or none (gpt2)."""
+def fit_tokenizer(kind, files, vocab_size, val_fraction=0.0):
+    """Learn a tokenizer from the corpus: its characters (char), its merges (bpe), or none (gpt2).
+
+    BPE merges are learnt from the text the model trains on only: the corpus's first
+    (1 - val_fraction) of bytes, at most BPE_TRAINING_CHARS characters of them. Merges learnt from
+    the validation text would encode it in fewer tokens than text never seen, and bits per byte
+    would flatter the model. A char tokenizer takes every character of the corpus, so that it can
+    encode the validation text too.
+    """
     if kind == "char":
         characters = set()
         for chunk in read_chunks(files):
             characters.update(chunk)
         return train_tokenizer("char", "".join(sorted(characters)))
     if kind == "bpe":
+        bytes_left = int(sum(file.stat().st_size for file in files) * (1 - val_fraction))
         sample, size = [], 0
         for chunk in read_chunks(files):
+            encoded = chunk.encode("utf-8")
+            if len(encoded) > bytes_left:  # the training text ends inside this chunk
+                chunk = encoded[:bytes_left].decode("utf-8", errors="ignore")
             sample.append(chunk)
             size += len(chunk)
-            if size >= BPE_TRAINING_CHARS:
+            bytes_left -= len(encoded)
+            if size >= BPE_TRAINING_CHARS or bytes_left <= 0:
                 break
         return train_tokenizer("bpe", "".join(sample), vocab_size)
     return train_tokenizer(kind, "", vocab_size)

@@ -121,7 +121,8 @@ class Trainer:
             pretrained, self.tokenizer = load_pretrained(config.init_from)
         else:
             # Rank 0 fits the tokenizer; the others wait for it, however long that takes.
-            state = fit_tokenizer(config.tokenizer, files, config.model.vocab_size).state_dict() if self.world.is_main else None
+            state = (fit_tokenizer(config.tokenizer, files, config.model.vocab_size, config.val_fraction).state_dict()
+                     if self.world.is_main else None)
             self.tokenizer = tokenizer_from_state(distributed.from_main(state, self.world))
         torch.manual_seed(config.seed)
         self.model_config = requested_model_config(config, self.tokenizer.vocab_size)

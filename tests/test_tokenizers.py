@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastgpt import tokenizers
+from fastgpt.data import fit_tokenizer
 from fastgpt.errors import FastGPTError
 from fastgpt.tokenizers import (BPETokenizer, CharTokenizer, GPT2Tokenizer, HuggingFaceTokenizer, merge_pair,
                                 tokenizer_from_state, train_bpe, train_tokenizer)
@@ -110,6 +111,19 @@ def test_bpe_stops_when_the_text_runs_out_of_pairs():
     tok = train_tokenizer("bpe", "ab ab", 1000)
     assert tok.tokens[256:] == [b"ab", b" ab"]
     assert tok.encode("ab ab") == [256, 257]
+
+
+def test_bpe_merges_are_learnt_from_the_training_text_only(tmp_path):
+    # The corpus's last 10% (the validation split) repeats a word its first 90% never holds; multi-byte
+    # characters make bytes and characters differ. Fitting on every byte would learn that word's merges.
+    training, validation = "the café sat on the mat.\n" * 90, "zyxw zyxw zyxw\n" * 17
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(training + validation, encoding="utf-8")
+    unseen = fit_tokenizer("bpe", [corpus], 300, val_fraction=0.1)
+    everything = fit_tokenizer("bpe", [corpus], 300)
+    assert not any(b"zy" in token for token in unseen.tokens[256:])
+    assert any(b"zyxw" in token for token in everything.tokens[256:])
+    assert b" caf\xc3\xa9" in unseen.tokens
 
 
 def test_bpe_compresses_the_corpus(bpe):
