@@ -125,6 +125,12 @@ def test_muon_trains_the_block_matrices_and_adamw_everything_else_once():
     assert id(model.lm_head.weight) == id(model.transformer.wte.weight) and id(model.lm_head.weight) in adamw
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_muon_orthogonalises_in_the_dtype_the_run_computes_in(dtype):
+    optimizer = build_optimizer(small_gpt(), TrainConfig(optimizer="muon"), compute_dtype=dtype)
+    assert optimizer.optimizers["muon"].ns_dtype == dtype
+
+
 def test_adamw_trains_everything_and_decays_matrices_only():
     model = small_gpt()
     optimizer = build_optimizer(model, TrainConfig(optimizer="adamw", weight_decay=0.1))
