@@ -90,13 +90,15 @@ def _tokenizer_fingerprint(tokenizer):
     return hashlib.sha256(state.encode()).hexdigest()
 
 
-def fit_tokenizer(kind, files, vocab_size, val_fraction=0.0):
+def fit_tokenizer(kind, files, vocab_size, val_fraction):
     """Learn a tokenizer from the corpus: its characters (char), its merges (bpe), or none (gpt2).
 
-    BPE merges are learnt from the text the model trains on only: the corpus's first
-    (1 - val_fraction) of bytes, at most BPE_TRAINING_CHARS characters of them. Merges learnt from
-    the validation text would encode it in fewer tokens than text never seen, and bits per byte
-    would flatter the model. A char tokenizer takes every character of the corpus, so that it can
+    BPE merges are learnt from the text the model trains on: the corpus's first (1 - val_fraction)
+    of bytes, at most BPE_TRAINING_CHARS characters of them. Merges learnt from the validation text
+    would encode it in fewer tokens than text never seen, and bits per byte would flatter the model.
+    The validation split is cut in tokens, not bytes; it holds the last val_fraction of the bytes or
+    less wherever the corpus's end takes no fewer tokens per byte than the rest, as text the merges
+    never saw does. A char tokenizer takes every character of the corpus, so that it can
     encode the validation text too.
     """
     if kind == "char":

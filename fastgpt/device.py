@@ -1,6 +1,5 @@
 """Where a program runs: the device, its default precision, and the kernels (fastgpt.ops backend)."""
 
-from contextlib import nullcontext
 
 import torch
 
@@ -43,20 +42,6 @@ def use_backend(name, device):
         ops.resolve_backend(name, device)
     ops.use_backend(name)
     return ops.resolve_backend(None, device)
-
-
-def compute_dtype(dtype, device):
-    """The dtype a run computes in for its --dtype setting: bf16 for "bfloat16", and for "auto" on
-    CUDA (under autocast, with fp32 weights and optimizer state); else fp32."""
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    return torch.bfloat16 if dtype == "bfloat16" else torch.float32
-
-
-def autocast_context(dtype, device):
-    """Autocast to the run's compute dtype, or nothing for fp32."""
-    computed = compute_dtype(dtype, device)
-    return nullcontext() if computed == torch.float32 else torch.autocast(device_type=device.type, dtype=computed)
 
 
 def device_setting(meaning="where to run: auto (CUDA when present), cpu, cuda, cuda:N"):

@@ -5,12 +5,10 @@ instructions, on Arm CPUs the BF16 extension, on NVIDIA GPUs compute capability 
 later. Elsewhere every bf16 operation is emulated through fp32 conversions: a training step of the
 default model took 4.8 s in bf16 autocast against 0.27 s in fp32 on a 2-core AMD EPYC (Zen 3, AVX2).
 
-`--dtype auto` takes bf16 autocast wherever the processor has native bf16, and fp32 elsewhere. On a
-CPU with native bf16 this was measured side by side (an Intel Xeon with AVX512-BF16 and AMX, 2
-threads, 2026-12-01): the default run took 75 s of training in bf16 against 118 s in fp32, and
-`--preset modern` 73 s against 106 s, at the same loss over the whole validation split to within
-what a change of seed moves it (0.007-0.010): bf16 - fp32 = -0.004 and -0.004 for the default, +0.004
-and +0.005 for the modern recipe, over two seeds each.
+`--dtype auto` takes bf16 autocast wherever the processor has native bf16, and fp32 elsewhere. On
+a CPU with native bf16 (an Intel Xeon with AMX) this was measured side by side: bf16 trained the
+default and modern runs in about two-thirds of fp32's time, to the same loss within what a change of
+seed moves it (README, "Precision").
 """
 
 import platform
@@ -33,6 +31,12 @@ class Precision:
     dtype: str      # "float32" or "bfloat16" (weights and optimizer state stay fp32 either way)
     reason: str     # why this dtype, for the start-up line
     warning: str | None = None  # one line to print at start-up when the choice will be slow
+
+    @property
+    def matmul_dtype(self):
+        """The dtype the run's own matrix products (Muon's iteration) should be in: bf16 where the
+        run's bf16 is native, fp32 where it is emulated (slow) or not asked for."""
+        return torch.bfloat16 if self.dtype == "bfloat16" and self.warning is None else torch.float32
 
     def autocast(self, device):
         if self.dtype == "float32":
@@ -104,6 +108,7 @@ def choose_precision(requested, device, native_bf16=None):
     if on_gpu:
         return Precision("float32", "auto: this GPU has no native bf16")
     return Precision("float32", "auto: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 would be emulated")
+
 
 def describe_processor(device):
     """'AMD EPYC, AVX2, no native bf16, 2 threads' or 'NVIDIA H200 (compute capability 9.0)'."""

@@ -27,10 +27,10 @@ products (AVX2 machines; AMD Zen 3 measured) torch emulates them, and its step t
 24 ms for the same algorithm in float32 (GPT of 4 layers x 128, vocabulary 65, one thread on an AMD
 EPYC Zen 3, AVX2; AdamW's step on all parameters: 2.3 ms; a training step forward and backward about
 0.45 s). This Muon orthogonalises in float32 by default (`ns_dtype`), and in bfloat16 on request;
-a trainer asks for bfloat16 when the run computes in bf16 autocast, that is where bf16 products are
-native (on a 2-core Intel Xeon with AMX, the modern preset's Muon step took 6.5 ms in bfloat16 against
-11.3 ms in float32, beside a training step of about 90 ms). Matrices of the same shape go through the
-iteration together, as one batch of matrix products. Its update is torch.optim.Muon's otherwise (the same momentum, coefficients,
+a trainer asks for bfloat16 when the run computes in bf16 autocast on a processor with native bf16
+(hardware.Precision.matmul_dtype). On a 2-core Intel Xeon with AMX the modern preset's Muon step
+took 6.5 ms in bfloat16 against 11.3 ms in float32, beside a training step of about 90 ms. Matrices
+of the same shape go through the iteration together, as one batch of matrix products. Its update is torch.optim.Muon's otherwise (the same momentum, coefficients,
 scaling and decoupled weight decay); tests/test_optim.py holds the two side by side.
 
 `build_optimizer` gives a trainer one object for either choice (`CombinedOptimizer`): it steps, zeroes,
@@ -87,7 +87,7 @@ class Muon(torch.optim.Optimizer):
                              f"(got {lr}, {weight_decay}, {momentum})")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps)
         super().__init__(params, defaults)
-        # A property of the machine, not of the run: not saved with the state, so a run may resume elsewhere.
+        # Follows the run's precision and machine; not saved with the state, so a run may resume elsewhere.
         self.ns_dtype = ns_dtype
         for group in self.param_groups:
             for p in group["params"]:

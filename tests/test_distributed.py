@@ -68,6 +68,19 @@ def test_a_two_process_checkpoint_resumes_in_one_process(two_processes, one_proc
     assert_same_losses(tmp_path, one_process)
 
 
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_train_in_bf16_autocast_close_to_one_in_fp32(parallel, one_process, corpus, train_args,
+                                                                   torchrun, tmp_path):
+    # bf16 is what `auto` picks on a CPU with native bf16 (on others it is emulated: slower, the same numbers).
+    result = torchrun(2, "-m", "fastgpt.train", *train_args(corpus, tmp_path, **{**RUN, "dtype": "bfloat16"},
+                                                            batch_size=4, parallel=parallel))
+    assert result.returncode == 0, result.stderr[-3000:]
+    got, expected = losses(tmp_path), losses(one_process)
+    assert [line[0] for line in got] == [line[0] for line in expected]
+    for (step, train_loss, _), (_, expected_train, _) in zip(got, expected):
+        assert train_loss == pytest.approx(expected_train, rel=2e-2), f"train loss at step {step}"
+
+
 # Trains under torchrun as fastgpt.train would, recording for each forward pass of the model whether
 # it ran in training mode and whether torch.compile had traced it; rank 0 prints what it saw.
 # torch.compile is given the "eager" backend: what is compiled matters here, not how fast.

@@ -57,6 +57,14 @@ def test_this_machines_detection_decides_the_warning():
     assert warned is not has_native_bf16(cpu_flags())
 
 
+def test_the_runs_own_matrix_products_are_bf16_only_where_bf16_is_native():
+    assert choose_precision("auto", "cpu", native_bf16=True).matmul_dtype == torch.bfloat16
+    assert choose_precision("bfloat16", "cuda", native_bf16=True).matmul_dtype == torch.bfloat16
+    assert choose_precision("bfloat16", "cpu", native_bf16=False).matmul_dtype == torch.float32
+    assert choose_precision("float32", "cpu", native_bf16=True).matmul_dtype == torch.float32
+    assert choose_precision("auto", "cpu", native_bf16=False).matmul_dtype == torch.float32
+
+
 def test_autocast_follows_the_dtype():
     with Precision("bfloat16", "test").autocast(torch.device("cpu")):
         assert torch.is_autocast_enabled("cpu")

@@ -204,7 +204,7 @@ DATA_PIPELINE = textwrap.dedent("""
     import resource, sys, torch
     from fastgpt.data import TokenBlocks, corpus_files, encode_corpus, fit_tokenizer
     files = corpus_files(sys.argv[1])
-    tokens = encode_corpus(files, fit_tokenizer("char", files, None), sys.argv[2])
+    tokens = encode_corpus(files, fit_tokenizer("char", files, None, 0.1), sys.argv[2])
     blocks = TokenBlocks(tokens, 64, 0.1)
     generator = torch.Generator().manual_seed(0)
     for _ in range(20):
