@@ -98,8 +98,8 @@ def fit_tokenizer(kind, files, vocab_size, val_fraction):
     would encode it in fewer tokens than text never seen, and bits per byte would flatter the model.
     The validation split is cut in tokens, not bytes; it holds the last val_fraction of the bytes or
     less wherever the corpus's end takes no fewer tokens per byte than the rest, as text the merges
-    never saw does. A char tokenizer takes every character of the corpus, so that it can
-    encode the validation text too.
+    never saw does. A char tokenizer takes every character of the corpus, so that it can encode the
+    validation text too.
     """
     if kind == "char":
         characters = set()

@@ -1,5 +1,5 @@
-"""Where a program runs: the device, its default precision, and the kernels (fastgpt.ops backend)."""
-
+"""Where a program runs: the device and the kernels (fastgpt.ops backend); its precision is in
+fastgpt/hardware.py."""
 
 import torch
 

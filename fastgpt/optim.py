@@ -30,8 +30,9 @@ EPYC Zen 3, AVX2; AdamW's step on all parameters: 2.3 ms; a training step forwar
 a trainer asks for bfloat16 when the run computes in bf16 autocast on a processor with native bf16
 (hardware.Precision.matmul_dtype). On a 2-core Intel Xeon with AMX the modern preset's Muon step
 took 6.5 ms in bfloat16 against 11.3 ms in float32, beside a training step of about 90 ms. Matrices
-of the same shape go through the iteration together, as one batch of matrix products. Its update is torch.optim.Muon's otherwise (the same momentum, coefficients,
-scaling and decoupled weight decay); tests/test_optim.py holds the two side by side.
+of the same shape go through the iteration together, as one batch of matrix products. Its update is
+torch.optim.Muon's otherwise (the same momentum, coefficients, scaling and decoupled weight decay);
+tests/test_optim.py holds the two side by side.
 
 `build_optimizer` gives a trainer one object for either choice (`CombinedOptimizer`): it steps, zeroes,
 saves and restores all the parts at once, and sets every group's learning rate from a schedule's
@@ -178,13 +179,13 @@ def muon_parameters(model):
     return {name for name, p in model.named_parameters() if name.startswith("transformer.h.") and p.dim() == 2}
 
 
-def build_optimizer(model, settings, device_type="cpu", compute_dtype=torch.float32):
+def build_optimizer(model, settings, device_type="cpu", ns_dtype=torch.float32):
     """The optimizer for a fastgpt GPT, as the training settings (fastgpt.config.TrainConfig) ask.
 
     settings.optimizer "adamw": AdamW on everything at learning_rate, with beta1 and beta2; weight decay
     on the 2-D weights only (matrices and embeddings, never biases or gains). "muon": Muon on the blocks'
     weight matrices at muon_lr (with muon_momentum and muon_weight_decay), AdamW as above on the rest.
-    Muon orthogonalises in compute_dtype, the dtype the run's matrix products are in (see above).
+    Muon orthogonalises in ns_dtype (a trainer passes hardware.Precision.matmul_dtype; see above).
     Returns a CombinedOptimizer whose parts are named "adamw" and, with muon, "muon".
     """
     optimizer = settings.optimizer
@@ -203,5 +204,5 @@ def build_optimizer(model, settings, device_type="cpu", compute_dtype=torch.floa
     if matrices:
         parts["muon"] = Muon([p for name, p in parameters.items() if name in matrices], lr=settings.muon_lr,
                              momentum=settings.muon_momentum, weight_decay=settings.muon_weight_decay,
-                             ns_dtype=compute_dtype)
+                             ns_dtype=ns_dtype)
     return CombinedOptimizer(**parts)

@@ -138,7 +138,7 @@ class Trainer:
         self.model = distributed.parallelize(self.raw_model, self.world, config.parallel, config.compile,
                                              getattr(torch, self.precision.dtype))
         self.optimizer = build_optimizer(self.raw_model, config, device_type=self.device.type,
-                                         compute_dtype=self.precision.matmul_dtype)
+                                         ns_dtype=self.precision.matmul_dtype)
         self.step = 0
         self.best_val_loss = float("inf")
         # Losses of the steps since the last metrics record; saved, so a resumed run logs the same averages.

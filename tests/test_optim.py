@@ -127,7 +127,7 @@ def test_muon_trains_the_block_matrices_and_adamw_everything_else_once():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_muon_orthogonalises_in_the_dtype_the_run_computes_in(dtype):
-    optimizer = build_optimizer(small_gpt(), TrainConfig(optimizer="muon"), compute_dtype=dtype)
+    optimizer = build_optimizer(small_gpt(), TrainConfig(optimizer="muon"), ns_dtype=dtype)
     assert optimizer.optimizers["muon"].ns_dtype == dtype
 
 
