@@ -37,6 +37,8 @@ class TrainConfig:
     optimizer: str = setting("adamw", "adamw on every parameter, or muon on the blocks' weight matrices with adamw on "
                                       "the rest (embeddings, head, gains and biases)", ["adamw", "muon"])
     learning_rate: float = setting(6e-3, "peak learning rate (of AdamW)", minimum=0)
+    embedding_lr: float = setting(0.0, "peak learning rate of AdamW for the token embedding, which the schedule "
+                                       "scales like learning_rate (0: learning_rate)", minimum=0)
     muon_lr: float = setting(0.02, "muon: peak learning rate of Muon, which the schedule scales like learning_rate",
                              minimum=0)
     muon_momentum: float = setting(0.95, "muon: Muon's (Nesterov) momentum")
@@ -52,6 +54,9 @@ class TrainConfig:
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.99, "AdamW beta2")
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0: no clipping)", minimum=0)
+    weight_average: float = setting(0.0, "keep an exponential average of the weights, each step average += "
+                                         "(1 - this) x (weights - average), and evaluate, sample and save it as the "
+                                         "model (0: off; 0.99 averages about the last 100 steps)", minimum=0)
     skip_nonfinite: bool = setting(False, "skip an optimizer step whose loss is NaN or infinite instead of "
                                           "stopping the run")
     # evaluation, logging, output
@@ -86,6 +91,8 @@ class TrainConfig:
             raise FastGPTError(f"decay_fraction must be in [0, 1] (got {self.decay_fraction})")
         if not 0 < self.val_fraction < 1:
             raise FastGPTError(f"val_fraction must be between 0 and 1 (got {self.val_fraction})")
+        if not 0 <= self.weight_average < 1:
+            raise FastGPTError(f"weight_average must be at least 0 and below 1 (got {self.weight_average})")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and 0 <= self.muon_momentum < 1):
             raise FastGPTError(f"beta1, beta2 and muon_momentum must be in [0, 1) (got {self.beta1}, {self.beta2}, "
                                f"{self.muon_momentum})")

@@ -134,21 +134,33 @@ def gradient_sync(runner, model, enabled):
         yield
 
 
+# Whole tensors (gathered from every process's shards), copied to the CPU: what a checkpoint holds.
+FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
 def full_state(model, optimizers):
     """The model's and optimizers' whole state, on the CPU, keyed by parameter name.
 
     Under FSDP every process must call this (it gathers the shards); the result is the same as a
     single process's, so any checkpoint loads into any number of processes and either mode.
     """
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizers, options=options)
+    return full_model_state(model), get_optimizer_state_dict(model, optimizers, options=FULL_ON_CPU)
+
+
+def full_model_state(model):
+    """The model's part of `full_state` alone."""
+    return get_model_state_dict(model, options=FULL_ON_CPU)
 
 
 def load_full_state(model, optimizers, model_state, optimizer_state):
     """Load what `full_state` returned into a model and optimizers, sharding it where they are sharded."""
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_state, options=options)
-    set_optimizer_state_dict(model, optimizers, optimizer_state, options=options)
+    load_full_model_state(model, model_state)
+    set_optimizer_state_dict(model, optimizers, optimizer_state, options=StateDictOptions(full_state_dict=True))
+
+
+def load_full_model_state(model, model_state):
+    """Load what `full_model_state` returned into a model, sharding it where the model is sharded."""
+    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
 
 
 def sum_across(tensor, world):

@@ -182,8 +182,9 @@ def muon_parameters(model):
 def build_optimizer(model, settings, device_type="cpu", ns_dtype=torch.float32):
     """The optimizer for a fastgpt GPT, as the training settings (fastgpt.config.TrainConfig) ask.
 
-    settings.optimizer "adamw": AdamW on everything at learning_rate, with beta1 and beta2; weight decay
-    on the 2-D weights only (matrices and embeddings, never biases or gains). "muon": Muon on the blocks'
+    settings.optimizer "adamw": AdamW on everything at learning_rate (the token embedding, and the head
+    tied to it, at embedding_lr when that is set), with beta1 and beta2; weight decay on the 2-D weights
+    only (matrices and embeddings, never biases or gains). "muon": Muon on the blocks'
     weight matrices at muon_lr (with muon_momentum and muon_weight_decay), AdamW as above on the rest.
     Muon orthogonalises in ns_dtype (a trainer passes hardware.Precision.matmul_dtype; see above).
     Returns a CombinedOptimizer whose parts are named "adamw" and, with muon, "muon".
@@ -194,8 +195,11 @@ def build_optimizer(model, settings, device_type="cpu", ns_dtype=torch.float32):
     # named_parameters lists a tied parameter once, under its first name (the token embedding).
     parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
     matrices = muon_parameters(model) if optimizer == "muon" else set()
-    rest = [p for name, p in parameters.items() if name not in matrices]
-    adamw_groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": settings.weight_decay},
+    embedding = [p for name, p in parameters.items() if name == "transformer.wte.weight"]
+    rest = [p for name, p in parameters.items() if name not in matrices and name != "transformer.wte.weight"]
+    adamw_groups = [{"params": embedding, "weight_decay": settings.weight_decay,
+                     "lr": settings.embedding_lr or settings.learning_rate},
+                    {"params": [p for p in rest if p.dim() >= 2], "weight_decay": settings.weight_decay},
                     {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     # The fused AdamW step is faster on GPUs; on CPU the default implementation is used.
     fused = {"fused": True} if device_type == "cuda" else {}

@@ -12,6 +12,7 @@ generator), dropout's random numbers, the optimizer and the step, which fixes th
 SIGINT or SIGTERM ends the run after the current step, with a checkpoint.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -42,6 +43,7 @@ from fastgpt.sinks import LossPlot, MetricsFile, ProgressBar
 from fastgpt.stopping import StopRequests
 from fastgpt.tensorboard_sink import TensorBoardSink
 from fastgpt.tokenizers import tokenizer_from_state
+from fastgpt.weight_average import WeightAverage
 
 
 def requested_model_config(config, vocab_size):
@@ -149,6 +151,7 @@ class Trainer:
         self.eval_starts = self._fixed_eval_starts()
         if resumed:
             self._restore(resumed)
+        self.weight_average = self._start_weight_average(resumed)
         self.autocast = self.precision.autocast(self.device)
         # Bits per byte: losses compare across tokenizers once divided by the bytes the tokens spell.
         self.token_bytes = token_byte_lengths(self.tokenizer).to(self.device)
@@ -204,7 +207,9 @@ class Trainer:
                 for split in ("train", "val")}
 
     def _restore(self, checkpoint):
-        distributed.load_full_state(self.raw_model, self.optimizer.parts, checkpoint["model"], checkpoint["optimizer"])
+        # With a weight average, "model" is the average and "trained_model" the weights being trained.
+        trained = checkpoint.get("trained_model", checkpoint["model"])
+        distributed.load_full_state(self.raw_model, self.optimizer.parts, trained, checkpoint["optimizer"])
         self.step = checkpoint["step"]
         self.best_val_loss = checkpoint["best_val_loss"]
         self.unlogged_losses = list(checkpoint["unlogged_losses"])
@@ -212,6 +217,22 @@ class Trainer:
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if self.device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], self.device)
+
+    def _start_weight_average(self, resumed):
+        """The average of the weights when the settings keep one: the checkpoint's when it has one,
+        else starting from the weights as they are."""
+        if not self.config.weight_average:
+            return None
+        average = WeightAverage(self.raw_model, self.config.weight_average)
+        if resumed and "trained_model" in resumed:
+            with average.swapped_in():
+                distributed.load_full_model_state(self.raw_model, resumed["model"])
+        return average
+
+    def model_as_saved(self):
+        """Within this block the model holds the weights a checkpoint saves as the model, which are
+        evaluated and sampled: the average where one is kept, else the weights being trained."""
+        return self.weight_average.swapped_in() if self.weight_average else contextlib.nullcontext()
 
     # -- the three things a step may do: train, evaluate, save -------------------------------
 
@@ -241,6 +262,8 @@ class Trainer:
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), config.grad_clip)
             self.optimizer.step()
+            if self.weight_average:
+                self.weight_average.update()
         elif not config.skip_nonfinite:
             last = (f"the last checkpoint, {self.checkpoints.latest}, is untouched" if self.checkpoints.latest.exists()
                     else "no checkpoint was written yet")
@@ -273,11 +296,17 @@ class Trainer:
 
     def save(self, is_best=False):
         """Write a checkpoint (rank 0; under FSDP every process must call this, to gather the shards)."""
-        model_state, optimizer_state = distributed.full_state(self.raw_model, self.optimizer.parts)
+        trained_state, optimizer_state = distributed.full_state(self.raw_model, self.optimizer.parts)
+        model_state = trained_state
+        if self.weight_average:
+            with self.weight_average.swapped_in():
+                # Copies: in one process the state's tensors are the parameters themselves.
+                model_state = {name: t.clone() for name, t in distributed.full_model_state(self.raw_model).items()}
         if not self.world.is_main:
             return
         self.checkpoints.save({
             **model_entries(self.model_config, model_state, self.tokenizer),
+            **({"trained_model": trained_state} if self.weight_average else {}),
             "optimizer": optimizer_state,
             "config": self.config.to_dict(),
             "step": self.step,
@@ -339,7 +368,8 @@ class Trainer:
         elapsed = speed.measure(self.step)["elapsed_s"]
         self._farewell(stopped_by, elapsed)
         if stopped_by is None and config.sample_tokens:
-            self.print_sample(config.sample_tokens)
+            with self.model_as_saved():
+                self.print_sample(config.sample_tokens)
         return {"best_val_loss": self.best_val_loss, "elapsed_s": elapsed, "step": self.step, "stopped_by": stopped_by}
 
     def _announce(self):
@@ -377,7 +407,9 @@ class Trainer:
 
     def _add_evaluation(self, record):
         """Evaluate, add the validation loss to the record, and say whether it is the best so far."""
-        (train_loss, train_bpb), (val_loss, val_bpb) = (self.evaluate()[split] for split in ("train", "val"))
+        with self.model_as_saved():
+            losses = self.evaluate()
+        (train_loss, train_bpb), (val_loss, val_bpb) = (losses[split] for split in ("train", "val"))
         record.update(val_loss=val_loss, val_bpb=val_bpb, train_bpb=train_bpb)
         if self.world.is_main:
             say(f"step {self.step}: train loss {train_loss:.4f} ({train_bpb:.3f} bits/byte), "

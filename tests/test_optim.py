@@ -135,10 +135,21 @@ def test_adamw_trains_everything_and_decays_matrices_only():
     model = small_gpt()
     optimizer = build_optimizer(model, TrainConfig(optimizer="adamw", weight_decay=0.1))
     assert list(optimizer.optimizers) == ["adamw"]
-    decayed, plain = optimizer.param_groups
+    embedding, decayed, plain = optimizer.param_groups
+    assert embedding["params"] == [model.transformer.wte.weight] and embedding["weight_decay"] == 0.1
     assert decayed["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decayed["params"])
     assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"])
-    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+    assert 1 + len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("embedding_lr, expected", [(0.0, 1e-3), (0.03, 0.03)])
+def test_the_token_embedding_learns_at_its_own_rate_when_given(embedding_lr, expected):
+    model = small_gpt()
+    optimizer = build_optimizer(model, TrainConfig(optimizer="muon", learning_rate=1e-3, embedding_lr=embedding_lr))
+    optimizer.set_lr_multiplier(0.5)
+    rates = {id(p): group["lr"] for group in optimizer.optimizers["adamw"].param_groups for p in group["params"]}
+    assert rates.pop(id(model.transformer.wte.weight)) == pytest.approx(0.5 * expected)
+    assert rates and all(rate == pytest.approx(5e-4) for rate in rates.values())
 
 
 def test_an_unknown_optimizer_is_refused():
@@ -149,7 +160,7 @@ def test_an_unknown_optimizer_is_refused():
 def test_the_lr_multiplier_scales_each_groups_own_rate():
     optimizer = build_optimizer(small_gpt(), TrainConfig(optimizer="muon", learning_rate=1e-3, muon_lr=0.02))
     optimizer.set_lr_multiplier(0.5)
-    assert [g["lr"] for g in optimizer.optimizers["adamw"].param_groups] == [5e-4, 5e-4]
+    assert [g["lr"] for g in optimizer.optimizers["adamw"].param_groups] == [5e-4, 5e-4, 5e-4]
     assert [g["lr"] for g in optimizer.optimizers["muon"].param_groups] == [0.01]
 
 
@@ -231,7 +242,7 @@ def test_the_state_dict_round_trip_keeps_momenta_and_base_rates():
     state = saved_and_loaded(optimizer.state_dict())
     fresh = build_optimizer(model, TrainConfig(optimizer="muon", learning_rate=5e-3, muon_lr=0.05))
     fresh.load_state_dict(state)
-    assert [g["base_lr"] for g in fresh.param_groups] == [1e-3, 1e-3, 0.03]
+    assert [g["base_lr"] for g in fresh.param_groups] == [1e-3, 1e-3, 1e-3, 0.03]
     for name in ("adamw", "muon"):
         theirs = optimizer.optimizers[name].state
         ours = fresh.optimizers[name].state
