@@ -8,7 +8,9 @@ best.pt (the one with the lowest validation loss) and the newest `keep_last` as 
 The extra names are hard links to the file written as ckpt.pt, so they cost no extra writes.
 
 What makes a model in a checkpoint (its weights, its GPTConfig, its tokenizer) is written by
-`model_entries` and read by `model_config_of` and `load_trained_model`, here and nowhere else.
+`model_entries` and read by `model_config_of` and `load_trained_model`, here and nowhere else. A run
+that keeps an average of its weights (--weight-average) saves the average as the model, and the
+weights it trains, which only --resume reads, as "trained_model".
 """
 
 import os

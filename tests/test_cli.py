@@ -142,6 +142,17 @@ def test_a_preset_is_overridden_by_a_config_file_and_flags(tmp_path, capsys):
     assert "--preset NAME" in capsys.readouterr().out
 
 
+def test_the_modern_preset_trains_resumes_and_samples(corpus, train_args, tmp_path, capsys):
+    """Its settings together: a BPE tokenizer, Muon with weight decay, the embedding rate, the weight average."""
+    tiny = train_args(corpus, tmp_path, max_iters=4, eval_interval=2, sample_tokens=8)
+    assert train.main(["--preset", "modern", *tiny]) == 0
+    checkpoint = load_checkpoint(tmp_path / "ckpt.pt")
+    assert checkpoint["tokenizer"]["kind"] == "bpe" and "trained_model" in checkpoint
+    assert "sample" in capsys.readouterr().out
+    assert train.main(["--preset", "modern", *train_args(corpus, tmp_path, max_iters=6), "--resume"]) == 0
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 6
+
+
 def test_an_unknown_preset_is_one_clear_line(corpus, train_args, tmp_path, error_line):
     assert train.main([*train_args(corpus, tmp_path), "--preset", "newest"]) != 0
     assert "argument --preset: invalid choice: 'newest' (choose from 'gpt2', 'modern')" in error_line()
