@@ -6,7 +6,8 @@ After each optimizer step, for every parameter w and its average a:
 
 so the average weighs the step k steps ago by (1 - decay) decay^k: with decay 0.99, about the last
 100 steps. Late in training the weights jitter around a valley floor with the learning rate's step
-size; their average sits nearer its bottom, and scores lower than any one of them.
+size; their average sits nearer its bottom (on the bundled corpus, the char recipe's average scored
+0.007 lower than its last weights, for two seeds; README).
 
 The average lives beside the model (one tensor per parameter, sharded alike under FSDP), and
 `swapped_in` copies it into the model's own parameters for a while: evaluation, sampling, and the
