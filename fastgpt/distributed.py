@@ -134,8 +134,10 @@ def gradient_sync(runner, model, enabled):
         yield
 
 
-# Whole tensors (gathered from every process's shards), copied to the CPU: what a checkpoint holds.
+# Whole tensors (gathered from every process's shards): what a checkpoint holds, on the CPU, and
+# what is loaded from one, sharded again where the model is.
 FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
+FULL = StateDictOptions(full_state_dict=True)
 
 
 def full_state(model, optimizers):
@@ -155,12 +157,12 @@ def full_model_state(model):
 def load_full_state(model, optimizers, model_state, optimizer_state):
     """Load what `full_state` returned into a model and optimizers, sharding it where they are sharded."""
     load_full_model_state(model, model_state)
-    set_optimizer_state_dict(model, optimizers, optimizer_state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, optimizers, optimizer_state, options=FULL)
 
 
 def load_full_model_state(model, model_state):
     """Load what `full_model_state` returned into a model, sharding it where the model is sharded."""
-    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(model, model_state, options=FULL)
 
 
 def sum_across(tensor, world):

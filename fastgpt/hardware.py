@@ -31,12 +31,13 @@ class Precision:
     dtype: str      # "float32" or "bfloat16" (weights and optimizer state stay fp32 either way)
     reason: str     # why this dtype, for the start-up line
     warning: str | None = None  # one line to print at start-up when the choice will be slow
+    native_bf16: bool = False  # whether the processor multiplies bf16 natively (told only where bf16 is chosen)
 
     @property
     def matmul_dtype(self):
         """The dtype the run's own matrix products (Muon's iteration) should be in: bf16 where the
         run's bf16 is native, fp32 where it is emulated (slow) or not asked for."""
-        return torch.bfloat16 if self.dtype == "bfloat16" and self.warning is None else torch.float32
+        return torch.bfloat16 if self.dtype == "bfloat16" and self.native_bf16 else torch.float32
 
     def autocast(self, device):
         if self.dtype == "float32":
@@ -96,7 +97,7 @@ def choose_precision(requested, device, native_bf16=None):
     if requested == "bfloat16":
         if native_bf16:
             return Precision("bfloat16", f"bf16 autocast, asked for with --dtype bfloat16; this {processor} "
-                                         "has native bf16")
+                                         "has native bf16", native_bf16=True)
         cost = ("it has no compute capability 8.0 or later, so training is slower than in float32" if on_gpu else
                 f"it has no AVX512-BF16, AMX or Arm BF16, so training is about {EMULATED_BF16_SLOWDOWN}x slower "
                 "than in float32")
@@ -104,7 +105,7 @@ def choose_precision(requested, device, native_bf16=None):
                          warning=f"fastgpt: warning: --dtype bfloat16 is emulated on this {processor} ({cost}); "
                                  "use --dtype float32 (or auto, which picks it here)")
     if native_bf16:
-        return Precision("bfloat16", f"auto: bf16 autocast, as this {processor} has native bf16")
+        return Precision("bfloat16", f"auto: bf16 autocast, as this {processor} has native bf16", native_bf16=True)
     if on_gpu:
         return Precision("float32", "auto: this GPU has no native bf16")
     return Precision("float32", "auto: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 would be emulated")

@@ -47,6 +47,8 @@ import torch
 from fastgpt.errors import FastGPTError
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+# The token embedding's name among a GPT's parameters (a head tied to it has no name of its own).
+TOKEN_EMBEDDING = "transformer.wte.weight"
 NS_STEPS = 5
 
 
@@ -195,8 +197,8 @@ def build_optimizer(model, settings, device_type="cpu", ns_dtype=torch.float32):
     # named_parameters lists a tied parameter once, under its first name (the token embedding).
     parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
     matrices = muon_parameters(model) if optimizer == "muon" else set()
-    embedding = [p for name, p in parameters.items() if name == "transformer.wte.weight"]
-    rest = [p for name, p in parameters.items() if name not in matrices and name != "transformer.wte.weight"]
+    embedding = [p for name, p in parameters.items() if name == TOKEN_EMBEDDING]
+    rest = [p for name, p in parameters.items() if name not in matrices | {TOKEN_EMBEDDING}]
     adamw_groups = [{"params": embedding, "weight_decay": settings.weight_decay,
                      "lr": settings.embedding_lr or settings.learning_rate},
                     {"params": [p for p in rest if p.dim() >= 2], "weight_decay": settings.weight_decay},
