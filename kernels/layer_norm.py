@@ -162,7 +162,8 @@ def _block_n(n_cols, op="LayerNorm"):
 
 
 def forward(x, weight, bias, eps, out_dtype):
-    """y (x's shape, in out_dtype, default x's) and the per-row mean and rstd (fp32) of LayerNorm over x's last dim."""
+    """y (x's shape, in out_dtype, default x's) and the per-row mean and rstd (x.shape[:-1], fp32) of
+    LayerNorm over x's last dim."""
     x2d = _rows(x)
     n_rows, n_cols = x2d.shape
     y = torch.empty((n_rows, n_cols), dtype=out_dtype or x.dtype, device=x.device)
@@ -172,7 +173,7 @@ def forward(x, weight, bias, eps, out_dtype):
     _layer_norm_forward_kernel[grid](
         x2d, weight, bias, y, mean, rstd, x2d.stride(0), n_rows, n_cols, eps,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_N=_block_n(n_cols))
-    return y.view(x.shape), mean, rstd
+    return y.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
 
 
 def _backward_programs(device, n_rows):
