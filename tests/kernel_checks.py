@@ -5,6 +5,9 @@
   result as the same-dtype reference is).
 - The two kernel backends as pytest parameters (`backend_cases`), so one test holds both to the
   same checks, each skipped where its backend is unavailable.
+- The device the Triton kernels run on (`TRITON_DEVICE`), and `on_triton_device`, which moves a test's
+  CPU inputs there as they are laid out: the tests make their inputs, and compute their references,
+  on the CPU.
 - Compiling Triton kernels for Hopper (sm_90) without a GPU and counting their register spills, in a
   subprocess without TRITON_INTERPRET (see tests/test_triton_kernels.py).
 """
@@ -22,16 +25,19 @@ import pytest
 import torch
 
 from fastgpt.ops import cpp, dispatch
-from op_checks import assert_close_to_float64
+from op_checks import DEVICE, assert_close_to_float64
 
 ROOT = Path(__file__).resolve().parents[1]
 
 CPP_UNAVAILABLE = cpp.unavailable_reason("cpu")  # loads the extension, which registers the ops
 
 # The kernels' dtypes: the C++ kernels take fp32, bf16 and fp64 (as the existing C++ ops), the Triton
-# kernels fp32, bf16 and fp16. fp64 is held to the float64 result directly (see assert_float64_exact).
+# kernels fp32, bf16 and fp16. fp64 is held to the float64 result directly (see check_against_references).
 CPP_DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 TRITON_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# The C++ kernels run on the CPU; the Triton kernels on the GPU when there is one, else on CPU tensors
+# through Triton's interpreter (conftest.py).
+TRITON_DEVICE = DEVICE
 
 
 needs_cpp = pytest.mark.skipif(CPP_UNAVAILABLE is not None, reason=f"C++ extension unavailable: {CPP_UNAVAILABLE}")
@@ -49,6 +55,16 @@ def backend_cases(cpp_kernel, triton_kernel, every_dtype=True):
         return [pytest.param(kernel, dtype, marks=needs, id=f"{name}-{dtype_id(dtype)}")
                 for dtype in (dtypes if every_dtype else [torch.float32])]
     return cases("cpp", cpp_kernel, CPP_DTYPES, needs_cpp) + cases("triton", triton_kernel, TRITON_DTYPES, needs_triton)
+
+
+def on_triton_device(t):
+    """t on TRITON_DEVICE with its shape, strides and storage offset (None stays None): its whole storage
+    is moved and viewed again, so that a transposed or strided view stays one and the kernels are
+    tested on the layouts a model hands them, not on contiguous copies."""
+    if t is None or t.device == TRITON_DEVICE:
+        return t
+    storage = t.as_strided((t.untyped_storage().nbytes() // t.element_size(),), (1,), 0)
+    return storage.to(TRITON_DEVICE).as_strided(t.shape, t.stride(), t.storage_offset())
 
 
 def run_reference(reference, tensors, grad_out):
@@ -110,15 +126,6 @@ def compile_and_count_spills(kernel, dtypes, constexprs, config):
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", report.getvalue())]
     assert spills, "ptxas printed no report: is TRITON_DUMP_PTXAS_LOG=1 set?"
     return sum(spills)
-
-
-def most_register_hungry(configs, tile_size):
-    """Of each number of warps, the config with the largest tile_size(config): the one that would spill
-    first (how many registers a thread may have depends on the warps of its program)."""
-    hungriest = {}
-    for config in sorted(configs, key=tile_size):
-        hungriest[config.num_warps] = config
-    return list(hungriest.values())
 
 
 def check_variants_compile_without_spills(variants, shard=0, shards=1):

@@ -1,9 +1,9 @@
 """The RMSNorm kernels (csrc/rms_norm.cpp, kernels/rms_norm.py) against plain PyTorch and float64.
 
 The C++ kernels are called as the ops `torch.ops.fastgpt.cpp_rms_norm_forward` / `_backward`, the
-Triton ones through their launchers (under Triton's interpreter when there is no GPU). Each is held to
-`rms_norm` below run in the same dtype and in float64, outputs and gradients, on rows of awkward
-widths, with and without a weight, on non-contiguous inputs.
+Triton ones through their launchers, on the GPU (or under Triton's interpreter when there is none).
+Each is held to `rms_norm` below run in the same dtype and in float64, outputs and gradients, on rows
+of awkward widths, with and without a weight, on non-contiguous inputs.
 
 Run as a script, `python tests/test_kernels_rms_norm.py --compile-for-hopper SHARD SHARDS` compiles
 a share of the Triton kernels' variants for sm_90 and reports their register spills.
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from kernel_checks import (ROOT, TRITON_DTYPES, backend_cases, check_against_references, compile_for_hopper_in_subprocesses,
-                           compile_for_hopper_main, compiler_environment, dtype_id, most_register_hungry, needs_cpp,
-                           needs_triton)
+                           compile_for_hopper_main, compiler_environment, dtype_id, needs_cpp, needs_triton,
+                           on_triton_device)
 
 EPS = 1e-6
 WIDTHS = [1, 7, 48, 80, 768, 1000]
@@ -45,13 +45,15 @@ def cpp_rms_norm(x, weight, grad_y):
 
 
 def triton_rms_norm(x, weight, grad_y):
+    """(y, dx, dweight or None) from the Triton kernels, run on TRITON_DEVICE and brought back to the CPU."""
     from fastgpt.kernels.rms_norm import backward as rms_norm_backward, forward as rms_norm_forward
 
+    x, weight, grad_y = (on_triton_device(t) for t in (x, weight, grad_y))
     y, rstd = rms_norm_forward(x, weight, EPS)
     assert rstd.shape == x.shape[:-1] and rstd.dtype == torch.float32
     dx, dweight = rms_norm_backward(grad_y, x, weight, rstd)
     assert dweight.dtype == torch.float32
-    return y, dx, dweight if weight is not None else None
+    return y.cpu(), dx.cpu(), dweight.cpu() if weight is not None else None
 
 
 def check(kernel, what, x, weight, grad_y):
@@ -145,26 +147,25 @@ def test_cpp_rejects_a_weight_of_the_wrong_size():
 # ---- Triton ------------------------------------------------------------------------------------
 
 def hopper_variants():
-    """For rows of 1024 and 8192 values (bf16 rows, fp32 weight: autocast), each kernel with the most
-    register-hungry of its kept configs per number of warps; each dtype with and without a weight at
-    the most register-hungry kept config for rows of 1024."""
+    """Every config autotuning may pick, for rows of 1024 and 8192 values: each kernel with every config
+    its pruner keeps for that width, for bf16 rows with an fp32 weight (autocast) and for each dtype
+    with a weight of its own and without one."""
     from fastgpt.kernels import layer_norm, rms_norm
 
     kernels = [("forward", rms_norm._rms_norm_forward_kernel, layer_norm.FORWARD_PRUNER),
                ("backward", rms_norm._rms_norm_backward_kernel, layer_norm.BACKWARD_PRUNER)]
+    # (the rows' dtype, the weight's or None)
+    weights = [(torch.bfloat16, torch.float32)] + [(dtype, w) for dtype in TRITON_DTYPES for w in (dtype, None)]
     for name, kernel, prune in kernels:
         for block_n in (1024, 8192):
-            for config in most_register_hungry(prune(layer_norm.HOPPER_CONFIGS, {"BLOCK_N": block_n}),
-                                               lambda c: c.kwargs["ROWS_PER_PROGRAM"]):
-                yield (f"rms_norm {name} bf16 rows of {block_n}", kernel, (torch.bfloat16, {"W": torch.float32}),
-                       dict(HAS_WEIGHT=True, BLOCK_N=block_n), config)
-        hungriest = max(prune(layer_norm.HOPPER_CONFIGS, {"BLOCK_N": 1024}),
-                        key=lambda c: c.kwargs["ROWS_PER_PROGRAM"] / c.num_warps)
-        for dtype in TRITON_DTYPES:
-            for with_weight in (True, False):
-                parameters = {} if with_weight else {"W": None, "DW_PARTIAL": None}
-                yield (f"rms_norm {name} {dtype_id(dtype)} weight={with_weight}", kernel, (dtype, parameters),
-                       dict(HAS_WEIGHT=with_weight, BLOCK_N=1024), hungriest)
+            for config in prune(layer_norm.HOPPER_CONFIGS, {"BLOCK_N": block_n}):
+                for dtype, weight in weights:
+                    if weight is None:
+                        description, parameters = "no weight", {"W": None, "DW_PARTIAL": None}
+                    else:
+                        description, parameters = f"{dtype_id(weight)} weight", {"W": weight}
+                    yield (f"rms_norm {name} {dtype_id(dtype)} rows of {block_n}, {description}", kernel,
+                           (dtype, parameters), dict(HAS_WEIGHT=weight is not None, BLOCK_N=block_n), config)
 
 
 def spilling_variant():

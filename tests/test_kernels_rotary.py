@@ -2,10 +2,10 @@
 and float64.
 
 The C++ kernels are called as the ops `torch.ops.fastgpt.cpp_rotary_forward` / `_backward`, the Triton
-ones through their launchers (under Triton's interpreter when there is no GPU). Each is held to
-`rotary` below run in the same dtype and in float64, output and gradient, at T = 1, odd T, T not a
-multiple of the position block, head dims 48, 80 and 128, offsets (decoding with a cache), and on the
-transposed and strided views a model passes.
+ones through their launchers, on the GPU (or under Triton's interpreter when there is none). Each is
+held to `rotary` below run in the same dtype and in float64, output and gradient, at T = 1, odd T, T
+not a multiple of the position block, head dims 48, 80 and 128, offsets (decoding with a cache), and
+on the transposed and strided views a model passes.
 
 Run as a script, `python tests/test_kernels_rotary.py --compile-for-hopper SHARD SHARDS` compiles a
 share of the Triton kernel's variants for sm_90 and reports their register spills.
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from kernel_checks import (TRITON_DTYPES, backend_cases, check_against_references, compile_for_hopper_in_subprocesses,
-                           compile_for_hopper_main, dtype_id, most_register_hungry, needs_cpp, needs_triton)
+                           compile_for_hopper_main, dtype_id, needs_cpp, needs_triton, on_triton_device)
 
 BASE = 10000.0
 
@@ -41,9 +41,11 @@ def cpp_rotary(x, offset, base, grad_y):
 
 
 def triton_rotary(x, offset, base, grad_y):
+    """(y, dx) from the Triton kernel, run on TRITON_DEVICE and brought back to the CPU."""
     from fastgpt.kernels.rotary import backward as rotary_backward, forward as rotary_forward
 
-    return rotary_forward(x, offset, base), rotary_backward(grad_y, offset, base)
+    y, dx = rotary_forward(on_triton_device(x), offset, base), rotary_backward(on_triton_device(grad_y), offset, base)
+    return y.cpu(), dx.cpu()
 
 
 def inputs(shape, dtype, layout):
@@ -140,7 +142,8 @@ def test_triton_angles_stay_exact_far_into_the_sequence():
     from fastgpt.kernels.rotary import forward as rotary_forward
 
     x = torch.randn(1, 2, 8, 64, dtype=torch.float64)
-    assert (rotary_forward(x.float(), 40000, BASE).double() - rotary(x, 40000, BASE)).abs().max() < 2e-6
+    y = rotary_forward(on_triton_device(x.float()), 40000, BASE).cpu()
+    assert (y.double() - rotary(x, 40000, BASE)).abs().max() < 2e-6
 
 
 @needs_triton
@@ -148,17 +151,22 @@ def test_triton_rejects_bad_shapes():
     from fastgpt.kernels.rotary import forward as rotary_forward
 
     with pytest.raises(ValueError, match="D even"):
-        rotary_forward(torch.randn(1, 1, 4, 7), 0, BASE)
+        rotary_forward(on_triton_device(torch.randn(1, 1, 4, 7)), 0, BASE)
+
+
+def pruner_args(seq_len, head_dim, dtype):
+    """The launch arguments the configs are pruned by."""
+    import triton
+
+    return dict(X=torch.empty(0, dtype=dtype), seq_len=seq_len, HALF_PADDED=triton.next_power_of_2(head_dim // 2))
 
 
 @needs_triton
 def test_triton_pruning():
-    import triton
-
     from fastgpt.kernels import rotary
 
-    def kept(seq_len, head_dim):
-        args = dict(seq_len=seq_len, HALF_PADDED=triton.next_power_of_2(head_dim // 2))
+    def kept(seq_len, head_dim, dtype=torch.bfloat16):
+        args = pruner_args(seq_len, head_dim, dtype)
         return {(c.kwargs["BLOCK_T"], c.num_warps) for c in rotary.prune_configs(rotary.HOPPER_CONFIGS, args)}
 
     # Decoding (T = 1): one position per program, one warp.
@@ -167,33 +175,30 @@ def test_triton_pruning():
     assert (32, 4) in kept(4096, 128) and (32, 4) not in kept(4096, 256) and (32, 8) in kept(4096, 256)
     # Short ones: no block of positions longer than needed.
     assert kept(5, 128) == {(1, 1), (8, 4), (8, 8)}
+    # fp32 over 32 positions on 8 warps spilled.
+    assert (32, 8) in kept(4096, 128) and (32, 8) not in kept(4096, 128, torch.float32)
 
 
 def hopper_variants():
-    """For head dims 48, 80 and 128 and for T = 1 and 4096, the most register-hungry kept config per
-    number of warps (bf16, forward); each dtype and direction at the most register-hungry kept config."""
+    """Every config autotuning may pick, for head dims 48, 80 and 128 and T = 1 and 4096: the kernel in
+    each dtype, forward (sign +1) and backward (-1), with every config kept for that dtype at either
+    length."""
     import triton
 
     from fastgpt.kernels import rotary
 
-    def constexprs(head_dim, sign=1.0):
-        half = head_dim // 2
-        return dict(LOG2_BASE=math.log2(BASE), SIGN=sign, HALF=half, HALF_PADDED=triton.next_power_of_2(half))
-
     for head_dim in (48, 80, 128):
-        for seq_len in (1, 4096):
-            args = dict(seq_len=seq_len, HALF_PADDED=triton.next_power_of_2(head_dim // 2))
-            kept = rotary.prune_configs(rotary.HOPPER_CONFIGS, args)
-            for config in most_register_hungry(kept, lambda c: (c.kwargs["BLOCK_T"], c.kwargs["HEADS_PER_PROGRAM"])):
-                yield (f"rotary bf16 D={head_dim} T={seq_len}", rotary._rotary_kernel, torch.bfloat16,
-                       constexprs(head_dim), config)
-    args = dict(seq_len=4096, HALF_PADDED=64)
-    hungriest = max(rotary.prune_configs(rotary.HOPPER_CONFIGS, args),
-                    key=lambda c: c.kwargs["BLOCK_T"] / c.num_warps)
-    for dtype in TRITON_DTYPES:
-        for sign in (1.0, -1.0):
-            yield (f"rotary {dtype_id(dtype)} D=128 sign {sign:+}", rotary._rotary_kernel, dtype,
-                   constexprs(128, sign), hungriest)
+        half = head_dim // 2
+        for dtype in TRITON_DTYPES:
+            # T is no constexpr: a config kept for both lengths is one variant.
+            kept = {str(config): config for seq_len in (1, 4096)
+                    for config in rotary.prune_configs(rotary.HOPPER_CONFIGS, pruner_args(seq_len, head_dim, dtype))}
+            for config in kept.values():
+                for sign in (1.0, -1.0):
+                    constexprs = dict(LOG2_BASE=math.log2(BASE), SIGN=sign, HALF=half,
+                                      HALF_PADDED=triton.next_power_of_2(half))
+                    yield (f"rotary {dtype_id(dtype)} D={head_dim} sign {sign:+}", rotary._rotary_kernel, dtype,
+                           constexprs, config)
 
 
 @needs_triton
