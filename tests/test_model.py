@@ -1,4 +1,6 @@
-"""The model itself: its config, shapes, causality, learning, and saving without loss."""
+"""The model itself: its config, shapes, causality, learning, saving without loss, and torch.compile."""
+
+import json
 
 import pytest
 import torch
@@ -144,19 +146,38 @@ def test_generation_continues_past_the_block_size(tiny_model):
     assert len(out) == 40
 
 
+# In a fresh process: how many graphs torch.compile traces the forward into, and how many breaks; then
+# the compiled model's logits, loss and gradients against the eager model's.
 COMPILE_CHECK = """
+import json, sys
 import torch, torch._dynamo
 from fastgpt.model import GPT, GPTConfig
-model = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=16))
+torch.manual_seed(0)
+model = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=1, n_head=4, n_embd=32, **json.loads(sys.argv[1])))
 idx = torch.randint(0, 20, (2, 16))
 explained = torch._dynamo.explain(model)(idx, idx)
 print(explained.graph_count, explained.graph_break_count)
+
+def logits_loss_and_gradients(forward):
+    model.zero_grad()
+    logits, loss = forward(idx, idx)
+    loss.backward()
+    return [logits, loss] + [p.grad for p in model.parameters()]
+
+for got, expected in zip(logits_loss_and_gradients(torch.compile(model)), logits_loss_and_gradients(model)):
+    torch.testing.assert_close(got, expected)
 """
+# GPT-2, and the modern switches all at once with either of the other MLPs.
+MODERN = dict(norm="rmsnorm", position="rope", qk_norm=True, n_kv_head=2, tie_embeddings=False, bias=False)
+COMPILED_CONFIGS = {"gpt2": {}, "modern-swiglu": dict(MODERN, mlp="swiglu"), "modern-relu2": dict(MODERN, mlp="relu2")}
 
 
-def test_torch_compile_traces_the_whole_forward_in_a_fresh_process(python):
+@pytest.mark.parametrize("switches", list(COMPILED_CONFIGS.values()), ids=list(COMPILED_CONFIGS))
+def test_torch_compile_traces_the_whole_forward_and_gives_the_eager_result(python, switches):
     """The first forward of a process is also the first to ask which backend runs the ops, which
-    imports and loads modules: torch.compile must still trace the forward as one graph."""
-    result = python("-c", COMPILE_CHECK)
+    imports and loads modules: torch.compile must still trace the forward as one graph, and the
+    compiled model (its fused ops on the backend chosen automatically) must give the eager model's
+    logits, loss and gradients."""
+    result = python("-c", COMPILE_CHECK, json.dumps(switches))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["1", "0"]
