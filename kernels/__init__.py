@@ -1,10 +1,10 @@
 """Triton kernels of fastgpt, installed as the subpackage `fastgpt.kernels`.
 
-One module per fused op, named after it: `causal_attention.py` (causal flash attention) and
-`layer_norm.py`. Each holds the math in its docstring, the kernels, and the two launchers `forward`
-and `backward` (with the signatures of the op's contract) that `fastgpt/ops/triton.py` registers as
-PyTorch operators. Importing this package does not import Triton;
-importing one of its modules does.
+One module per fused op, named after it: `causal_attention.py` (causal flash attention, grouped
+queries included), `layer_norm.py`, `rms_norm.py`, `rotary.py`, `swiglu.py` and `relu_squared.py`.
+Each holds the math in its docstring, the kernels, and the two launchers `forward` and `backward`
+(with the signatures of the op's contract) that `fastgpt/ops/triton.py` registers as PyTorch
+operators. Importing this package does not import Triton; importing one of its modules does.
 """
 
 import os

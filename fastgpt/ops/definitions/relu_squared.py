@@ -3,8 +3,8 @@
     y = relu(x)^2,   dy/dx = 2 relu(x)
 
 PyTorch runs `F.relu(x).square()` as two passes over memory forward and three backward; the C++
-kernel is one each way. On a GPU PyTorch's passes are cheap next to the matrix products around them,
-so there is no Triton kernel and GPUs run PyTorch's.
+and Triton kernels are one each way. On a GPU `auto` measures the Triton kernel against PyTorch's
+and runs the faster (fastgpt/ops/choice.py).
 """
 
 import torch
@@ -57,5 +57,5 @@ RELU_SQUARED = register(define_op(
     # The output and grad_x are contiguous, in x's dtype.
     forward_schema="(Tensor x) -> Tensor",
     backward_schema="(Tensor grad_y, Tensor x) -> Tensor",
-    kernels=("cpp",),
+    kernels=("cpp", "triton"),
 ))

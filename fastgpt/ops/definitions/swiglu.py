@@ -7,9 +7,9 @@ one matrix product of the model computes them:
     da = dy b s (1 + a (1 - s)),   db = dy a s                      (..., 2N) together
 
 PyTorch runs `F.silu(a) * b` as two passes over memory forward and, with the gradient of the split,
-four backward; the C++ kernel is one each way and writes the gradient of the one matrix product's
-output directly. On a GPU PyTorch's passes are cheap next to the matrix products around them, so
-there is no Triton kernel and GPUs run PyTorch's.
+four backward; the C++ and Triton kernels are one each way and write the gradient of the one matrix
+product's output directly. On a GPU `auto` measures the Triton kernel against PyTorch's and runs
+the faster (fastgpt/ops/choice.py).
 """
 
 import torch
@@ -65,5 +65,5 @@ SWIGLU = register(define_op(
     # The output (..., N) and grad_x (..., 2N) are contiguous, in x's dtype.
     forward_schema="(Tensor x) -> Tensor",
     backward_schema="(Tensor grad_y, Tensor x) -> Tensor",
-    kernels=("cpp",),
+    kernels=("cpp", "triton"),
 ))
