@@ -1,29 +1,47 @@
 """The GPU check: fastgpt's GPU tests, then its Triton kernels and `auto` timed beside torch's built-ins.
 
     pip install --no-build-isolation --no-deps -e .                  # once, in a fresh copy of the tree
-    python benchmarks/gpu_benchmark.py                                # on an NVIDIA GPU: under 8 minutes
+    python benchmarks/gpu_benchmark.py                                # on an NVIDIA GPU: meant to take
+                                                                      # under 8 minutes (not yet timed)
     python benchmarks/gpu_benchmark.py --dry-run --out /tmp/rehearsal # anywhere: tiny sizes on CPU
                                                                       # tensors, Triton interpreted
 
 Runs offline and installs nothing. In order:
 
-1. the GPU tests: `pytest` on the Triton and `auto` tests (tests/test_ops.py, test_triton_kernels.py,
-   test_choice.py) on CUDA tensors, with one block-size config per kernel (FASTGPT_TRITON_AUTOTUNE=0)
-   so that they do not spend minutes autotuning; skipped, and said so, where pytest is not installed;
-2. causal attention, bf16, head dims 64 and 128, T from 1024 to 8192 (B*T = 16k tokens, H*D = 2048):
-   forward and forward+backward TFLOP/s of the Triton kernels (autotuned) beside SDPA forced onto each
-   of its flash, cuDNN and memory-efficient backends, and `auto`; the Triton output and gradients
-   are checked against SDPA's on the same inputs;
-3. LayerNorm, bf16, 16k rows of 768 to 8192: Triton, F.layer_norm and `auto`, in GB/s against a device copy;
-4. GPT-2 small training steps (bf16 autocast, fused AdamW) with the Triton kernels, with torch's
+1. the GPU tests: `pytest` on the Triton and `auto` tests on CUDA tensors (GPU_TESTS: every op's
+   Triton numerics in tests/test_op_contract.py and tests/test_kernels_*.py, and test_ops.py,
+   test_triton_kernels.py, test_choice.py), with one block-size config per kernel
+   (FASTGPT_TRITON_AUTOTUNE=0) so that they do not spend minutes autotuning, and without the tests
+   that compile every config for Hopper (CI runs those without a GPU); stopped after
+   GPU_TESTS_TIMEOUT_S (4 minutes), skipped where pytest is not installed, and either said so in the
+   report; the rehearsal only collects them, which checks the list and selection;
+2. causal attention, bf16, head dims 64 and 128, T from 1024 to 8192 (B*T = 16k tokens, H*D = 2048),
+   and grouped-query attention (fewer key/value heads than query heads) at a GPT-2 small-like and a
+   Llama-3-8B-like shape: forward and forward+backward TFLOP/s of the Triton kernels (autotuned)
+   beside SDPA (enable_gqa where the heads differ) forced onto each of its flash, cuDNN and
+   memory-efficient backends, and `auto`; the Triton output and gradients are checked against
+   SDPA's on the same inputs;
+3. LayerNorm (16k rows of 768 to 8192) and RMSNorm (16k rows of 768 and 4096), bf16: Triton,
+   torch's F.layer_norm / F.rms_norm and `auto`, in GB/s against a device copy;
+4. rotary positions, bf16, on queries laid out as the model's projection makes them, at a GPT-2
+   small-like and a Llama-like shape: Triton, the reference path (PyTorch has no built-in) and
+   `auto`, in GB/s against a device copy;
+5. the MLP activations SwiGLU (16k rows of 2 x 4096) and ReLU^2 (16k rows of 4096), bf16: Triton,
+   PyTorch's `F.silu(a) * b` and `F.relu(x).square()`, and `auto`, in GB/s against a device copy;
+6. GPT-2 small training steps (bf16 autocast, fused AdamW) with the Triton kernels, with torch's
    built-ins and with `auto`: tokens/s and model FLOPs utilisation against a bf16 matmul measured here;
-5. the choices `auto` made, with the times it measured.
+7. the choices `auto` made, with the times it measured.
 
 Implementations are timed in turns with CUDA events and reported as medians (benchmarks/harness.py,
-fastgpt/timing.py). Counting: attention forward 4*B*H*T*T*D / 2 (causal), forward+backward 3.5 times
-that; LayerNorm forward 2*M*N*size bytes, forward+backward 5*M*N*size; training 6*N + 12*L*H*Q*T
-FLOPs per token. Results go to <out>/gpu-<date>.md and .json (date, GPU, versions, every median),
-written after each section so that a run cut short keeps what it measured.
+fastgpt/timing.py). Counting: attention forward 4*B*H*T*T*D / 2 (causal; as many with fewer key/value
+heads), forward+backward 3.5 times that; LayerNorm and RMSNorm forward 2*M*N*size bytes (x read, y
+written), forward+backward 5*M*N*size (x and dy read again, dx written); rotary 2 and 4 times x's
+bytes (its backward reads dy and writes dx); SwiGLU 1.5 and 4 times x's bytes (x = [gate, up] read,
+half as many written; then x and dy read, dx written), ReLU^2 2 and 5; training 6*N + 12*L*H*Q*T FLOPs per token. The
+normalisation, rotary and activation tables give speed-ups against torch's built-in (the reference for rotary),
+the training table against the built-ins. Results go to <out>/gpu-<date>.md and .json
+(date, GPU, versions, every median, each section's seconds), written after each section so that a
+run cut short keeps what it measured.
 """
 
 import argparse
@@ -44,22 +62,44 @@ from harness import Report, machine_facts  # noqa: E402
 SIZES = {
     "gpu": dict(
         dtype=torch.bfloat16, head_dims=(64, 128), seq_lens=(1024, 2048, 4096, 8192), tokens=16384, width=2048,
-        layer_norm_rows=16384, layer_norm_cols=(768, 2048, 8192), copy_bytes=1 << 30, matmul_size=8192,
+        # (B, H, Hkv, T, D): GPT-2 small's heads sharing 4 key/value heads; Llama 3 8B's (32 heads, 8
+        # key/value heads of 128), 16k tokens each.
+        gqa_shapes=((16, 12, 4, 1024, 64), (4, 32, 8, 4096, 128)),
+        norm_rows=16384, layer_norm_cols=(768, 2048, 8192), rms_norm_cols=(768, 4096),
+        rotary_shapes=((16, 12, 1024, 64), (4, 32, 4096, 128)),  # (B, H, T, D): those models' queries
+        mlp_width=4096,  # the activations' N: GPT-2 small's MLP (4 x 768 = 3072) rounded up
+        copy_bytes=1 << 30, matmul_size=8192,
         model=dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, dropout=0.0, bias=True),
         train_batch=16, rounds=7, train_rounds=5, warmup=2),
     "dry-run": dict(
-        dtype=torch.bfloat16, head_dims=(16,), seq_lens=(40,), tokens=80, width=32,
-        layer_norm_rows=16, layer_norm_cols=(48,), copy_bytes=1 << 20, matmul_size=64,
+        dtype=torch.bfloat16, head_dims=(16,), seq_lens=(40,), tokens=80, width=32, gqa_shapes=((1, 2, 1, 40, 16),),
+        norm_rows=16, layer_norm_cols=(48,), rms_norm_cols=(48,), rotary_shapes=((2, 2, 40, 16),), mlp_width=40,
+        copy_bytes=1 << 20, matmul_size=64,
         model=dict(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=128, dropout=0.0, bias=True),
         train_batch=2, rounds=1, train_rounds=1, warmup=1),
 }
-GPU_TESTS = ["tests/test_ops.py", "tests/test_triton_kernels.py", "tests/test_choice.py"]
-GPU_TEST_SELECTION = "triton or choice or auto or chosen or turns or clock"
+# Every op's Triton numerics (the op contract and each kernel's own tests, a new kernel's file
+# included by its name), and the Triton backend's and `auto`'s own tests.
+GPU_TESTS = ["tests/test_op_contract.py",
+             *sorted(f"tests/{path.name}" for path in ROOT.glob("tests/test_kernels_*.py")),
+             "tests/test_ops.py", "tests/test_triton_kernels.py", "tests/test_choice.py"]
+# The Triton and `auto` tests (the C++ ones run in CI), less the compiles of every config for Hopper:
+# CI runs those without a GPU, and here they would take minutes.
+GPU_TEST_SELECTION = "(triton or choice or auto or chosen or turns or clock) and not hopper"
+# The tests' share of a run that must end well within 10 minutes: past it they are stopped, said so,
+# and the benchmarks still run.
+GPU_TESTS_TIMEOUT_S = 240
 
 
 def attention_flops(batch, heads, seq_len, head_dim, backward):
     forward = 4 * batch * heads * seq_len * seq_len * head_dim / 2
     return forward * (3.5 if backward else 1.0)
+
+
+def sdpa(q, k, v):
+    """Causal SDPA; with enable_gqa where k and v have fewer heads than q (as fastgpt's `torch` backend
+    calls it), so that the other shapes time the plain call."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def sdpa_on(backend_name):
@@ -70,7 +110,7 @@ def sdpa_on(backend_name):
 
     def attention(q, k, v):
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return sdpa(q, k, v)
     return attention
 
 
@@ -115,36 +155,43 @@ def check_attention(q, k, v, grad_out, reference):
             for what, a, b in zip(("out", "dq", "dk", "dv"), results["triton"], results["reference"])}
 
 
-def bench_attention(sizes, device, timer, report):
+def attention_shapes(sizes):
+    """(B, H, Hkv, T, D) of each attention row: as many key/value heads as query heads at every head dim
+    and length, then the grouped-query shapes."""
     for head_dim in sizes["head_dims"]:
         heads = sizes["width"] // head_dim
         for seq_len in sizes["seq_lens"]:
-            batch = max(1, sizes["tokens"] // seq_len)
-            row = f"B{batch} H{heads} T{seq_len} D{head_dim}"
-            q, k, v = (torch.randn(batch, heads, seq_len, head_dim, device=device, dtype=sizes["dtype"],
-                                   requires_grad=True) for _ in range(3))
-            grad_out = torch.randn_like(q)
-            implementations = attention_implementations()
-            for which, backward in (("forward", False), ("forward+backward", True)):
-                table = f"attention {which} (bf16, causal)"
+            yield max(1, sizes["tokens"] // seq_len), heads, heads, seq_len, head_dim
+    yield from sizes["gqa_shapes"]
 
-                def step(attention, backward=backward):
-                    if backward:
-                        return lambda: torch.autograd.grad(attention(q, k, v), (q, k, v), grad_out)
-                    return lambda: attention(q, k, v)
-                flops = attention_flops(batch, heads, seq_len, head_dim, backward)
-                steps, failed = runnable({name: step(fn) for name, fn in implementations.items()})
-                for name, seconds in timer(steps).items():
-                    report.add(table, row, name, seconds, tflops=lambda s: flops / s / 1e12)
-                for name, reason in failed.items():
-                    report.skip(table, row, name, reason)
-            reference = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
-            try:
-                report.facts.setdefault("attention_check", {})[row] = check_attention(q, k, v, grad_out, reference)
-            except RuntimeError as error:
-                report.facts.setdefault("attention_check", {})[row] = {"skipped": str(error)[:160]}
-            del q, k, v, grad_out
-            print(f"attention {row} done", flush=True)
+
+def bench_attention(sizes, device, timer, report):
+    for batch, heads, kv_heads, seq_len, head_dim in attention_shapes(sizes):
+        heads_named = f"H{heads}" + (f" Hkv{kv_heads}" if kv_heads != heads else "")
+        row = f"B{batch} {heads_named} T{seq_len} D{head_dim}"
+        q, k, v = (torch.randn(batch, n, seq_len, head_dim, device=device, dtype=sizes["dtype"], requires_grad=True)
+                   for n in (heads, kv_heads, kv_heads))
+        grad_out = torch.randn_like(q)
+        implementations = attention_implementations()
+        for which, backward in (("forward", False), ("forward+backward", True)):
+            table = f"attention {which} (bf16, causal)"
+
+            def step(attention, backward=backward):
+                if backward:
+                    return lambda: torch.autograd.grad(attention(q, k, v), (q, k, v), grad_out)
+                return lambda: attention(q, k, v)
+            flops = attention_flops(batch, heads, seq_len, head_dim, backward)
+            steps, failed = runnable({name: step(fn) for name, fn in implementations.items()})
+            for name, seconds in timer(steps).items():
+                report.add(table, row, name, seconds, tflops=lambda s: flops / s / 1e12)
+            for name, reason in failed.items():
+                report.skip(table, row, name, reason)
+        try:
+            report.facts.setdefault("attention_check", {})[row] = check_attention(q, k, v, grad_out, sdpa)
+        except RuntimeError as error:
+            report.facts.setdefault("attention_check", {})[row] = {"skipped": str(error)[:160]}
+        del q, k, v, grad_out
+        print(f"attention {row} done", flush=True)
 
 
 def bench_copy(sizes, device, timer, report):
@@ -152,6 +199,31 @@ def bench_copy(sizes, device, timer, report):
     target = torch.empty_like(source)
     seconds = timer({"copy": lambda: target.copy_(source)})["copy"]
     report.facts["copy_gb_per_s"] = 2 * sizes["copy_bytes"] / seconds / 1e9  # read + write
+
+
+def bench_memory_bound(op, row, implementations, baseline, inputs, passes, timer, report):
+    """Time `implementations` (name -> function of `inputs`: "triton", "auto" and `baseline`, which
+    their speed-ups are against) of a memory-bound op, forward alone and forward+backward (the
+    gradients of every input), in GB/s against the device copy. `passes` (forward, forward+backward):
+    how many times the bytes of inputs[0] (x) each moves."""
+    copy = report.facts["copy_gb_per_s"]
+    x = inputs[0]
+    grad_out = torch.randn_like(implementations[baseline](*inputs))
+    for (which, backward), n in zip((("forward", False), ("forward+backward", True)), passes):
+        table = f"{op} {which} (bf16)"
+        report.note(table, f"GB/s count {n} times x's bytes; % of the device copy's {copy:.4g} GB/s "
+                           "measured in this run")
+        report.declare_ratios(table, [(f"{name} vs {baseline}", name, baseline) for name in ("triton", "auto")])
+        nbytes = n * x.numel() * x.element_size()
+
+        def step(fn, backward=backward):
+            if backward:
+                return lambda: torch.autograd.grad(fn(*inputs), inputs, grad_out)
+            return lambda: fn(*inputs)
+        for name, seconds in timer({name: step(fn) for name, fn in implementations.items()}).items():
+            report.add(table, row, name, seconds, gb_per_s=lambda s: nbytes / s / 1e9,
+                       percent_of_copy=lambda s: 100 * nbytes / s / 1e9 / copy)
+    print(f"{op} {row} done", flush=True)
 
 
 def bench_layer_norm(sizes, device, timer, report):
@@ -162,28 +234,63 @@ def bench_layer_norm(sizes, device, timer, report):
         "auto": lambda x, w, b: ops.layer_norm(x, w, b),
         "torch": lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b, 1e-5),
     }
-    copy = report.facts["copy_gb_per_s"]
+    n_rows, dtype = sizes["norm_rows"], sizes["dtype"]
     for n_cols in sizes["layer_norm_cols"]:
-        n_rows, dtype = sizes["layer_norm_rows"], sizes["dtype"]
-        row = f"{n_rows}x{n_cols}"
-        x = torch.randn(n_rows, n_cols, device=device, dtype=dtype, requires_grad=True)
-        weight, bias = (torch.randn(n_cols, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
-        grad_out = torch.randn_like(x)
-        for which, backward, passes in (("forward", False, 2), ("forward+backward", True, 5)):
-            table = f"layer_norm {which} (bf16)"
-            report.note(table, f"GB/s count {passes} x M x N x 2 bytes; % of the device copy's "
-                               f"{copy:.4g} GB/s measured in this run")
-            nbytes = passes * n_rows * n_cols * x.element_size()
+        x, weight, bias = (torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+                           for shape in ((n_rows, n_cols), (n_cols,), (n_cols,)))
+        bench_memory_bound("layer_norm", f"{n_rows}x{n_cols}", implementations, "torch", (x, weight, bias), (2, 5),
+                           timer, report)
 
-            def step(layer_norm, backward=backward):
-                if backward:
-                    return lambda: torch.autograd.grad(layer_norm(x, weight, bias), (x, weight, bias), grad_out)
-                return lambda: layer_norm(x, weight, bias)
-            steps = {name: step(fn) for name, fn in implementations.items()}
-            for name, seconds in timer(steps).items():
-                report.add(table, row, name, seconds, gb_per_s=lambda s: nbytes / s / 1e9,
-                           percent_of_copy=lambda s: 100 * nbytes / s / 1e9 / copy)
-        print(f"layer_norm {row} done", flush=True)
+
+def bench_rms_norm(sizes, device, timer, report):
+    from fastgpt import ops
+
+    implementations = {
+        "triton": lambda x, w: ops.rms_norm(x, w, backend="triton"),
+        "auto": lambda x, w: ops.rms_norm(x, w),
+        # F.rms_norm as a model would call it. `auto` weighs Triton against fastgpt's `torch` backend
+        # instead, which runs F.rms_norm in fp32 for 16-bit inputs, as the kernels compute.
+        "torch": lambda x, w: F.rms_norm(x, x.shape[-1:], w, 1e-6),
+    }
+    n_rows, dtype = sizes["norm_rows"], sizes["dtype"]
+    for n_cols in sizes["rms_norm_cols"]:
+        x, weight = (torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+                     for shape in ((n_rows, n_cols), (n_cols,)))
+        bench_memory_bound("rms_norm", f"{n_rows}x{n_cols}", implementations, "torch", (x, weight), (2, 5),
+                           timer, report)
+
+
+def bench_rotary(sizes, device, timer, report):
+    from fastgpt import ops
+
+    implementations = {
+        "triton": lambda x: ops.rotary(x, backend="triton"),
+        "auto": lambda x: ops.rotary(x),
+        "reference": lambda x: ops.rotary(x, backend="reference"),  # PyTorch has no built-in
+    }
+    for batch, heads, seq_len, head_dim in sizes["rotary_shapes"]:
+        # Queries as the model's projection lays them out: (B, T, H, D) memory seen as (B, H, T, D).
+        x = torch.randn(batch, seq_len, heads, head_dim, device=device, dtype=sizes["dtype"],
+                        requires_grad=True).transpose(1, 2)
+        bench_memory_bound("rotary", f"B{batch} H{heads} T{seq_len} D{head_dim}", implementations, "reference",
+                           (x,), (2, 4), timer, report)
+
+
+def bench_activations(sizes, device, timer, report):
+    from fastgpt import ops
+
+    n_rows, width, dtype = sizes["norm_rows"], sizes["mlp_width"], sizes["dtype"]
+    # (op, its implementations, x's width, passes): SwiGLU reads x = [gate, up] (2N wide) and writes N
+    # forward, then reads x and dy and writes dx (2N) backward: 1.5 and 4 times x's bytes. ReLU^2: 2 and 5.
+    activations = [
+        ("swiglu", {"triton": lambda x: ops.swiglu(x, backend="triton"), "auto": lambda x: ops.swiglu(x),
+                    "torch": lambda x: F.silu(x[..., :width]) * x[..., width:]}, 2 * width, (1.5, 4)),
+        ("relu_squared", {"triton": lambda x: ops.relu_squared(x, backend="triton"),
+                          "auto": lambda x: ops.relu_squared(x), "torch": lambda x: F.relu(x).square()}, width, (2, 5)),
+    ]
+    for op, implementations, x_width, passes in activations:
+        x = torch.randn(n_rows, x_width, device=device, dtype=dtype, requires_grad=True)
+        bench_memory_bound(op, f"{n_rows}x{x_width}", implementations, "torch", (x,), passes, timer, report)
 
 
 def bench_matmul(sizes, device, timer, report):
@@ -234,20 +341,29 @@ def bench_training(sizes, device, timer, report):
     print("training done", flush=True)
 
 
-def run_gpu_tests():
-    """pytest on the GPU tests; returns a summary line for the report."""
+def run_gpu_tests(collect_only=False):
+    """pytest on the GPU tests; returns a summary line for the report. `collect_only` (the rehearsal)
+    only checks that the files exist and the selection finds tests, which the GPU run would learn late."""
     try:
         import pytest  # noqa: F401
     except ImportError:
         return "skipped: pytest is not installed here"
     env = dict(os.environ, FASTGPT_TRITON_AUTOTUNE="0")
-    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *GPU_TESTS,
-               "-k", GPU_TEST_SELECTION, "--deselect",
-               "tests/test_triton_kernels.py::test_every_kept_config_compiles_for_hopper_without_spilling"]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    # --durations: where the tests' time goes, for keeping them within GPU_TESTS_TIMEOUT_S.
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--durations=15", *GPU_TESTS,
+               "-k", GPU_TEST_SELECTION, *(["--collect-only"] if collect_only else [])]
+    try:
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=GPU_TESTS_TIMEOUT_S)
+    except subprocess.TimeoutExpired as expired:
+        output = (expired.stdout or b"").decode(errors="replace")  # bytes even with text=True
+        print(output[-4000:], flush=True)
+        progress = (output.strip().splitlines() or ["(no output)"])[-1]
+        return f"TIMED OUT after {GPU_TESTS_TIMEOUT_S} s: {progress}"
     print(result.stdout[-4000:] + result.stderr[-2000:], flush=True)
     last = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
-    return f"{'passed' if result.returncode == 0 else 'FAILED'}: {last}"
+    outcome = "FAILED" if result.returncode != 0 else "collected" if collect_only else "passed"
+    return f"{outcome}: {last}"
 
 
 def make_timer(sizes, device):
@@ -296,15 +412,21 @@ def main(argv=None):
     report.facts.update(machine_facts(device), dry_run=args.dry_run)
     args.out.mkdir(parents=True, exist_ok=True)
     prefix = args.out / f"{'dry-run' if args.dry_run else 'gpu'}-{report.facts['date']}"
-    if not args.dry_run and not args.skip_tests:
-        report.facts["gpu_tests"] = run_gpu_tests()
+    if not args.skip_tests:
+        report.facts["gpu_tests"] = run_gpu_tests(collect_only=args.dry_run)
+        report.facts.setdefault("section_seconds", {})["gpu_tests"] = round(time.perf_counter() - started)
         print(f"GPU tests: {report.facts['gpu_tests']} ({time.perf_counter() - started:.0f} s)", flush=True)
 
     timer = make_timer(sizes, device)
     bench_matmul(sizes, device, timer, report)
     bench_copy(sizes, device, timer, report)
-    for section in (bench_attention, bench_layer_norm, bench_training):
+    for section in (bench_attention, bench_layer_norm, bench_rms_norm, bench_rotary, bench_activations,
+                    bench_training):
+        section_started = time.perf_counter()
         section(sizes, device, timer, report)
+        # Each section's share of the run, to keep the whole within its few minutes.
+        name = section.__name__.removeprefix("bench_")
+        report.facts.setdefault("section_seconds", {})[name] = round(time.perf_counter() - section_started)
         report.facts["auto_choices"] = choice.CHOOSER.chosen()
         report.facts["seconds"] = round(time.perf_counter() - started)
         report.save(prefix)  # after every section: a run cut short keeps what it measured

@@ -1,4 +1,5 @@
-"""Checks particular to the Triton backend; its numerics are tested with the others in test_ops.py.
+"""Checks particular to the Triton backend; its numerics are tested with the other backends' in
+tests/test_op_contract.py and tests/test_kernels_*.py.
 
 - Every kernel and dtype variant compiles for Hopper (sm_90), without a GPU: in a subprocess
   without TRITON_INTERPRET, as the GPU machine would compile it. This is what catches code that the
@@ -464,11 +465,18 @@ def test_gpu_benchmark_rehearsal(tmp_path):
     for fact in ("date", "torch", "triton", "numpy", "cpu", "bf16_matmul_tflops", "copy_gb_per_s", "auto_choices"):
         assert fact in results, fact
     assert results["dry_run"] is True and "DRY RUN" in table.read_text()
+    assert results["gpu_tests"].startswith("collected"), results["gpu_tests"]  # the GPU run's test files exist
     tables = results["results"]
     attention = tables["attention forward+backward (bf16, causal)"]
+    assert any("Hkv" in row for row in attention), "no grouped-query attention row"
     for cells in attention.values():
         assert cells["triton"]["median_ms"] > 0 and cells["auto"]["median_ms"] > 0
         assert "skipped" in cells["sdpa-cudnn"]  # no cuDNN on CPU: said, not failed
+    for op, baseline in (("layer_norm", "torch"), ("rms_norm", "torch"), ("rotary", "reference"), ("swiglu", "torch"),
+                         ("relu_squared", "torch")):
+        for which in ("forward", "forward+backward"):
+            for cells in tables[f"{op} {which} (bf16)"].values():
+                assert all(cells[name]["median_ms"] > 0 for name in ("triton", "auto", baseline)), (op, which)
     training = tables["GPT-2 small training step (bf16 autocast, eager)"]
     assert {name for cells in training.values() for name in cells} == {"triton", "builtins", "auto"}
     assert {row["backend"] for row in results["auto_choices"]} <= {"triton", "torch"}
