@@ -14,17 +14,17 @@ PyTorch's built-in. Its kernels live beside each other by name: `csrc/<op>.cpp` 
 `kernels/<op>.py` for NVIDIA GPUs. Importing the op modules below registers them with the dispatcher;
 `OPS` lists them.
 
-How to add an op (say `rms_norm`), on every backend, in six files:
+How to add an op (say `softcap`), on every backend, in six files:
 
-1. `fastgpt/ops/definitions/rms_norm.py`: the public function, reference, built-in, fake versions, autograd
-   formula and sample inputs, registered as a `FusedOp` (copy the shape of `layer_norm.py`);
+1. `fastgpt/ops/definitions/softcap.py`: the public function, reference, built-in, fake versions, autograd
+   formula and sample inputs, registered as a `FusedOp` (copy the shape of `rms_norm.py`);
 2. `fastgpt/ops/__init__.py` (this file): import it below;
-3. `csrc/rms_norm.cpp`: the CPU kernels, ending with their `TORCH_LIBRARY_IMPL` registrations
-   (`cpp_rms_norm_forward`, `cpp_rms_norm_backward`); the build compiles every `csrc/*.cpp`;
-4. `kernels/rms_norm.py`: the Triton launchers `forward` and `backward`;
-5. `tests/test_rms_norm.py`: what the op needs beyond the contract tests, which already hold every
+3. `csrc/softcap.cpp`: the CPU kernels, ending with their `TORCH_LIBRARY_IMPL` registrations
+   (`cpp_softcap_forward`, `cpp_softcap_backward`); the build compiles every `csrc/*.cpp`;
+4. `kernels/softcap.py`: the Triton launchers `forward` and `backward`;
+5. `tests/test_kernels_softcap.py`: what the op needs beyond the contract tests, which already hold every
    backend to the reference and to float64 on the sample inputs (`tests/test_op_contract.py`);
-6. `benchmarks/test_rms_norm_speed.py`: the op against the reference and PyTorch's built-in.
+6. `benchmarks/test_softcap_speed.py`: the op against the reference and PyTorch's built-in.
 
 An op with no kernel on some backend leaves that backend out of `FusedOp.kernels`, and that backend
 runs PyTorch's built-in for it.
