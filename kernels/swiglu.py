@@ -29,13 +29,20 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _swiglu_forward_kernel(X, Y, stride_x_row, n_cols, BLOCK: tl.constexpr):
+def _program_columns(X, stride_x_row, n_cols, BLOCK: tl.constexpr):
+    """This program's row, its columns and their mask, and the gate a and up b of those columns in fp32."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     gate = X + row * stride_x_row + cols
     a = tl.load(gate, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(gate + n_cols, mask=mask, other=0.0).to(tl.float32)
+    return row, cols, mask, a, b
+
+
+@triton.jit
+def _swiglu_forward_kernel(X, Y, stride_x_row, n_cols, BLOCK: tl.constexpr):
+    row, cols, mask, a, b = _program_columns(X, stride_x_row, n_cols, BLOCK)
 
     y = a * tl.sigmoid(a) * b
 
@@ -44,12 +51,7 @@ def _swiglu_forward_kernel(X, Y, stride_x_row, n_cols, BLOCK: tl.constexpr):
 
 @triton.jit
 def _swiglu_backward_kernel(DY, X, DX, stride_dy_row, stride_x_row, n_cols, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    gate = X + row * stride_x_row + cols
-    a = tl.load(gate, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(gate + n_cols, mask=mask, other=0.0).to(tl.float32)
+    row, cols, mask, a, b = _program_columns(X, stride_x_row, n_cols, BLOCK)
     dy = tl.load(DY + row * stride_dy_row + cols, mask=mask, other=0.0).to(tl.float32)
 
     s = tl.sigmoid(a)

@@ -165,6 +165,14 @@ def compile_for_hopper_in_subprocesses(test_file, shards=2, timeout=600):
     return all(process.returncode == 0 for process in processes), "\n".join(outputs)
 
 
+def assert_compiles_for_hopper_without_spills(test_file, variants):
+    """Every variant `test_file` lists (run as a script, see compile_for_hopper_main) compiles for sm_90
+    and spills no register."""
+    succeeded, output = compile_for_hopper_in_subprocesses(test_file)
+    assert succeeded, output[-5000:]
+    assert output.count(", 0 bytes spilled") == len(list(variants)), output[-5000:]
+
+
 def compile_for_hopper_main(variants, spilling_variant=None):
     """The entry point of a kernel test file run as a script: `--compile-for-hopper SHARD SHARDS`, or
     `--count-spills` to print the spills of a variant known to spill (what shows the count is read)."""

@@ -17,8 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_checks import (TRITON_DTYPES, backend_cases, check_against_references, compile_for_hopper_in_subprocesses,
-                           compile_for_hopper_main, dtype_id, needs_cpp, needs_triton, on_triton_device)
+from kernel_checks import (TRITON_DTYPES, assert_compiles_for_hopper_without_spills, backend_cases,
+                           check_against_references, compile_for_hopper_main, dtype_id, needs_cpp, needs_triton,
+                           on_triton_device)
 
 WIDTHS = [1, 7, 48, 80, 768, 1000]
 ROWS = 37  # 37 x 1000 values: split over threads
@@ -162,9 +163,7 @@ def hopper_variants():
 
 @needs_triton
 def test_triton_compiles_for_hopper_without_spills():
-    succeeded, output = compile_for_hopper_in_subprocesses(__file__)
-    assert succeeded, output[-5000:]
-    assert output.count(", 0 bytes spilled") == len(list(hopper_variants())), output[-5000:]
+    assert_compiles_for_hopper_without_spills(__file__, hopper_variants())
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ import math
 import pytest
 import torch
 
-from kernel_checks import (TRITON_DTYPES, backend_cases, check_against_references, compile_for_hopper_in_subprocesses,
-                           compile_for_hopper_main, dtype_id, needs_cpp, needs_triton, on_triton_device)
+from kernel_checks import (TRITON_DTYPES, assert_compiles_for_hopper_without_spills, backend_cases,
+                           check_against_references, compile_for_hopper_main, dtype_id, needs_cpp, needs_triton,
+                           on_triton_device)
 
 BASE = 10000.0
 
@@ -203,9 +204,7 @@ def hopper_variants():
 
 @needs_triton
 def test_triton_compiles_for_hopper_without_spills():
-    succeeded, output = compile_for_hopper_in_subprocesses(__file__)
-    assert succeeded, output[-5000:]
-    assert output.count(", 0 bytes spilled") == len(list(hopper_variants())), output[-5000:]
+    assert_compiles_for_hopper_without_spills(__file__, hopper_variants())
 
 
 if __name__ == "__main__":
