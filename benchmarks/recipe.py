@@ -117,7 +117,9 @@ def main(argv=None):
     facts = {**machine_facts(device), "threads": torch.get_num_threads(),
              "dtype": choose_precision(requested_dtype(args.flags), device).dtype,
              "seed": args.seed, "flags": " ".join(args.flags) or "none"}
-    facts.update({name: os.environ[name] for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if name in os.environ})
+    # What limits the instruction sets PyTorch and its matrix libraries use, where set (AVX2 on an AVX-512 CPU).
+    limits = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+    facts.update({name: os.environ[name] for name in limits if name in os.environ})
     with tempfile.TemporaryDirectory() as temporary:
         work = args.work or Path(temporary)
         directories = {name: work / ("modern" if flags else "default") for name, flags in RUNS.items()}
