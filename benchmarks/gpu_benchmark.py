@@ -67,7 +67,7 @@ SIZES = {
         gqa_shapes=((16, 12, 4, 1024, 64), (4, 32, 8, 4096, 128)),
         norm_rows=16384, layer_norm_cols=(768, 2048, 8192), rms_norm_cols=(768, 4096),
         rotary_shapes=((16, 12, 1024, 64), (4, 32, 4096, 128)),  # (B, H, T, D): those models' queries
-        mlp_width=4096,  # the activations' N: GPT-2 small's MLP (4 x 768 = 3072) rounded up
+        mlp_width=4096,  # the activations' N: GPT-2 small's MLP (4 x 768 = 3072) rounded up to a power of two
         copy_bytes=1 << 30, matmul_size=8192,
         model=dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, dropout=0.0, bias=True),
         train_batch=16, rounds=7, train_rounds=5, warmup=2),
@@ -96,21 +96,17 @@ def attention_flops(batch, heads, seq_len, head_dim, backward):
     return forward * (3.5 if backward else 1.0)
 
 
-def sdpa(q, k, v):
-    """Causal SDPA; with enable_gqa where k and v have fewer heads than q (as fastgpt's `torch` backend
-    calls it), so that the other shapes time the plain call."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-
-
 def sdpa_on(backend_name):
     """SDPA forced onto one of its backends; raises when that backend cannot take the inputs."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from fastgpt.ops.definitions import causal_attention
 
     backend = getattr(SDPBackend, backend_name)
 
     def attention(q, k, v):
         with sdpa_kernel(backend):
-            return sdpa(q, k, v)
+            return causal_attention.builtin(q, k, v, None)  # SDPA as the `torch` backend calls it
     return attention
 
 
@@ -166,6 +162,11 @@ def attention_shapes(sizes):
 
 
 def bench_attention(sizes, device, timer, report):
+    from fastgpt.ops.definitions import causal_attention
+
+    def sdpa(q, k, v):
+        return causal_attention.builtin(q, k, v, None)
+
     for batch, heads, kv_heads, seq_len, head_dim in attention_shapes(sizes):
         heads_named = f"H{heads}" + (f" Hkv{kv_heads}" if kv_heads != heads else "")
         row = f"B{batch} {heads_named} T{seq_len} D{head_dim}"

@@ -9,16 +9,18 @@ them; a run's wall time is from start to exit, as a user waits for it. Then scor
 model over every token of the validation split (`python -m fastgpt.eval --dtype float32`).
 
 Losses are compared per character: a BPE model's loss per token does not compare with a char
-model's, and the corpus is ASCII, a byte per character, so the loss per character is bits per byte
-x ln 2 (for a char model, its loss itself). The targets:
+model's, and the bundled corpus is ASCII, a byte per character, so the loss per character is bits per
+byte x ln 2 (for a char model, its loss itself; with `-- --data` on a text that is not ASCII, the
+"per character" figures are per byte). The targets:
 
 - `--preset modern`: a validation loss per character of at most 1.47 (the trainer's), in no more
   wall time than the no-argument run;
 - the no-argument run: at most 1.75, in at most 5 minutes.
 
 Each is reported as met or missed; speed is measured here, never asserted, so the script succeeds
-either way. Writes <out>/recipe-<date>-<CPU capability>.md and .json (date, machine, versions, both
-runs' numbers, the verdicts) and the two runs' curves (`python -m fastgpt.compare`) as .png.
+either way. Writes <out>/recipe-<date>-<CPU capability or GPU>[-<tag>].md and .json (date, machine,
+versions, both runs' numbers, the verdicts) and the two runs' curves (`python -m fastgpt.compare`)
+as .png.
 """
 
 import argparse
@@ -110,6 +112,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the result files")
     parser.add_argument("--work", type=Path, help="folder for the two runs (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=1337, help="both runs' --seed")
+    parser.add_argument("--tag", help="ends the result files' names (say, the machine)")
     parser.add_argument("flags", nargs="*", help="after --: more flags for both runs (e.g. --dtype float32)")
     args = parser.parse_args(argv)
 
@@ -128,7 +131,8 @@ def main(argv=None):
             print(f"recipe: training with {name} into {directories[name]}", flush=True)
             runs[name] = train_and_score(directories[name], [*flags, "--seed", str(args.seed), *args.flags])
         args.out.mkdir(parents=True, exist_ok=True)
-        prefix = args.out / f"recipe-{facts['date']}-{facts.get('cpu_capability', facts.get('gpu', 'gpu'))}"
+        machine = facts.get("cpu_capability") or facts["gpu"].replace(" ", "-")
+        prefix = args.out / "-".join(["recipe", facts["date"], machine] + ([args.tag] if args.tag else []))
         fastgpt("compare", *map(str, directories.values()), "--to", f"{prefix}.png")
     targets = verdicts(runs["no arguments"], runs["--preset modern"])
     report = markdown(facts, runs, targets)

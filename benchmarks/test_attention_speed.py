@@ -19,10 +19,10 @@ in the same run. Triton runs on GPUs only and is not measured here.
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import QUICK, declare_ratios
 from fastgpt import ops
+from fastgpt.ops.definitions import causal_attention
 
 FP32, BF16 = torch.float32, torch.bfloat16
 # (B, H, Hkv, T, D, dtype)
@@ -33,13 +33,9 @@ CASES = [(1, 2, kv_heads, 32, 32, dtype) for kv_heads in (2, 1) for dtype in (FP
 PASSES = ["forward", "forward+backward"]
 
 
-def sdpa(q, k, v):
-    # enable_gqa only where the heads differ, as fastgpt's `torch` backend calls it.
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-
-
 def implementations():
-    yield "sdpa", sdpa
+    # PyTorch's SDPA as fastgpt's `torch` backend calls it (enable_gqa where the heads differ).
+    yield "sdpa", lambda q, k, v: causal_attention.builtin(q, k, v, None)
     for name in ("reference", "cpp"):
         if ops.available_backends()[name] is None:
             yield name, lambda q, k, v, name=name: ops.causal_attention(q, k, v, backend=name)

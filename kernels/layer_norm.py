@@ -21,6 +21,8 @@ sums as one row of a (programs, N) buffer, and a single reduction over that buff
 no atomics, so the result is deterministic.
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -150,7 +152,7 @@ def _layer_norm_backward_kernel(
 
 def _rows(x):
     """x as a (rows, N) matrix whose rows are contiguous (a view when possible)."""
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: rows of no columns have no inferable count
     return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
 
 

@@ -19,26 +19,29 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _relu_squared_forward_kernel(X, Y, n, BLOCK: tl.constexpr):
+def _program_relu(X, n, BLOCK: tl.constexpr):
+    """This program's offsets, their mask, and r = relu(x) there in fp32 (NaN stays NaN, as in PyTorch)."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
     x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-    r = tl.where(x < 0.0, 0.0, x)  # NaN stays NaN, as in PyTorch
+    return offsets, mask, tl.where(x < 0.0, 0.0, x)
+
+
+@triton.jit
+def _relu_squared_forward_kernel(X, Y, n, BLOCK: tl.constexpr):
+    offsets, mask, r = _program_relu(X, n, BLOCK)
     tl.store(Y + offsets, (r * r).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _relu_squared_backward_kernel(DY, X, DX, n, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n
-    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-    r = tl.where(x < 0.0, 0.0, x)  # NaN stays NaN, as in PyTorch
+    offsets, mask, r = _program_relu(X, n, BLOCK)
     dy = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
     tl.store(DX + offsets, (2.0 * r * dy).to(DX.dtype.element_ty), mask=mask)
 
 
 def _launch(kernel, *tensors):
-    """Run `kernel` over the flat elements of `tensors` (made contiguous); its last tensor is the output."""
+    """Run `kernel` over the flat elements of `tensors`, contiguous ones; the last is the output."""
     n = tensors[-1].numel()
     if n:
         kernel[(triton.cdiv(n, BLOCK),)](*tensors, n, BLOCK=BLOCK, num_warps=NUM_WARPS)

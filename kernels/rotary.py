@@ -28,15 +28,15 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
+from . import autotuning
 
 # One warp for one position at a time (decoding: a warp covers up to 64 channel pairs twice over), four
 # or eight for blocks of positions. (Compiled for sm_90, one warp over eight positions spilled registers.)
 HOPPER_CONFIGS = [triton.Config({"BLOCK_T": block_t, "HEADS_PER_PROGRAM": heads}, num_warps=warps)
                   for block_t, warps in ((1, 1), (8, 4), (8, 8), (32, 4), (32, 8)) for heads in (4, 16)]
-# The interpreter cannot benchmark configs. Two heads per program exercise the loop over heads and its
-# mask when B * H is odd; 16 positions, the mask on T.
-INTERPRETER_CONFIG = triton.Config({"BLOCK_T": 16, "HEADS_PER_PROGRAM": 2}, num_warps=4)
+# Without autotuning (the interpreter, which cannot time configs, or FASTGPT_TRITON_AUTOTUNE=0): two
+# heads per program exercise the loop over heads and its mask when B * H is odd; 16 positions, the mask on T.
+SINGLE_CONFIG = triton.Config({"BLOCK_T": 16, "HEADS_PER_PROGRAM": 2}, num_warps=4)
 
 
 def prune_configs(configs, named_args, **kwargs):
@@ -63,7 +63,7 @@ def prune_configs(configs, named_args, **kwargs):
     return kept or [min(fits, key=lambda c: abs(math.log2(values_per_thread(c) / 8)))]
 
 
-@triton.autotune(configs=[INTERPRETER_CONFIG] if interpreting() else HOPPER_CONFIGS, key=["seq_len", "HALF"],
+@triton.autotune(configs=HOPPER_CONFIGS if autotuning() else [SINGLE_CONFIG], key=["seq_len", "HALF"],
                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def _rotary_kernel(

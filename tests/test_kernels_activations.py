@@ -21,7 +21,7 @@ from kernel_checks import (TRITON_DTYPES, assert_compiles_for_hopper_without_spi
                            check_against_references, compile_for_hopper_main, dtype_id, needs_cpp, needs_triton,
                            on_triton_device)
 
-WIDTHS = [1, 7, 48, 80, 768, 1000]
+WIDTHS = [1, 7, 48, 80, 768, 1000, 1500]  # 1500: past one block of columns of the Triton kernels
 ROWS = 37  # 37 x 1000 values: split over threads
 NAMES = ["relu_squared", "swiglu"]
 
@@ -82,21 +82,23 @@ def test_matches_reference_and_float64(name, kernel, dtype, width):
 @pytest.mark.parametrize("kernel, dtype", backend_cases(cpp_activation, triton_activation, every_dtype=False))
 @pytest.mark.parametrize("name", NAMES)
 def test_non_contiguous_inputs_and_batched_shapes(name, kernel, dtype):
-    x = torch.randn(96, 2, 5, 3).permute(2, 3, 1, 0)  # (5, 3, 2, 96): no two dims in memory order
+    x = torch.randn(96, 2, 5, 3, dtype=dtype).permute(2, 3, 1, 0)  # (5, 3, 2, 96): no two dims in memory order
     assert not x.is_contiguous()
-    grad_y = torch.randn(output_shape(name, (5, 3, 2, 96))[::-1]).permute(3, 2, 1, 0)
+    grad_y = torch.randn(output_shape(name, (5, 3, 2, 96))[::-1], dtype=dtype).permute(3, 2, 1, 0)
     check(kernel, name, x, grad_y)
-    x = torch.randn(4, 130)[:, 1:129]  # the (B, T, 2N) rows of a larger tensor
-    check(kernel, name, x, torch.randn(output_shape(name, (4, 128))))
+    x = torch.randn(4, 130, dtype=dtype)[:, 1:129]  # the (B, T, 2N) rows of a larger tensor
+    grad_y = torch.randn(4, 2 * 128, dtype=dtype)[:, :output_shape(name, (4, 128))[1]]  # its rows apart too
+    check(kernel, name, x, grad_y)
 
 
 @pytest.mark.parametrize("kernel, dtype", backend_cases(cpp_activation, triton_activation, every_dtype=False))
 @pytest.mark.parametrize("name", NAMES)
 def test_extreme_values(name, kernel, dtype):
     """Zeros, the far tails (exp(-x) overflowing to infinity, or to 0), and NaN handled as PyTorch does."""
-    values = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 30.0, -30.0, 100.0, -100.0, 1e4, -1e4, float("nan"), 2.5])
+    values = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 30.0, -30.0, 100.0, -100.0, 1e4, -1e4, float("nan"), 2.5],
+                          dtype=dtype)
     x = values if name == "relu_squared" else torch.cat([values, values.flip(0)])
-    grad_y = torch.ones(output_shape(name, tuple(x.shape)))
+    grad_y = torch.ones(output_shape(name, tuple(x.shape)), dtype=dtype)
     leaf = x.clone().requires_grad_(True)
     expected = REFERENCES[name](leaf)
     (expected_dx,) = torch.autograd.grad(expected, leaf, grad_y)

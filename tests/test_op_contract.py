@@ -4,9 +4,9 @@ For each registered op (`fastgpt.ops.OPS`) and each backend in its `kernels` tha
 kernel ops are registered; on every sample input of the op's contract, in every dtype the backend
 takes, the output and the input gradients agree with the reference path and with float64; and on
 every sample, in fp32 (each backend's first dtype), `torch.library.opcheck` accepts both kernels
-(schemas, fakes, autograd registration) and torch.compile gives the eager result. Every sample, not
-the first few: the fakes and the autograd formula must hold for each variant the samples cover
-(absent optional arguments, grouped-query heads, batched and strided inputs).
+(schemas, fakes, autograd registration) and torch.compile gives the eager result. Every sample: the
+fakes and the autograd formula must hold for each variant the samples cover (absent optional
+arguments, grouped-query heads, batched and strided inputs).
 """
 
 import dataclasses

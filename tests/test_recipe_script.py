@@ -1,6 +1,8 @@
-"""benchmarks/recipe.py, the check of the recipe's targets, rehearsed with tiny runs: it trains both,
-scores them and writes its report (the targets themselves are measured at full size, not here)."""
+"""benchmarks/recipe.py, the check of the recipe's targets, rehearsed with tiny runs (it trains both,
+scores them and writes its report; the targets themselves are measured at full size, not here), and
+its verdicts."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -25,3 +27,19 @@ def test_recipe_script_runs_both_and_reports(tmp_path):
     assert len(report["targets"]) == 4 and report["cpu_capability"]
     assert (tmp_path / "runs" / "modern" / "ckpt.pt").exists()
     assert list(tmp_path.glob("recipe-*.png")) and "MISSED" in next(tmp_path.glob("recipe-*.md")).read_text()
+
+
+def test_verdicts_compare_each_target_the_right_way():
+    spec = importlib.util.spec_from_file_location("recipe", ROOT / "benchmarks" / "recipe.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    default = {"val_per_character": 1.70, "wall_s": 100.0}
+    modern = {"val_per_character": 1.46, "wall_s": 95.0}
+    assert [met for _, met in recipe.verdicts(default, modern)] == [True, True, True, True]
+    slow_and_high = {"val_per_character": 1.48, "wall_s": 101.0}
+    assert [met for _, met in recipe.verdicts(default, slow_and_high)] == [False, False, True, True]
+    long_and_high = {"val_per_character": 1.76, "wall_s": 301.0}
+    assert [met for _, met in recipe.verdicts(long_and_high, modern)] == [True, True, False, False]
+    assert abs(recipe.per_character(2.121) - 1.4702) < 1e-4  # the goal of 1.47 nats, in bits per byte
+    assert recipe.requested_dtype(["--dtype", "float32"]) == recipe.requested_dtype(["--dtype=float32"]) == "float32"
+    assert recipe.requested_dtype(["--seed", "2"]) == "auto"

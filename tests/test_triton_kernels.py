@@ -321,15 +321,16 @@ print(dot_precision(torch.float32))
 
 
 def test_without_autotuning_each_kernel_has_one_config():
-    from fastgpt.kernels import autotuning, layer_norm
+    from fastgpt.kernels import autotuning, layer_norm, rms_norm, rotary
     from fastgpt.kernels import causal_attention as attention
 
     if autotuning():
         pytest.skip("the kernels are autotuned here (a GPU without FASTGPT_TRITON_AUTOTUNE=0)")
     for kernel in (attention._attention_forward_kernel, attention._attention_backward_dkdv_kernel,
                    attention._attention_backward_dq_kernel, layer_norm._layer_norm_forward_kernel,
-                   layer_norm._layer_norm_backward_kernel):
-        assert len(kernel.configs) == 1
+                   layer_norm._layer_norm_backward_kernel, rms_norm._rms_norm_forward_kernel,
+                   rms_norm._rms_norm_backward_kernel, rotary._rotary_kernel):
+        assert len(kernel.configs) == 1, kernel.fn.__name__
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,9 +52,9 @@ setup_context, backward = save_input, backward_from_input
 
 
 def samples(device, dtype):
-    """(x,): halves below, around and not a multiple of the vector width, an empty tensor, a strided
+    """(x,): halves below, around and not a multiple of the vector width, empty tensors, a strided
     view, and gates far into both tails of the sigmoid."""
-    for shape in [(2,), (0, 6), (3, 34), (2, 5, 200), (32, 2 * 344)]:
+    for shape in [(2,), (0, 6), (3, 0), (3, 34), (2, 5, 200), (32, 2 * 344)]:
         yield (torch.randn(shape, device=device, dtype=dtype) * 3,)
     yield (torch.randn(40, 96, device=device, dtype=dtype).t(),)
     yield (torch.tensor([[-60.0, -5.0, 0.0, 5.0, 60.0, 1.0, -1.0, 2.0, 0.5, 3.0]], device=device, dtype=dtype),)
