@@ -37,9 +37,9 @@ fastgpt/timing.py). Counting: attention forward 4*B*H*T*T*D / 2 (causal; as many
 heads), forward+backward 3.5 times that; LayerNorm and RMSNorm forward 2*M*N*size bytes (x read, y
 written), forward+backward 5*M*N*size (x and dy read again, dx written); rotary 2 and 4 times x's
 bytes (its backward reads dy and writes dx); SwiGLU 1.5 and 4 times x's bytes (x = [gate, up] read,
-half as many written; then x and dy read, dx written), ReLU^2 2 and 5; training 6*N + 12*L*H*Q*T FLOPs per token. The
-normalisation, rotary and activation tables give speed-ups against torch's built-in (the reference for rotary),
-the training table against the built-ins. Results go to <out>/gpu-<date>.md and .json
+half as many written; then x and dy read, dx written), ReLU^2 2 and 5; training 6*N + 12*L*H*Q*T
+FLOPs per token. The normalisation, rotary and activation tables give speed-ups against torch's
+built-in (the reference for rotary), the training table against the built-ins. Results go to <out>/gpu-<date>.md and .json
 (date, GPU, versions, every median, each section's seconds), written after each section so that a
 run cut short keeps what it measured.
 """
@@ -279,15 +279,16 @@ def bench_rotary(sizes, device, timer, report):
 
 def bench_activations(sizes, device, timer, report):
     from fastgpt import ops
+    from fastgpt.ops.definitions import relu_squared, swiglu
 
     n_rows, width, dtype = sizes["norm_rows"], sizes["mlp_width"], sizes["dtype"]
     # (op, its implementations, x's width, passes): SwiGLU reads x = [gate, up] (2N wide) and writes N
     # forward, then reads x and dy and writes dx (2N) backward: 1.5 and 4 times x's bytes. ReLU^2: 2 and 5.
     activations = [
         ("swiglu", {"triton": lambda x: ops.swiglu(x, backend="triton"), "auto": lambda x: ops.swiglu(x),
-                    "torch": lambda x: F.silu(x[..., :width]) * x[..., width:]}, 2 * width, (1.5, 4)),
+                    "torch": swiglu.builtin}, 2 * width, (1.5, 4)),
         ("relu_squared", {"triton": lambda x: ops.relu_squared(x, backend="triton"),
-                          "auto": lambda x: ops.relu_squared(x), "torch": lambda x: F.relu(x).square()}, width, (2, 5)),
+                          "auto": lambda x: ops.relu_squared(x), "torch": relu_squared.builtin}, width, (2, 5)),
     ]
     for op, implementations, x_width, passes in activations:
         x = torch.randn(n_rows, x_width, device=device, dtype=dtype, requires_grad=True)

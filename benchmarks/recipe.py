@@ -38,6 +38,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
+from fastgpt.cli import run_cli  # noqa: E402
+from fastgpt.config import PRESETS, parse_config  # noqa: E402
+from fastgpt.device import pick_device  # noqa: E402
 from fastgpt.hardware import choose_precision  # noqa: E402
 from harness import machine_facts  # noqa: E402
 
@@ -47,14 +50,11 @@ DEFAULT_GOAL = 1.75
 DEFAULT_TIME_LIMIT_S = 300
 
 
-def requested_dtype(flags):
-    """The --dtype the flags ask for ("auto" when they do not)."""
-    for index, flag in enumerate(flags):
-        if flag.startswith("--dtype="):
-            return flag.split("=", 1)[1]
-        if flag == "--dtype" and index + 1 < len(flags):
-            return flags[index + 1]
-    return "auto"
+def run_dtype(flags):
+    """The dtype the runs compute in with these flags on this machine, read as the trainer reads them
+    (which also refuses a mistaken flag, in one line, before any run starts)."""
+    settings = parse_config(flags, presets=PRESETS)
+    return choose_precision(settings.dtype, pick_device(settings.device)).dtype
 
 
 def per_character(bits_per_byte):
@@ -116,10 +116,8 @@ def main(argv=None):
     parser.add_argument("flags", nargs="*", help="after --: more flags for both runs (e.g. --dtype float32)")
     args = parser.parse_args(argv)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    facts = {**machine_facts(device), "threads": torch.get_num_threads(),
-             "dtype": choose_precision(requested_dtype(args.flags), device).dtype,
-             "seed": args.seed, "flags": " ".join(args.flags) or "none"}
+    facts = {**machine_facts("cuda" if torch.cuda.is_available() else "cpu"), "threads": torch.get_num_threads(),
+             "dtype": run_dtype(args.flags), "seed": args.seed, "flags": " ".join(args.flags) or "none"}
     # What limits the instruction sets PyTorch and its matrix libraries use, where set (AVX2 on an AVX-512 CPU).
     limits = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
     facts.update({name: os.environ[name] for name in limits if name in os.environ})
@@ -143,4 +141,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

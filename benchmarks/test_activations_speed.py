@@ -9,16 +9,16 @@ reference path's too: `F.silu(a) * b` and `F.relu(x).square()`.
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import QUICK, backends_with_kernels, declare_ratios, op_steps
 from fastgpt import ops
+from fastgpt.ops.definitions import relu_squared, swiglu
 
 ROWS = (2, 32) if QUICK else (32, 128)
 WIDTH = 512
-ACTIVATIONS = {  # name: (PyTorch's, fastgpt's op, input width)
-    "swiglu": (lambda x: F.silu(x[..., :WIDTH]) * x[..., WIDTH:], ops.swiglu, 2 * WIDTH),
-    "relu_squared": (lambda x: F.relu(x).square(), ops.relu_squared, WIDTH),
+ACTIVATIONS = {  # name: (PyTorch's, as the `torch` backend runs it; fastgpt's op; input width)
+    "swiglu": (swiglu.builtin, ops.swiglu, 2 * WIDTH),
+    "relu_squared": (relu_squared.builtin, ops.relu_squared, WIDTH),
 }
 for name in ACTIVATIONS:
     for which in ("forward", "forward+backward"):

@@ -86,8 +86,8 @@ def test_matches_reference_and_float64(kernel, dtype, shape):
 def test_one_key_value_head_over_several_key_blocks(kernel, dtype):
     """300 positions: two of the C++ forward's 256-key blocks, and five of its backward's 64-key blocks,
     which the backward deals out to several tasks; on a GPU, several blocks of whichever tiles the
-    Triton kernels run with. Triton's interpreter, which runs one program at a time (300 positions take it 5 s a
-    dtype), is given 100: seven of its 16-key blocks."""
+    Triton kernels run with. Triton's interpreter, which runs one program at a time (300 positions
+    take it 5 s a dtype), is given 100: seven of its 16-key blocks."""
     t_len = 100 if kernel is triton_attention and TRITON_DEVICE.type == "cpu" else 300
     check(kernel, f"{kernel.__name__} {dtype_id(dtype)} Hkv=1 T={t_len}", *inputs(1, 4, 1, t_len, t_len, 16, dtype))
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from conftest import TINY_RUN
+from fastgpt.hardware import choose_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,5 +42,13 @@ def test_verdicts_compare_each_target_the_right_way():
     long_and_high = {"val_per_character": 1.76, "wall_s": 301.0}
     assert [met for _, met in recipe.verdicts(long_and_high, modern)] == [True, True, False, False]
     assert abs(recipe.per_character(2.121) - 1.4702) < 1e-4  # the goal of 1.47 nats, in bits per byte
-    assert recipe.requested_dtype(["--dtype", "float32"]) == recipe.requested_dtype(["--dtype=float32"]) == "float32"
-    assert recipe.requested_dtype(["--seed", "2"]) == "auto"
+    assert recipe.run_dtype(["--dtype", "float32"]) == recipe.run_dtype(["--dtype=float32"]) == "float32"
+    assert recipe.run_dtype(["--seed", "2"]) == choose_precision("auto", "cpu").dtype  # no --dtype: auto's choice
+
+
+def test_a_mistaken_flag_is_one_line_before_any_run(tmp_path):
+    result = subprocess.run([sys.executable, "benchmarks/recipe.py", "--out", str(tmp_path), "--", "--n-layr", "2"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("fastgpt: error: unknown setting '--n-layr'")
+    assert not list(tmp_path.iterdir())
