@@ -36,8 +36,10 @@
 // some key blocks of one (batch, key/value head) and walks, for each block, the queries of each of the
 // group's heads in turn, so each sum is formed in one fixed order by one task, as for H = Hkv.
 //
-// bf16 inputs are widened to fp32 once at the op boundary and the kernels run in fp32; fp64 runs in
-// fp64 for gradcheck. The tile products are the register-blocked `matmul` of common.h.
+// The tiles are computed in fp32 (fp64 for gradcheck's fp64 inputs). bf16 tensors are read and
+// written in place: each block of rows is widened to fp32 in a task's scratch just before its
+// products, and each output block rounded to bf16 as it is stored, so no fp32 copy of q, k, v, their
+// gradients or the output is ever made. The tile products are the register-blocked `matmul` of common.h.
 
 #include "row_ops.h"
 
@@ -74,6 +76,30 @@ Rows<T> head(const at::Tensor& t, int64_t b, int64_t h) {
   return {t.data_ptr<T>() + b * t.stride(0) + h * t.stride(1), t.stride(2)};
 }
 
+// Rows [first, first + count) of `src`, each `dim` long, in the compute type T: the rows themselves
+// when they are stored in it, else their widened copy in `scratch` (count x dim, packed).
+template <typename S, typename T = acc_t<S>>
+Rows<const T> in_compute_type(const Rows<S>& src, int64_t first, int64_t count, int64_t dim, T* scratch) {
+  if constexpr (std::is_same_v<S, T>) {
+    return {src.row(first), src.row_stride};
+  } else {
+    for (int64_t i = 0; i < count; ++i) convert_row(src.row(first + i), scratch + i * dim, dim);
+    return {scratch, dim};
+  }
+}
+
+// Room for `size` values of T in which in_compute_type widens rows; none when S is T already.
+template <typename S, typename T = acc_t<S>>
+std::vector<T> widening_scratch(int64_t size) {
+  return std::vector<T>(std::is_same_v<S, T> ? 0 : size);
+}
+
+// Stores `rows` rows of `dim` computed values (packed) as rows [first, first + rows) of `dst`.
+template <typename T, typename S>
+void store_rows(const T* values, int64_t rows, int64_t dim, const Rows<S>& dst, int64_t first) {
+  for (int64_t i = 0; i < rows; ++i) convert_row(values + i * dim, dst.row(first + i), dim);
+}
+
 // ---- Forward -----------------------------------------------------------------------------------
 
 // How many tasks share one head's blocks: enough that every thread has work even when batch x heads
@@ -83,7 +109,8 @@ int64_t tasks_per_head(int64_t batch_heads, int64_t blocks) {
   return std::clamp<int64_t>(ceil_div(wanted, std::max<int64_t>(batch_heads, 1)), 1, std::max<int64_t>(blocks, 1));
 }
 
-template <typename T>
+// S is the tensors' storage type; T = acc_t<S> is what the tiles are computed in (and lse's type).
+template <typename S, typename T = acc_t<S>>
 void attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               at::Tensor& out, at::Tensor& lse, T scale) {
   const int64_t heads = q.size(1), t_q = q.size(2), t_k = k.size(2), dim = q.size(3);
@@ -102,14 +129,18 @@ void attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at
     // Scratch for one block of queries; a short Tq (decoding) needs only as many rows as it has.
     const int64_t block_rows = std::min(kBlockQ, t_q);
     std::vector<T> scores(block_rows * kForwardBlockK), acc(block_rows * dim), row_max(block_rows), row_sum(block_rows);
+    // A block of queries and a block of values in T, for inputs stored otherwise.
+    std::vector<T> queries = widening_scratch<S>(block_rows * dim);
+    std::vector<T> values = widening_scratch<S>(std::min(kForwardBlockK, t_k) * dim);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (heads * chunks), h = task / chunks % heads, chunk = task % chunks;
-      const Rows<T> Q = head<T>(q, b, h), K = head<T>(k, b, h / group), V = head<T>(v, b, h / group);
-      const Rows<T> O = head<T>(out, b, h);
+      const Rows<S> Q = head<S>(q, b, h), K = head<S>(k, b, h / group), V = head<S>(v, b, h / group);
+      const Rows<S> O = head<S>(out, b, h);
       transpose(K.data, K.row_stride, t_k, dim, keys_t.data(), keys_t_stride);
 
       for (int64_t q_block = chunk; q_block < q_blocks; q_block += chunks) {
         const int64_t q0 = q_block * kBlockQ, rows = std::min(kBlockQ, t_q - q0);
+        const Rows<const T> Qb = in_compute_type(Q, q0, rows, dim, queries.data());
         std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<T>::infinity());
         std::fill(row_sum.begin(), row_sum.end(), T(0));
         std::fill(acc.begin(), acc.end(), T(0));
@@ -117,11 +148,12 @@ void attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at
         const int64_t keys_seen = offset + q0 + rows;
         for (int64_t k0 = 0; k0 < keys_seen; k0 += kForwardBlockK) {
           const int64_t cols = std::min(kForwardBlockK, keys_seen - k0);
+          const Rows<const T> Vb = in_compute_type(V, k0, cols, dim, values.data());
           // S = scale * Q K^T, for each group of rows only up to the keys its last row sees.
           for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
             const int64_t group = std::min<int64_t>(kTileRows, rows - r0);
             const int64_t needed = visible_keys(offset + q0 + r0 + group - 1, k0, cols);
-            matmul<T>(group, needed, dim, scale, Q.row(q0 + r0), Q.row_stride, 1, keys_t.data() + k0,
+            matmul<T>(group, needed, dim, scale, Qb.row(r0), Qb.row_stride, 1, keys_t.data() + k0,
                       keys_t_stride, scores.data() + r0 * kForwardBlockK, kForwardBlockK, false);
           }
           for (int64_t i = 0; i < rows; ++i) {
@@ -141,14 +173,14 @@ void attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at
           for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
             const int64_t group = std::min<int64_t>(kTileRows, rows - r0);
             const int64_t needed = visible_keys(offset + q0 + r0 + group - 1, k0, cols);
-            matmul<T>(group, dim, needed, T(1), scores.data() + r0 * kForwardBlockK, kForwardBlockK, 1, V.row(k0),
-                      V.row_stride, acc.data() + r0 * dim, dim, true);
+            matmul<T>(group, dim, needed, T(1), scores.data() + r0 * kForwardBlockK, kForwardBlockK, 1, Vb.data,
+                      Vb.row_stride, acc.data() + r0 * dim, dim, true);
           }
         }
         T* block_lse = lse.data_ptr<T>() + (b * heads + h) * t_q + q0;
         for (int64_t i = 0; i < rows; ++i) {  // key 0 is visible to every query, so row_sum > 0
           scale_row(acc.data() + i * dim, dim, T(1) / row_sum[i]);
-          std::copy_n(acc.data() + i * dim, dim, O.row(q0 + i));
+          convert_row(acc.data() + i * dim, O.row(q0 + i), dim);
           block_lse[i] = row_max[i] + std::log(row_sum[i]);
         }
       }
@@ -158,7 +190,7 @@ void attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at
 
 // ---- Backward ----------------------------------------------------------------------------------
 
-template <typename T>
+template <typename S, typename T = acc_t<S>>
 void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                at::Tensor& dq_partials, at::Tensor& dk, at::Tensor& dv, T scale) {
@@ -171,9 +203,12 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, 
     std::vector<T> dk_acc(kBackwardBlockK * dim), dv_acc(kBackwardBlockK * dim);
     std::vector<T> keys_t(dim * kKeysTStride), values_t(dim * kKeysTStride);  // K_j^T, V_j^T
     std::vector<T> group_delta(group * t_q);
+    // Blocks of queries, of their output gradients and of keys in T, for inputs stored otherwise.
+    std::vector<T> queries = widening_scratch<S>(kBlockQ * dim), grad_outs = widening_scratch<S>(kBlockQ * dim);
+    std::vector<T> keys = widening_scratch<S>(kBackwardBlockK * dim);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (kv_heads * chunks), g = task / chunks % kv_heads, chunk = task % chunks;
-      const Rows<T> K = head<T>(k, b, g), V = head<T>(v, b, g), dK = head<T>(dk, b, g), dV = head<T>(dv, b, g);
+      const Rows<S> K = head<S>(k, b, g), V = head<S>(v, b, g), dK = head<S>(dk, b, g), dV = head<S>(dv, b, g);
       // The group's query heads are h = first_head .. first_head + group - 1.
       const int64_t first_head = g * group;
       const auto dq_partial_of = [&](int64_t h) {
@@ -182,8 +217,12 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, 
       // delta_i = do_i . o_i, one number per query, computed where it is used rather than in a pass
       // of its own over dO and O. (When a head is split over several tasks, each computes it.)
       for (int64_t r = 0; r < group; ++r) {
-        const Rows<T> dO = head<T>(grad_out, b, first_head + r), O = head<T>(out, b, first_head + r);
-        for (int64_t i = 0; i < t_q; ++i) group_delta[r * t_q + i] = dot_rows<T, 1>(dO.row(i), dim, O.row(i))[0];
+        const Rows<S> dO = head<S>(grad_out, b, first_head + r), O = head<S>(out, b, first_head + r);
+        for (int64_t i = 0; i < t_q; ++i) {
+          const T* grad_out_row = in_compute_type(dO, i, 1, dim, grad_outs.data()).data;
+          const T* out_row = in_compute_type(O, i, 1, dim, queries.data()).data;
+          group_delta[r * t_q + i] = dot_rows<T, 1>(grad_out_row, dim, out_row)[0];
+        }
         std::fill_n(dq_partial_of(first_head + r), t_q * dim, T(0));
       }
 
@@ -193,24 +232,27 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, 
         std::fill(dv_acc.begin(), dv_acc.end(), T(0));
         transpose(K.row(k0), K.row_stride, cols, dim, keys_t.data(), kKeysTStride);
         transpose(V.row(k0), V.row_stride, cols, dim, values_t.data(), kKeysTStride);
+        const Rows<const T> Kb = in_compute_type(K, k0, cols, dim, keys.data());
         // Query i sees key k0 once offset + i >= k0: earlier query blocks are skipped.
         const int64_t first_query = std::max<int64_t>(k0 - offset, 0) / kBlockQ * kBlockQ;
         for (int64_t r = 0; r < group; ++r) {
           const int64_t h = first_head + r;
-          const Rows<T> Q = head<T>(q, b, h), dO = head<T>(grad_out, b, h);
+          const Rows<S> Q = head<S>(q, b, h), dO = head<S>(grad_out, b, h);
           const T* head_lse = lse.data_ptr<T>() + (b * heads + h) * t_q;
           const T* head_delta = group_delta.data() + r * t_q;
           T* dq_partial = dq_partial_of(h);
           for (int64_t q0 = first_query; q0 < t_q; q0 += kBlockQ) {
             const int64_t rows = std::min(kBlockQ, t_q - q0);
+            const Rows<const T> Qb = in_compute_type(Q, q0, rows, dim, queries.data());
+            const Rows<const T> dOb = in_compute_type(dO, q0, rows, dim, grad_outs.data());
             // P = exp(scale * Q K^T - lse) and dP = dO V^T, each group of rows only up to the keys
             // its last row sees; P is zero in the future.
             for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
               const int64_t tile = std::min<int64_t>(kTileRows, rows - r0);
               const int64_t needed = visible_keys(offset + q0 + r0 + tile - 1, k0, cols);
-              matmul<T>(tile, needed, dim, scale, Q.row(q0 + r0), Q.row_stride, 1, keys_t.data(),
+              matmul<T>(tile, needed, dim, scale, Qb.row(r0), Qb.row_stride, 1, keys_t.data(),
                         kKeysTStride, probs.data() + r0 * kBackwardBlockK, kBackwardBlockK, false);
-              matmul<T>(tile, needed, dim, T(1), dO.row(q0 + r0), dO.row_stride, 1, values_t.data(),
+              matmul<T>(tile, needed, dim, T(1), dOb.row(r0), dOb.row_stride, 1, values_t.data(),
                         kKeysTStride, dprobs.data() + r0 * kBackwardBlockK, kBackwardBlockK, false);
             }
             // dS = P * (dP - delta), kept in dprobs; zero in the future.
@@ -228,23 +270,21 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, 
               }
             }
             // dV += P^T dO
-            matmul<T>(cols, dim, rows, T(1), probs.data(), 1, kBackwardBlockK, dO.row(q0), dO.row_stride,
+            matmul<T>(cols, dim, rows, T(1), probs.data(), 1, kBackwardBlockK, dOb.data, dOb.row_stride,
                       dv_acc.data(), dim, true);
             // dK += scale * dS^T Q;  dQ += scale * dS K
-            matmul<T>(cols, dim, rows, scale, dprobs.data(), 1, kBackwardBlockK, Q.row(q0), Q.row_stride,
+            matmul<T>(cols, dim, rows, scale, dprobs.data(), 1, kBackwardBlockK, Qb.data, Qb.row_stride,
                       dk_acc.data(), dim, true);
             for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
               const int64_t tile = std::min<int64_t>(kTileRows, rows - r0);
               const int64_t needed = visible_keys(offset + q0 + r0 + tile - 1, k0, cols);
               matmul<T>(tile, dim, needed, scale, dprobs.data() + r0 * kBackwardBlockK, kBackwardBlockK, 1,
-                        K.row(k0), K.row_stride, dq_partial + (q0 + r0) * dim, dim, true);
+                        Kb.data, Kb.row_stride, dq_partial + (q0 + r0) * dim, dim, true);
             }
           }
         }
-        for (int64_t j = 0; j < cols; ++j) {
-          std::copy_n(dk_acc.data() + j * dim, dim, dK.row(k0 + j));
-          std::copy_n(dv_acc.data() + j * dim, dim, dV.row(k0 + j));
-        }
+        store_rows(dk_acc.data(), cols, dim, dK, k0);
+        store_rows(dv_acc.data(), cols, dim, dV, k0);
       }
     }
   });
@@ -252,7 +292,8 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, 
 
 // ---- Op entry points ---------------------------------------------------------------------------
 
-// In the compute dtype, with unit stride along D (what the kernels' vector loads need).
+// In q's dtype (the public op takes one dtype for all), with unit stride along D (what the
+// kernels' vector loads need).
 at::Tensor prepared(const at::Tensor& t, at::ScalarType dtype) {
   at::Tensor converted = t.to(dtype);
   return converted.stride(3) == 1 ? converted : converted.contiguous();
@@ -280,33 +321,34 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 std::tuple<at::Tensor, at::Tensor> causal_attention_forward(const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& v, double scale) {
   check_inputs(q, k, v);
-  const auto dtype = accumulate_type(q);
+  const auto dtype = q.scalar_type();
   const at::Tensor qc = prepared(q, dtype), kc = prepared(k, dtype), vc = prepared(v, dtype);
-  at::Tensor out = at::empty(q.sizes(), q.options().dtype(dtype));
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(dtype));
-  AT_DISPATCH_FLOATING_TYPES(dtype, "fastgpt::causal_attention_forward", [&] {
-    attention_forward_kernel<scalar_t>(qc, kc, vc, out, lse, static_cast<scalar_t>(scale));
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(accumulate_type(q)));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "fastgpt::causal_attention_forward", [&] {
+    attention_forward_kernel<scalar_t>(qc, kc, vc, out, lse, static_cast<acc_t<scalar_t>>(scale));
   });
-  return {out.to(q.scalar_type()), lse};
+  return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, double scale) {
   check_inputs(q, k, v);
-  const auto dtype = accumulate_type(q);
+  const auto dtype = q.scalar_type();
   const at::Tensor qc = prepared(q, dtype), kc = prepared(k, dtype), vc = prepared(v, dtype);
   const at::Tensor doc = prepared(grad_out, dtype), oc = prepared(out, dtype);
-  const at::Tensor lsec = lse.to(dtype).contiguous();
+  const at::Tensor lsec = lse.to(accumulate_type(q)).contiguous();
   // A task owns key blocks of one (batch, key/value head): that is what the work is split over.
   const int64_t chunks = tasks_per_head(k.size(0) * k.size(1), ceil_div(k.size(2), kBackwardBlockK));
+  // dq gathers terms from every task of a head, so its partials are kept in the compute type.
   at::Tensor dq_partials = at::empty({chunks, q.size(0), q.size(1), q.size(2), q.size(3)},
-                                     q.options().dtype(dtype));
-  at::Tensor dk = at::empty(k.sizes(), k.options().dtype(dtype));
-  at::Tensor dv = at::empty(v.sizes(), v.options().dtype(dtype));
-  AT_DISPATCH_FLOATING_TYPES(dtype, "fastgpt::causal_attention_backward", [&] {
+                                     q.options().dtype(accumulate_type(q)));
+  at::Tensor dk = at::empty(k.sizes(), q.options());
+  at::Tensor dv = at::empty(v.sizes(), q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "fastgpt::causal_attention_backward", [&] {
     attention_backward_kernel<scalar_t>(doc, qc, kc, vc, oc, lsec, dq_partials, dk, dv,
-                                        static_cast<scalar_t>(scale));
+                                        static_cast<acc_t<scalar_t>>(scale));
   });
   at::Tensor dq = chunks == 1 ? dq_partials[0] : dq_partials.sum(0);
   return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};

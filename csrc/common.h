@@ -24,7 +24,7 @@ template <> struct AccumulateType<double> { using type = double; };
 template <typename scalar_t> using acc_t = typename AccumulateType<scalar_t>::type;
 
 // The same choice for a tensor at run time: the dtype of the statistics and parameter gradients an
-// op returns, and of the tensors it computes in when it widens bf16 inputs once at its boundary.
+// op returns, and of the scratch it computes in.
 inline at::ScalarType accumulate_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -185,21 +185,34 @@ void matmul(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t a_row_
   }
 }
 
-// dst (cols x rows, rows dst_stride apart) = src^T, src being rows x cols with rows src_stride apart.
+// dst (cols x rows, rows dst_stride apart) = src^T, src being rows x cols with rows src_stride apart,
+// each element converted from S to D (bf16 widened to fp32, say) on the way.
 //
 // The source rows are usually far apart (q, k and v are views of one (B, T, 3, H, D) projection),
 // too far for the hardware prefetcher to guess the next one, and a scalar copy that waits for each
 // row to arrive from memory spent most of its time stalled. So rows a few ahead are requested
 // while the current one is copied.
-template <typename T>
-void transpose(const T* src, int64_t src_stride, int64_t rows, int64_t cols, T* dst, int64_t dst_stride) {
-  constexpr int64_t kRowsAhead = 8, kLine = 64 / sizeof(T);
+template <typename S, typename D>
+void transpose(const S* src, int64_t src_stride, int64_t rows, int64_t cols, D* dst, int64_t dst_stride) {
+  constexpr int64_t kRowsAhead = 8, kLine = 64 / sizeof(S);
   for (int64_t i = 0; i < std::min(rows, kRowsAhead); ++i)
     for (int64_t j = 0; j < cols; j += kLine) __builtin_prefetch(src + i * src_stride + j);
   for (int64_t i = 0; i < rows; ++i) {
     if (i + kRowsAhead < rows)
       for (int64_t j = 0; j < cols; j += kLine) __builtin_prefetch(src + (i + kRowsAhead) * src_stride + j);
-    for (int64_t j = 0; j < cols; ++j) dst[j * dst_stride + i] = src[i * src_stride + j];
+    for (int64_t j = 0; j < cols; ++j) dst[j * dst_stride + i] = static_cast<D>(src[i * src_stride + j]);
+  }
+}
+
+// dst[j] = src[j] for j < n, converted from S to D, one of which is the other's accumulation type:
+// bf16 widened to fp32, or fp32 rounded to bf16 (to nearest even).
+template <typename S, typename D>
+inline void convert_row(const S* src, D* dst, int64_t n) {
+  if constexpr (std::is_same_v<S, D>) {
+    std::copy_n(src, n, dst);
+  } else {
+    static_assert(std::is_same_v<acc_t<S>, acc_t<D>>, "converts between a type and its accumulation type");
+    for_each_vector<S>(0, n, [&](int64_t j, int64_t count) { store<D>(dst + j, load<S>(src + j, count), count); });
   }
 }
 
