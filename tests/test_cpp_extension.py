@@ -128,19 +128,17 @@ def test_auto_picks_cpp_on_cpu():
 ISA_CHECK = textwrap.dedent("""
     import sys
     import torch
+    from op_checks import compare_with_reference  # run from the tests folder
     from fastgpt import ops
-    q, k, v = (torch.randn(2, 3, 37, 48, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    x = torch.randn(5, 77, dtype=torch.float64, requires_grad=True)
-    w, b = torch.randn(77, dtype=torch.float64), torch.randn(77, dtype=torch.float64)
-    for backend in ("cpp", "reference"):
-        out = ops.causal_attention(q, k, v, backend=backend)
-        y = ops.layer_norm(x, w, b, backend=backend)
-        z = ops.gelu(x, backend=backend)
-        results = [out, y, z, *torch.autograd.grad((out ** 2).sum() + (y ** 3).sum() + z.sum(), (q, k, v, x))]
-        if backend == "cpp":
-            first = results
-    for got, expected in zip(first, results):
-        torch.testing.assert_close(got, expected)
+    from fastgpt.ops import cpp, dispatch
+    # Every op in every dtype the build takes (bf16 too, which each build loads and stores with its
+    # own instructions), on the op contract's awkward samples, as close to float64 as the reference.
+    cpu = torch.device("cpu")
+    for op in dispatch.OPS:
+        fused = dispatch.implementation(op, dispatch.resolve_backend("cpp", cpu))
+        for dtype in cpp.DTYPES:
+            for index, sample in enumerate(op.samples(cpu, dtype)):
+                compare_with_reference(fused, op.reference, sample, f"{op.name} in {dtype}, sample {index}")
     # The fused decoding step: a block decoded token by token is the block run over the whole sequence.
     from fastgpt.model import Block, GPTConfig, KVCache
     config = GPTConfig(n_embd=80, n_head=2, block_size=7)
@@ -158,11 +156,12 @@ ISA_CHECK = textwrap.dedent("""
 @pytest.mark.parametrize("isa", ["avx2", "default"])
 def test_the_builds_for_other_cpus_compute_the_same(isa):
     """This CPU loads the AVX-512 build; ATEN_CPU_CAPABILITY makes torch (and so fastgpt) act as on an
-    older CPU, which loads the AVX2 or the baseline build: each must give the reference's results."""
+    older CPU, which loads the AVX2 or the baseline build: each must pass the op contract's comparisons
+    in every dtype, and decode as the block runs."""
     if isa == "avx2" and torch.backends.cpu.get_cpu_capability() == "DEFAULT":
         pytest.skip("this CPU has no AVX2")
     result = subprocess.run([sys.executable, "-c", ISA_CHECK], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "ATEN_CPU_CAPABILITY": isa})
+                            env={**os.environ, "ATEN_CPU_CAPABILITY": isa}, cwd=os.path.dirname(__file__))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == [isa.upper(), f"fastgpt._C_{isa}"]
 
