@@ -10,7 +10,8 @@
 //   dx_j = rstd * (g_j - mean_k(g_k) - xhat_j * mean_k(g_k * xhat_k))
 //   dw_j = sum over rows of dy_j * xhat_j,   db_j = sum over rows of dy_j
 //
-// Statistics are in fp32 (fp64 for fp64 input) whatever the storage type. A row is a few
+// Statistics are in fp32 (fp64 for fp64 input) whatever the storage type; under autocast y is
+// written, and its gradient read, in bf16 beside an fp32 x (see paired_dtype). A row is a few
 // kilobytes, so it stays in L1 between the passes over it: each kernel reads its inputs from memory
 // once and writes its output once. LayerNorm is memory-bound when its arithmetic keeps up, which
 // takes several independent running sums per statistic (see row_sums).
@@ -24,14 +25,14 @@
 namespace fastgpt {
 namespace {
 
-template <typename scalar_t>
+template <typename scalar_t, typename out_t>
 void layer_norm_forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                double eps, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
   using A = acc_t<scalar_t>;
   const int64_t n = x.size(-1);
   const scalar_t* x_data = x.data_ptr<scalar_t>();
   const A *w = weight.data_ptr<A>(), *b = bias.data_ptr<A>();
-  scalar_t* y_data = y.data_ptr<scalar_t>();
+  out_t* y_data = y.data_ptr<out_t>();
   A *mean_data = mean.data_ptr<A>(), *rstd_data = rstd.data_ptr<A>();
   for_each_row(x, [&](int64_t row, int64_t) {
     std::tie(mean_data[row], rstd_data[row]) = layer_norm_row(x_data + row * n, y_data + row * n, n, w, b, A(eps));
@@ -39,8 +40,8 @@ void layer_norm_forward_kernel(const at::Tensor& x, const at::Tensor& weight, co
 }
 
 // One row of the backward: dx, and the row's terms of dw and db added to the partials dw, db.
-template <typename scalar_t>
-void layer_norm_backward_row(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t n,
+template <typename scalar_t, typename grad_t>
+void layer_norm_backward_row(const scalar_t* x, const grad_t* dy, scalar_t* dx, int64_t n,
                              const acc_t<scalar_t>* w, acc_t<scalar_t> mean, acc_t<scalar_t> rstd,
                              acc_t<scalar_t>* dw, acc_t<scalar_t>* db) {
   using V = Vec<scalar_t>;
@@ -62,13 +63,14 @@ void layer_norm_backward_row(const scalar_t* x, const scalar_t* dy, scalar_t* dx
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename grad_t>
 void layer_norm_backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
                                 const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& dx,
                                 at::Tensor& dweight_partials, at::Tensor& dbias_partials) {
   using A = acc_t<scalar_t>;
   const int64_t n = x.size(-1);
-  const scalar_t *x_data = x.data_ptr<scalar_t>(), *dy_data = grad_y.data_ptr<scalar_t>();
+  const scalar_t* x_data = x.data_ptr<scalar_t>();
+  const grad_t* dy_data = grad_y.data_ptr<grad_t>();
   const A *w = weight.data_ptr<A>(), *mean_data = mean.data_ptr<A>(), *rstd_data = rstd.data_ptr<A>();
   scalar_t* dx_data = dx.data_ptr<scalar_t>();
   A *dw = dweight_partials.data_ptr<A>(), *db = dbias_partials.data_ptr<A>();
@@ -102,30 +104,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
   const int64_t n = x.size(-1);
   const auto stats_options = x.options().dtype(accumulate_type(x));
   const at::Tensor w = parameter(weight, n, 1.0, stats_options), b = parameter(bias, n, 0.0, stats_options);
-  at::Tensor y = at::empty(x.sizes(), x.options());
+  const auto wanted = out_dtype.value_or(x.scalar_type());
+  at::Tensor y = at::empty(x.sizes(), x.options().dtype(paired_dtype(x.scalar_type(), wanted)));
   const auto row_shape = x.sizes().slice(0, x.dim() - 1);
   at::Tensor mean = at::empty(row_shape, stats_options), rstd = at::empty(row_shape, stats_options);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fastgpt::layer_norm_forward", [&] {
-    layer_norm_forward_kernel<scalar_t>(xc, w, b, eps, y, mean, rstd);
+  dispatch_pair(x.scalar_type(), y.scalar_type(), "fastgpt::layer_norm_forward", [&](auto x_type, auto y_type) {
+    layer_norm_forward_kernel<decltype(x_type), decltype(y_type)>(xc, w, b, eps, y, mean, rstd);
   });
-  // Another output dtype (autocast's, on CPUs rarely used) costs a cast here; the Triton kernel writes it.
-  return {out_dtype ? y.to(*out_dtype) : y, mean, rstd};
+  return {y.to(wanted), mean, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& rstd) {
   check_input(x);
-  const at::Tensor xc = x.contiguous(), dyc = grad_y.to(x.scalar_type()).contiguous();
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor dyc = grad_y.to(paired_dtype(x.scalar_type(), grad_y.scalar_type())).contiguous();
   const int64_t n = x.size(-1);
   const auto acc_options = x.options().dtype(accumulate_type(x));
   const at::Tensor w = parameter(weight, n, 1.0, acc_options);
   at::Tensor dx = at::empty(x.sizes(), x.options());
   at::Tensor dweight_partials = at::zeros({at::get_num_threads(), n}, acc_options);
   at::Tensor dbias_partials = at::zeros({at::get_num_threads(), n}, acc_options);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fastgpt::layer_norm_backward", [&] {
-    layer_norm_backward_kernel<scalar_t>(dyc, xc, w, mean.contiguous(), rstd.contiguous(), dx,
-                                         dweight_partials, dbias_partials);
+  dispatch_pair(x.scalar_type(), dyc.scalar_type(), "fastgpt::layer_norm_backward", [&](auto x_type, auto grad_type) {
+    layer_norm_backward_kernel<decltype(x_type), decltype(grad_type)>(dyc, xc, w, mean.contiguous(),
+                                                                      rstd.contiguous(), dx, dweight_partials,
+                                                                      dbias_partials);
   });
   return {dx, dweight_partials.sum(0), dbias_partials.sum(0)};
 }

@@ -14,6 +14,28 @@ namespace fastgpt {
 // (each instruction set's build holds its own).
 namespace {
 
+// The norms read or write one tensor beside x in a dtype of its own: under autocast, y in bf16 beside
+// an fp32 x (the norm's output feeds bf16 matrix products), and y's gradient, which comes back in
+// bf16. Kernels exist for any mix of fp32 and bf16; another pair is converted to x's dtype by the
+// caller, which `paired_dtype` tells.
+inline bool fp32_and_bf16(at::ScalarType a, at::ScalarType b) {
+  return (a == at::kFloat && b == at::kBFloat16) || (a == at::kBFloat16 && b == at::kFloat);
+}
+
+inline at::ScalarType paired_dtype(at::ScalarType x_dtype, at::ScalarType wanted) {
+  return wanted == x_dtype || fp32_and_bf16(x_dtype, wanted) ? wanted : x_dtype;
+}
+
+// Calls body(x_type{}, other_type{}) with values of x's storage type and of the other tensor's, a
+// pair that paired_dtype allows.
+template <typename Body>
+void dispatch_pair(at::ScalarType x_dtype, at::ScalarType other, const char* name, const Body& body) {
+  if (x_dtype == at::kFloat && other == at::kBFloat16) return body(float{}, at::BFloat16{});
+  if (x_dtype == at::kBFloat16 && other == at::kFloat) return body(at::BFloat16{}, float{});
+  TORCH_CHECK(other == x_dtype, name, ": no kernel for ", other, " beside ", x_dtype);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x_dtype, "fastgpt::norm", [&] { body(scalar_t{}, scalar_t{}); });
+}
+
 // Rows per task: enough to amortise scheduling, few enough to balance two threads on small inputs.
 constexpr int64_t kRowsPerTask = 16;
 
@@ -83,8 +105,8 @@ inline acc_t<scalar_t> sum_of_squared_deviations(const scalar_t* x, int64_t n, a
 // compiler would reload every captured pointer and length from memory.
 
 // One row of the forward: y = (x - mean) * rstd * w + b; returns {mean, rstd}.
-template <typename scalar_t>
-inline std::pair<acc_t<scalar_t>, acc_t<scalar_t>> layer_norm_row(const scalar_t* x, scalar_t* y, int64_t n,
+template <typename scalar_t, typename out_t>
+inline std::pair<acc_t<scalar_t>, acc_t<scalar_t>> layer_norm_row(const scalar_t* x, out_t* y, int64_t n,
                                                            const acc_t<scalar_t>* w, const acc_t<scalar_t>* b,
                                                            acc_t<scalar_t> eps) {
   using A = acc_t<scalar_t>;

@@ -11,9 +11,10 @@
 //
 // (LayerNorm's formulas without the mean and the bias.) It is built the way layer_norm.cpp is, from
 // the same row sums (layer_norm.h): statistics in fp32 (fp64 for fp64 input) whatever the storage
-// type, one pass for the row's statistic and one that writes the output while the row is still in
-// L1, rows split over threads, and in the backward each thread's dw terms summed into its own
-// partial, the partials added once at the end (deterministic for a given number of threads).
+// type, y and its gradient in bf16 beside an fp32 x under autocast (see paired_dtype), one pass for
+// the row's statistic and one that writes the output while the row is still in L1, rows split over
+// threads, and in the backward each thread's dw terms summed into its own partial, the partials
+// added once at the end (deterministic for a given number of threads).
 
 #include "layer_norm.h"
 
@@ -24,8 +25,8 @@ namespace fastgpt {
 namespace {
 
 // One row of the forward: y = x * rstd * w; returns rstd.
-template <typename scalar_t>
-inline acc_t<scalar_t> rms_norm_row(const scalar_t* x, scalar_t* y, int64_t n, const acc_t<scalar_t>* w,
+template <typename scalar_t, typename out_t>
+inline acc_t<scalar_t> rms_norm_row(const scalar_t* x, out_t* y, int64_t n, const acc_t<scalar_t>* w,
                                     acc_t<scalar_t> eps) {
   using A = acc_t<scalar_t>;
   using V = Vec<scalar_t>;
@@ -41,14 +42,14 @@ inline acc_t<scalar_t> rms_norm_row(const scalar_t* x, scalar_t* y, int64_t n, c
   return rstd;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename out_t>
 void rms_norm_forward_kernel(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& y,
                              at::Tensor& rstd) {
   using A = acc_t<scalar_t>;
   const int64_t n = x.size(-1);
   const scalar_t* x_data = x.data_ptr<scalar_t>();
   const A* w = weight.data_ptr<A>();
-  scalar_t* y_data = y.data_ptr<scalar_t>();
+  out_t* y_data = y.data_ptr<out_t>();
   A* rstd_data = rstd.data_ptr<A>();
   for_each_row(x, [&](int64_t row, int64_t) {
     rstd_data[row] = rms_norm_row(x_data + row * n, y_data + row * n, n, w, A(eps));
@@ -56,8 +57,8 @@ void rms_norm_forward_kernel(const at::Tensor& x, const at::Tensor& weight, doub
 }
 
 // One row of the backward: dx, and (when dw is not null) the row's terms of dw added to the partial dw.
-template <typename scalar_t>
-inline void rms_norm_backward_row(const scalar_t* x, const scalar_t* dy, scalar_t* dx, int64_t n,
+template <typename scalar_t, typename grad_t>
+inline void rms_norm_backward_row(const scalar_t* x, const grad_t* dy, scalar_t* dx, int64_t n,
                                   const acc_t<scalar_t>* w, acc_t<scalar_t> rstd, acc_t<scalar_t>* dw) {
   using V = Vec<scalar_t>;
   const V rstd_v(rstd);
@@ -74,12 +75,13 @@ inline void rms_norm_backward_row(const scalar_t* x, const scalar_t* dy, scalar_
   });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename grad_t>
 void rms_norm_backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
                               const at::Tensor& rstd, at::Tensor& dx, at::Tensor& dweight_partials) {
   using A = acc_t<scalar_t>;
   const int64_t n = x.size(-1);
-  const scalar_t *x_data = x.data_ptr<scalar_t>(), *dy_data = grad_y.data_ptr<scalar_t>();
+  const scalar_t* x_data = x.data_ptr<scalar_t>();
+  const grad_t* dy_data = grad_y.data_ptr<grad_t>();
   const A *w = weight.data_ptr<A>(), *rstd_data = rstd.data_ptr<A>();
   scalar_t* dx_data = dx.data_ptr<scalar_t>();
   A* dw = dweight_partials.defined() ? dweight_partials.data_ptr<A>() : nullptr;  // none without a weight
@@ -108,18 +110,19 @@ at::Tensor weight_or_ones(const std::optional<at::Tensor>& weight, int64_t n, co
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                                                    double eps) {
+                                                    double eps, std::optional<at::ScalarType> out_dtype) {
   check_input(x, weight);
   const at::Tensor xc = x.contiguous();
   const int64_t n = x.size(-1);
   const auto acc_options = x.options().dtype(accumulate_type(x));
   const at::Tensor w = weight_or_ones(weight, n, acc_options);
-  at::Tensor y = at::empty(x.sizes(), x.options());
+  const auto wanted = out_dtype.value_or(x.scalar_type());
+  at::Tensor y = at::empty(x.sizes(), x.options().dtype(paired_dtype(x.scalar_type(), wanted)));
   at::Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), acc_options);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fastgpt::rms_norm_forward", [&] {
-    rms_norm_forward_kernel<scalar_t>(xc, w, eps, y, rstd);
+  dispatch_pair(x.scalar_type(), y.scalar_type(), "fastgpt::rms_norm_forward", [&](auto x_type, auto y_type) {
+    rms_norm_forward_kernel<decltype(x_type), decltype(y_type)>(xc, w, eps, y, rstd);
   });
-  return {y, rstd};
+  return {y.to(wanted), rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_y, const at::Tensor& x,
@@ -128,15 +131,17 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_y, c
   check_input(x, weight);
   TORCH_CHECK(grad_y.sizes() == x.sizes(), "fastgpt::rms_norm_backward: grad_y has shape ", grad_y.sizes(),
               ", x has ", x.sizes());
-  const at::Tensor xc = x.contiguous(), dyc = grad_y.to(x.scalar_type()).contiguous();
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor dyc = grad_y.to(paired_dtype(x.scalar_type(), grad_y.scalar_type())).contiguous();
   const int64_t n = x.size(-1);
   const auto acc_options = x.options().dtype(accumulate_type(x));
   const at::Tensor w = weight_or_ones(weight, n, acc_options);
   at::Tensor dx = at::empty(x.sizes(), x.options());
   // Without a weight there is no dweight to sum (and an empty one is returned).
   at::Tensor dweight_partials = weight.has_value() ? at::zeros({at::get_num_threads(), n}, acc_options) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fastgpt::rms_norm_backward", [&] {
-    rms_norm_backward_kernel<scalar_t>(dyc, xc, w, rstd.to(accumulate_type(x)).contiguous(), dx, dweight_partials);
+  const at::Tensor rstdc = rstd.to(accumulate_type(x)).contiguous();
+  dispatch_pair(x.scalar_type(), dyc.scalar_type(), "fastgpt::rms_norm_backward", [&](auto x_type, auto grad_type) {
+    rms_norm_backward_kernel<decltype(x_type), decltype(grad_type)>(dyc, xc, w, rstdc, dx, dweight_partials);
   });
   return {dx, weight.has_value() ? dweight_partials.sum(0) : at::empty({0}, acc_options)};
 }

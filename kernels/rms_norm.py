@@ -78,11 +78,12 @@ def _rms_norm_backward_kernel(
         tl.store(DW_PARTIAL + tl.program_id(0) * n_cols + cols, dw, mask=cols < n_cols)
 
 
-def forward(x, weight, eps):
-    """y (x's shape and dtype) and the per-row rstd (x.shape[:-1], fp32) of RMSNorm over x's last dim."""
+def forward(x, weight, eps, out_dtype=None):
+    """y (x's shape, in out_dtype, default x's) and the per-row rstd (x.shape[:-1], fp32) of RMSNorm over
+    x's last dim."""
     x2d = _rows(x)
     n_rows, n_cols = x2d.shape
-    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    y = torch.empty((n_rows, n_cols), dtype=out_dtype or x.dtype, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(n_rows, meta["ROWS_PER_PROGRAM"]),)  # noqa: E731
     _rms_norm_forward_kernel[grid](

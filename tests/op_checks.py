@@ -44,9 +44,13 @@ def assert_close_to_float64(actual, reference_same_dtype, exact, dtype, what):
 
 
 def _leaves(arguments, cast=None):
-    """The arguments with every floating tensor made a fresh leaf that requires grad (cast if asked)."""
-    return [a.detach().to(cast or a.dtype).requires_grad_(True)
-            if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in arguments]
+    """The arguments with every floating tensor made a fresh leaf that requires grad; with `cast`,
+    those tensors and any dtype argument (an output dtype) become `cast`."""
+    def leaf(a):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return a.detach().to(cast or a.dtype).requires_grad_(True)
+        return cast if cast is not None and isinstance(a, torch.dtype) else a
+    return [leaf(a) for a in arguments]
 
 
 def compare_with_reference(fused, reference, arguments, what):
@@ -65,7 +69,8 @@ def compare_with_reference(fused, reference, arguments, what):
             out.backward(grad_out.to(out.dtype))
         results[name] = [out] + [leaf.grad for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
     differentiable = [(i, a) for i, a in enumerate(arguments) if isinstance(a, torch.Tensor) and a.is_floating_point()]
-    expected = [("output", arguments[0].dtype)] + [(f"gradient of argument {i}", a.dtype) for i, a in differentiable]
+    # The output comes in the reference's dtype (x's, or the output dtype an argument names).
+    expected = [("output", results["reference"][0].dtype)] + [(f"gradient of argument {i}", a.dtype) for i, a in differentiable]
     for position, (name, expected_dtype) in enumerate(expected):
         result, reference_result, exact = (results[key][position] for key in ("fused", "reference", "float64"))
         if exact is None:  # an empty input: no gradient flows

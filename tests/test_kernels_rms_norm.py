@@ -148,24 +148,25 @@ def test_cpp_rejects_a_weight_of_the_wrong_size():
 
 def hopper_variants():
     """Every config autotuning may pick, for rows of 1024 and 8192 values: each kernel with every config
-    its pruner keeps for that width, for bf16 rows with an fp32 weight (autocast) and for each dtype
-    with a weight of its own and without one."""
+    its pruner keeps for that width, under autocast (bf16 rows with an fp32 weight; fp32 rows with bf16
+    y and dy) and for each dtype with a weight of its own and without one."""
     from fastgpt.kernels import layer_norm, rms_norm
 
     kernels = [("forward", rms_norm._rms_norm_forward_kernel, layer_norm.FORWARD_PRUNER),
                ("backward", rms_norm._rms_norm_backward_kernel, layer_norm.BACKWARD_PRUNER)]
-    # (the rows' dtype, the weight's or None)
-    weights = [(torch.bfloat16, torch.float32)] + [(dtype, w) for dtype in TRITON_DTYPES for w in (dtype, None)]
+    # (the rows' dtype, the pointers of other dtypes, what they are)
+    variants = [(torch.bfloat16, {"W": torch.float32}, "fp32 weight"),
+                (torch.float32, {"W": torch.float32, "Y": torch.bfloat16, "DY": torch.bfloat16}, "bf16 y and dy")]
+    for dtype in TRITON_DTYPES:
+        variants += [(dtype, {"W": dtype}, f"{dtype_id(dtype)} weight"),
+                     (dtype, {"W": None, "DW_PARTIAL": None}, "no weight")]
     for name, kernel, prune in kernels:
         for block_n in (1024, 8192):
             for config in prune(layer_norm.HOPPER_CONFIGS, {"BLOCK_N": block_n}):
-                for dtype, weight in weights:
-                    if weight is None:
-                        description, parameters = "no weight", {"W": None, "DW_PARTIAL": None}
-                    else:
-                        description, parameters = f"{dtype_id(weight)} weight", {"W": weight}
+                for dtype, parameters, description in variants:
                     yield (f"rms_norm {name} {dtype_id(dtype)} rows of {block_n}, {description}", kernel,
-                           (dtype, parameters), dict(HAS_WEIGHT=weight is not None, BLOCK_N=block_n), config)
+                           (dtype, parameters), dict(HAS_WEIGHT=parameters["W"] is not None, BLOCK_N=block_n),
+                           config)
 
 
 def spilling_variant():

@@ -109,8 +109,9 @@ def backward(ctx, backward_kernel, grad_y, _grad_mean, _grad_rstd):
 
 def samples(device, dtype):
     """(x, weight, bias, eps, out_dtype): rows shorter than a vector, of some vectors and a part, 768
-    and 1000 wide; no parameters, a weight only, fp32 parameters beside a low-precision x (as under
-    autocast), and rows that are strided."""
+    and 1000 wide; no parameters, a weight only, fp32 parameters beside a low-precision x,
+    low-precision y of an fp32 x (as under autocast) and the other way round, and rows that are
+    strided."""
     def tensor(*shape, dtype=dtype):
         return torch.randn(*shape, device=device, dtype=dtype)
 
@@ -121,6 +122,10 @@ def samples(device, dtype):
     yield tensor(5, 40), None, None, 1e-6, None
     if dtype in (torch.bfloat16, torch.float16):
         yield tensor(9, 64), tensor(64, dtype=torch.float32), tensor(64, dtype=torch.float32), 1e-5, None
+        yield tensor(4, 56), tensor(56, dtype=torch.float32), None, 1e-5, torch.float32
+    if dtype == torch.float32:
+        yield tensor(9, 70), tensor(70), tensor(70), 1e-5, torch.bfloat16
+        yield tensor(3, 5, 48), tensor(48), None, 1e-5, torch.float16
     yield tensor(96, 40).t(), tensor(96), tensor(96), 1e-5, None
 
 

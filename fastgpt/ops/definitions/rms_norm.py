@@ -4,6 +4,7 @@
 
 with the mean of squares taken over the last dimension in fp32 at least whatever x's dtype; weight,
 of shape (N,), may be None. The forward kernel keeps each row's 1/sqrt(mean(x^2) + eps) (rstd).
+Under autocast, y comes in the autocast dtype, for the reason layer_norm's does (see there).
 """
 
 import torch
@@ -11,30 +12,30 @@ import torch.nn.functional as F
 
 from fastgpt.ops.contract import define_op, statistics_dtype
 from fastgpt.ops.dispatch import register, run
-from fastgpt.ops.definitions.layer_norm import check_inputs
+from fastgpt.ops.definitions.layer_norm import check_inputs, output_dtype
 
 
 def rms_norm(x, weight=None, eps=1e-6, *, backend=None):
     """RMSNorm over the last dimension of x; weight (shape (N,)) may be None."""
     check_inputs(x, weight, None)
-    return run(RMS_NORM, x.device, backend)(x, weight, float(eps))
+    return run(RMS_NORM, x.device, backend)(x, weight, float(eps), output_dtype(x))
 
 
-def reference(x, weight, eps):
+def reference(x, weight, eps, out_dtype=None):
     """The formula step by step, statistics in fp32 at least (fp64 stays fp64)."""
     compute_dtype = statistics_dtype(x.dtype)
     xc = x.to(compute_dtype)
     y = xc * torch.rsqrt((xc * xc).mean(dim=-1, keepdim=True) + eps)
     if weight is not None:
         y = y * weight.to(compute_dtype)
-    return y.to(x.dtype)
+    return y.to(out_dtype or x.dtype)
 
 
-def builtin(x, weight, eps):
+def builtin(x, weight, eps, out_dtype=None):
     """PyTorch's F.rms_norm, in fp32 for low-precision inputs as the kernels compute."""
     compute_dtype = statistics_dtype(x.dtype)
     return F.rms_norm(x.to(compute_dtype), x.shape[-1:], None if weight is None else weight.to(compute_dtype),
-                      eps).to(x.dtype)
+                      eps).to(out_dtype or x.dtype)
 
 
 # ---- the kernels' contract ----
@@ -44,8 +45,8 @@ def result(outputs):
     return outputs[0]
 
 
-def fake_forward(x, weight, eps):
-    return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=statistics_dtype(x.dtype))
+def fake_forward(x, weight, eps, out_dtype=None):
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), x.new_empty(x.shape[:-1], dtype=statistics_dtype(x.dtype))
 
 
 def fake_backward(grad_y, x, weight, rstd):
@@ -54,7 +55,7 @@ def fake_backward(grad_y, x, weight, rstd):
 
 
 def setup_context(ctx, inputs, output):
-    x, weight, _eps = inputs
+    x, weight, _eps, _out_dtype = inputs
     _y, rstd = output
     ctx.save_for_backward(x, weight, rstd)
     ctx.weight_dtype = None if weight is None else weight.dtype
@@ -65,27 +66,33 @@ def backward(ctx, backward_kernel, grad_y, _grad_rstd):
     """dx, and dweight in the weight's dtype (the kernel returns it in the statistics' dtype)."""
     x, weight, rstd = ctx.saved_tensors
     dx, dweight = backward_kernel(grad_y, x, weight, rstd)
-    return dx, None if ctx.weight_dtype is None else dweight.to(ctx.weight_dtype), None
+    return dx, None if ctx.weight_dtype is None else dweight.to(ctx.weight_dtype), None, None
 
 
 def samples(device, dtype):
-    """(x, weight, eps): rows of widths 1, 7, 48, 80, 768 and 1000, without a weight, fp32 weights beside
-    a low-precision x (as under autocast), and strided rows."""
+    """(x, weight, eps, out_dtype): rows of widths 1, 7, 48, 80, 768 and 1000, without a weight, fp32
+    weights beside a low-precision x, low-precision y of an fp32 x (as under autocast) and the other
+    way round, and strided rows."""
     def tensor(*shape, dtype=dtype):
         return torch.randn(*shape, device=device, dtype=dtype)
 
     for shape in [(1, 1), (3, 7), (5, 48), (4, 3, 80), (33, 768), (2, 1000)]:
-        yield tensor(*shape) * 3, tensor(shape[-1]), 1e-6
-    yield tensor(5, 40), None, 1e-5
+        yield tensor(*shape) * 3, tensor(shape[-1]), 1e-6, None
+    yield tensor(5, 40), None, 1e-5, None
     if dtype in (torch.bfloat16, torch.float16):
-        yield tensor(9, 64), tensor(64, dtype=torch.float32), 1e-6
-    yield tensor(96, 40).t(), tensor(96), 1e-6
+        yield tensor(9, 64), tensor(64, dtype=torch.float32), 1e-6, None
+        yield tensor(4, 56), tensor(56, dtype=torch.float32), 1e-6, torch.float32
+    if dtype == torch.float32:
+        yield tensor(9, 70), tensor(70), 1e-6, torch.bfloat16
+        yield tensor(3, 5, 48), None, 1e-6, torch.float16
+    yield tensor(96, 40).t(), tensor(96), 1e-6, None
 
 
 RMS_NORM = register(define_op(
     __name__,
     # rstd: the row statistics, x.shape[:-1], fp32 (fp64 for fp64 x). grad_weight is in that dtype,
     # and empty when there is no weight.
-    forward_schema="(Tensor x, Tensor? weight, float eps) -> (Tensor y, Tensor rstd)",
+    # out_dtype: y's dtype (None: x's).
+    forward_schema="(Tensor x, Tensor? weight, float eps, ScalarType? out_dtype=None) -> (Tensor y, Tensor rstd)",
     backward_schema="(Tensor grad_y, Tensor x, Tensor? weight, Tensor rstd) -> (Tensor grad_x, Tensor grad_weight)",
 ))
