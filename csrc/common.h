@@ -35,9 +35,9 @@ template <typename scalar_t> using Vec = at::vec::Vectorized<acc_t<scalar_t>>;
 constexpr int64_t kElementsPerTask = 1 << 14;
 
 // A whole fp32 vector's worth of bf16 values, widened or rounded (to nearest even) with the
-// instruction set's own conversions: a bf16 is the upper half of an fp32. (ATen's Vectorized<BFloat16>
-// holds twice as many lanes as a float vector, so converting through it does the work twice over, and
-// that was a third of an elementwise kernel's time in bf16.)
+// instruction set's own conversions: a bf16 is the upper half of an fp32. ATen's Vectorized<BFloat16>
+// holds twice as many lanes as a float vector, so converting one float vector through it would
+// convert twice the lanes needed (GELU's bf16 kernels take 9% longer that way).
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr bool kWholeVectorBF16 = true;
 inline at::vec::Vectorized<float> widen_vector(const c10::BFloat16* data) {
