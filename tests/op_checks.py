@@ -13,7 +13,7 @@ from fastgpt.ops import dispatch
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 # Error allowed against the float64 result, per dtype: a few times what the reference itself shows.
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
 def runnable_kernel_backends():
