@@ -43,7 +43,7 @@ def assert_close_to_float64(actual, reference_same_dtype, exact, dtype, what):
         f"(the reference path in the same dtype is off by {reference_error:.3g})")
 
 
-def _leaves(arguments, cast=None):
+def leaves(arguments, cast=None):
     """The arguments with every floating tensor made a fresh leaf that requires grad; with `cast`,
     those tensors and any dtype argument (an output dtype) become `cast`."""
     def leaf(a):
@@ -61,13 +61,13 @@ def compare_with_reference(fused, reference, arguments, what):
     grad_out = None
     for name, run, cast in (("fused", fused, None), ("reference", reference, None),
                             ("float64", reference, torch.float64)):
-        leaves = _leaves(arguments, cast)
-        out = run(*leaves)
+        inputs = leaves(arguments, cast)
+        out = run(*inputs)
         if grad_out is None:
             grad_out = torch.randn_like(out)
         if out.numel():
             out.backward(grad_out.to(out.dtype))
-        results[name] = [out] + [leaf.grad for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
+        results[name] = [out] + [leaf.grad for leaf in inputs if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
     differentiable = [(i, a) for i, a in enumerate(arguments) if isinstance(a, torch.Tensor) and a.is_floating_point()]
     # The output comes in the reference's dtype (x's, or the output dtype an argument names).
     expected = [("output", results["reference"][0].dtype)] + [(f"gradient of argument {i}", a.dtype) for i, a in differentiable]

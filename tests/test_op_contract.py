@@ -17,7 +17,7 @@ import torch
 
 from fastgpt import ops
 from fastgpt.ops import contract, dispatch
-from op_checks import DEVICE, backend_dtypes, compare_with_reference, runnable_kernel_backends
+from op_checks import DEVICE, backend_dtypes, compare_with_reference, leaves, runnable_kernel_backends
 
 BACKENDS = runnable_kernel_backends()
 OP_BACKENDS = [pytest.param(op, backend, id=f"{op.name}-{backend}")
@@ -51,12 +51,6 @@ def test_outputs_and_gradients_match_the_reference_and_float64(op, backend, dtyp
     fused = dispatch.implementation(op, dispatch.resolve_backend(backend, DEVICE))
     for index, sample in enumerate(op.samples(DEVICE, dtype)):
         compare_with_reference(fused, op.reference, sample, f"{op.name} on {backend}, sample {index}")
-
-
-def leaves(sample):
-    """The sample's arguments with every floating tensor a fresh leaf that requires grad."""
-    return [a.detach().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-            for a in sample]
 
 
 def backward_kernel_arguments(op, backward_kernel, arguments, outputs):
