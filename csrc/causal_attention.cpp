@@ -129,14 +129,14 @@ void attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at
     // Scratch for one block of queries; a short Tq (decoding) needs only as many rows as it has.
     const int64_t block_rows = std::min(kBlockQ, t_q);
     std::vector<T> scores(block_rows * kForwardBlockK), acc(block_rows * dim), row_max(block_rows), row_sum(block_rows);
-    // A block of queries and a block of values in T, for inputs stored otherwise.
-    std::vector<T> queries = widening_scratch<S>(block_rows * dim);
-    std::vector<T> values = widening_scratch<S>(std::min(kForwardBlockK, t_k) * dim);
+    // A block of queries and one head's values in T, for inputs stored otherwise.
+    std::vector<T> queries = widening_scratch<S>(block_rows * dim), values = widening_scratch<S>(t_k * dim);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (heads * chunks), h = task / chunks % heads, chunk = task % chunks;
       const Rows<S> Q = head<S>(q, b, h), K = head<S>(k, b, h / group), V = head<S>(v, b, h / group);
       const Rows<S> O = head<S>(out, b, h);
       transpose(K.data, K.row_stride, t_k, dim, keys_t.data(), keys_t_stride);
+      const Rows<const T> Vh = in_compute_type(V, 0, t_k, dim, values.data());
 
       for (int64_t q_block = chunk; q_block < q_blocks; q_block += chunks) {
         const int64_t q0 = q_block * kBlockQ, rows = std::min(kBlockQ, t_q - q0);
@@ -148,7 +148,6 @@ void attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at
         const int64_t keys_seen = offset + q0 + rows;
         for (int64_t k0 = 0; k0 < keys_seen; k0 += kForwardBlockK) {
           const int64_t cols = std::min(kForwardBlockK, keys_seen - k0);
-          const Rows<const T> Vb = in_compute_type(V, k0, cols, dim, values.data());
           // S = scale * Q K^T, for each group of rows only up to the keys its last row sees.
           for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
             const int64_t group = std::min<int64_t>(kTileRows, rows - r0);
@@ -173,8 +172,8 @@ void attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at
           for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
             const int64_t group = std::min<int64_t>(kTileRows, rows - r0);
             const int64_t needed = visible_keys(offset + q0 + r0 + group - 1, k0, cols);
-            matmul<T>(group, dim, needed, T(1), scores.data() + r0 * kForwardBlockK, kForwardBlockK, 1, Vb.data,
-                      Vb.row_stride, acc.data() + r0 * dim, dim, true);
+            matmul<T>(group, dim, needed, T(1), scores.data() + r0 * kForwardBlockK, kForwardBlockK, 1, Vh.row(k0),
+                      Vh.row_stride, acc.data() + r0 * dim, dim, true);
           }
         }
         T* block_lse = lse.data_ptr<T>() + (b * heads + h) * t_q + q0;
