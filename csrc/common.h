@@ -37,26 +37,29 @@ constexpr int64_t kElementsPerTask = 1 << 14;
 // A whole fp32 vector's worth of bf16 values, widened or rounded (to nearest even) with the
 // instruction set's own conversions: a bf16 is the upper half of an fp32. ATen's Vectorized<BFloat16>
 // holds twice as many lanes as a float vector, so converting one float vector through it would
-// convert twice the lanes needed (GELU's bf16 kernels take 9% longer that way).
+// convert twice the lanes needed (GELU's bf16 kernels take 9% longer that way). Each build names its
+// registers: a float vector, and the integer one that holds as many bf16 values.
 #if defined(CPU_CAPABILITY_AVX512)
-constexpr bool kWholeVectorBF16 = true;
-inline at::vec::Vectorized<float> widen_vector(const c10::BFloat16* data) {
-  __m512 widened;
-  at::vec::cvtbf16_fp32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(data)), widened);
-  return widened;
-}
-inline void narrow_vector(c10::BFloat16* data, const at::vec::Vectorized<float>& value) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(data), at::vec::cvtfp32_bf16(__m512(value)));
-}
+using FloatRegister = __m512;
+using BF16Register = __m256i;
+inline BF16Register load_bf16_register(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+inline void store_bf16_register(void* p, BF16Register v) { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
 #elif defined(CPU_CAPABILITY_AVX2)
+using FloatRegister = __m256;
+using BF16Register = __m128i;
+inline BF16Register load_bf16_register(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+inline void store_bf16_register(void* p, BF16Register v) { _mm_storeu_si128(static_cast<__m128i*>(p), v); }
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 constexpr bool kWholeVectorBF16 = true;
 inline at::vec::Vectorized<float> widen_vector(const c10::BFloat16* data) {
-  __m256 widened;
-  at::vec::cvtbf16_fp32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(data)), widened);
+  FloatRegister widened;
+  at::vec::cvtbf16_fp32(load_bf16_register(data), widened);
   return widened;
 }
 inline void narrow_vector(c10::BFloat16* data, const at::vec::Vectorized<float>& value) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(data), at::vec::cvtfp32_bf16(__m256(value)));
+  store_bf16_register(data, at::vec::cvtfp32_bf16(FloatRegister(value)));
 }
 #else
 constexpr bool kWholeVectorBF16 = false;
