@@ -37,9 +37,10 @@
 // group's heads in turn, so each sum is formed in one fixed order by one task, as for H = Hkv.
 //
 // The tiles are computed in fp32 (fp64 for gradcheck's fp64 inputs). bf16 tensors are read and
-// written in place: each block of rows is widened to fp32 in a task's scratch just before its
-// products, and each output block rounded to bf16 as it is stored, so no fp32 copy of q, k, v, their
-// gradients or the output is ever made. The tile products are the register-blocked `matmul` of common.h.
+// written in place: a task widens what it multiplies into fp32 scratch (the forward a head's keys and
+// values once, the backward each block of keys, both each block of queries) and rounds each output
+// block to bf16 as it stores it, so no fp32 copy of q, k, v, their gradients or the output is ever
+// made. The tile products are the register-blocked `matmul` of common.h.
 
 #include "row_ops.h"
 
