@@ -41,6 +41,10 @@
 // values once, the backward each block of keys, both each block of queries) and rounds each output
 // block to bf16 as it stores it, so no fp32 copy of q, k, v, their gradients or the output is ever
 // made. The tile products are the register-blocked `matmul` of common.h.
+//
+// The output and the gradients dq, dk, dv are (B, H, T, D) views of (B, T, H, D) memory, the layout in
+// which the model's projections make q, k, v and read the output back: (B, T, H * D) is then a view
+// of them, not a copy (the op's contract, fastgpt/ops/definitions/causal_attention.py).
 
 #include "row_ops.h"
 
@@ -197,6 +201,7 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, 
   const int64_t batch = q.size(0), heads = q.size(1), kv_heads = k.size(1), t_q = q.size(2), t_k = k.size(2);
   const int64_t dim = q.size(3), offset = t_k - t_q, group = heads / kv_heads;
   const int64_t k_blocks = ceil_div(t_k, kBackwardBlockK), chunks = dq_partials.size(0);
+  const int64_t dq_stride = heads * dim;
 
   at::parallel_for(0, batch * kv_heads * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> probs(kBlockQ * kBackwardBlockK), dprobs(kBlockQ * kBackwardBlockK);
@@ -211,8 +216,9 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, 
       const Rows<S> K = head<S>(k, b, g), V = head<S>(v, b, g), dK = head<S>(dk, b, g), dV = head<S>(dv, b, g);
       // The group's query heads are h = first_head .. first_head + group - 1.
       const int64_t first_head = g * group;
+      // This task's dq partial of head h: rows dq_stride apart, as dq_partials is (chunks, B, Tq, H, D).
       const auto dq_partial_of = [&](int64_t h) {
-        return dq_partials.data_ptr<T>() + ((chunk * batch + b) * heads + h) * t_q * dim;
+        return dq_partials.data_ptr<T>() + ((chunk * batch + b) * t_q * heads + h) * dim;
       };
       // delta_i = do_i . o_i, one number per query, computed where it is used rather than in a pass
       // of its own over dO and O. (When a head is split over several tasks, each computes it.)
@@ -223,7 +229,7 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, 
           const T* out_row = in_compute_type(O, i, 1, dim, queries.data()).data;
           group_delta[r * t_q + i] = dot_rows<T, 1>(grad_out_row, dim, out_row)[0];
         }
-        std::fill_n(dq_partial_of(first_head + r), t_q * dim, T(0));
+        for (int64_t i = 0; i < t_q; ++i) std::fill_n(dq_partial_of(first_head + r) + i * dq_stride, dim, T(0));
       }
 
       for (int64_t key_block = chunk; key_block < k_blocks; key_block += chunks) {
@@ -279,7 +285,7 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, 
               const int64_t tile = std::min<int64_t>(kTileRows, rows - r0);
               const int64_t needed = visible_keys(offset + q0 + r0 + tile - 1, k0, cols);
               matmul<T>(tile, dim, needed, scale, dprobs.data() + r0 * kBackwardBlockK, kBackwardBlockK, 1,
-                        Kb.data, Kb.row_stride, dq_partial + (q0 + r0) * dim, dim, true);
+                        Kb.data, Kb.row_stride, dq_partial + (q0 + r0) * dq_stride, dq_stride, true);
             }
           }
         }
@@ -291,6 +297,11 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, 
 }
 
 // ---- Op entry points ---------------------------------------------------------------------------
+
+// An uninitialised (B, H, T, D) tensor of these sizes laid out as (B, T, H, D) in memory.
+at::Tensor empty_heads(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::empty({sizes[0], sizes[2], sizes[1], sizes[3]}, options).transpose(1, 2);
+}
 
 // In q's dtype (the public op takes one dtype for all), with unit stride along D (what the
 // kernels' vector loads need).
@@ -323,7 +334,7 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_forward(const at::Tensor& q,
   check_inputs(q, k, v);
   const auto dtype = q.scalar_type();
   const at::Tensor qc = prepared(q, dtype), kc = prepared(k, dtype), vc = prepared(v, dtype);
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor out = empty_heads(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(accumulate_type(q)));
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "fastgpt::causal_attention_forward", [&] {
     attention_forward_kernel<scalar_t>(qc, kc, vc, out, lse, static_cast<acc_t<scalar_t>>(scale));
@@ -342,16 +353,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(
   // A task owns key blocks of one (batch, key/value head): that is what the work is split over.
   const int64_t chunks = tasks_per_head(k.size(0) * k.size(1), ceil_div(k.size(2), kBackwardBlockK));
   // dq gathers terms from every task of a head, so its partials are kept in the compute type.
-  at::Tensor dq_partials = at::empty({chunks, q.size(0), q.size(1), q.size(2), q.size(3)},
+  at::Tensor dq_partials = at::empty({chunks, q.size(0), q.size(2), q.size(1), q.size(3)},
                                      q.options().dtype(accumulate_type(q)));
-  at::Tensor dk = at::empty(k.sizes(), q.options());
-  at::Tensor dv = at::empty(v.sizes(), q.options());
+  at::Tensor dk = empty_heads(k.sizes(), q.options());
+  at::Tensor dv = empty_heads(v.sizes(), q.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "fastgpt::causal_attention_backward", [&] {
     attention_backward_kernel<scalar_t>(doc, qc, kc, vc, oc, lsec, dq_partials, dk, dv,
                                         static_cast<acc_t<scalar_t>>(scale));
   });
   at::Tensor dq = chunks == 1 ? dq_partials[0] : dq_partials.sum(0);
-  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+  return {dq.to(q.scalar_type()).transpose(1, 2), dk, dv};
 }
 
 // The CPU implementations of the op's kernels; their schemas are in fastgpt/ops/definitions/causal_attention.py.

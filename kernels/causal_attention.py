@@ -63,6 +63,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgpt.ops.definitions.causal_attention import empty_heads
+
 from . import autotuning, dot_precision, interpreting, mend_interpreter
 
 mend_interpreter()
@@ -535,11 +537,6 @@ def check_offsets_within_a_head(name, x):
                          f"more than the Triton attention kernels index (2^31): use a shorter sequence")
 
 
-def empty_heads(batch, n_heads, seq_len, head_dim, like):
-    """An uninitialised (B, H, T, D) tensor in (B, T, H, D) memory: `.transpose(1, 2)` of it is contiguous."""
-    return like.new_empty((batch, seq_len, n_heads, head_dim)).transpose(1, 2)
-
-
 def _rows_contiguous(x):
     """x itself when each row of its last dimension is contiguous (any B, H, T strides), else a copy."""
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -579,7 +576,7 @@ def forward(q, k, v, scale):
         raise ValueError(f"the Triton attention kernels take a positive scale, got {scale}")
     q, k, v = _prepare({"q": q, "k": k, "v": v})
     batch, n_heads, seq_len_q, head_dim = q.shape
-    out = empty_heads(batch, n_heads, seq_len_q, head_dim, q)
+    out = empty_heads(q.shape, q)
     check_offsets_within_a_head("the output", out)
     lse = torch.empty((batch, n_heads, seq_len_q), dtype=torch.float32, device=q.device)
     _attention_forward_kernel[_grid(batch * n_heads, seq_len_q, "BLOCK_M")](
@@ -599,9 +596,10 @@ def backward(grad_out, q, k, v, out, lse, scale):
     batch, n_heads, seq_len_q, head_dim = q.shape
     seq_len_k = k.shape[2]
     kv_heads = k.shape[1]
-    dq = empty_heads(batch, n_heads, seq_len_q, head_dim, q)
-    dk = empty_heads(batch, n_heads, seq_len_k, head_dim, k)
-    dv = empty_heads(batch, n_heads, seq_len_k, head_dim, v)
+    dq = empty_heads(q.shape, q)
+    # With grouped-query attention, buffers of H heads, each query head's share (summed below).
+    dk = empty_heads((batch, n_heads, seq_len_k, head_dim), k)
+    dv = empty_heads((batch, n_heads, seq_len_k, head_dim), v)
     for name, x in (("dq", dq), ("dk", dk)):
         check_offsets_within_a_head(name, x)
     delta = torch.empty_like(lse)
@@ -624,16 +622,3 @@ def _sum_over_groups(grad, kv_heads):
     batch, n_heads, seq_len, head_dim = grad.shape
     memory = grad.transpose(1, 2).view(batch, seq_len, kv_heads, n_heads // kv_heads, head_dim)
     return memory.sum(3, dtype=torch.float32).to(grad.dtype).transpose(1, 2)
-
-
-# The shapes and dtypes are the op's contract's; the memory layout is this module's (empty_heads).
-
-def fake_forward(q, k, v, scale):
-    batch, n_heads, seq_len_q, head_dim = q.shape
-    return empty_heads(batch, n_heads, seq_len_q, head_dim, q), q.new_empty((batch, n_heads, seq_len_q),
-                                                                             dtype=torch.float32)
-
-
-def fake_backward(grad_out, q, k, v, out, lse, scale):
-    return tuple(empty_heads(*x.shape, x) for x in (q, k, v))
-

@@ -34,6 +34,25 @@ def test_attention_with_longer_keys_is_the_tail_of_the_full_sequence(backend):
     torch.testing.assert_close(tail, full[:, :, 61:], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_output_and_gradients_are_laid_out_as_the_projection_is(backend, kv_heads):
+    """The kernels return the output and dq, dk, dv in (B, T, H, D) memory, as the contract says: the
+    model's (B, T, H * D) view of the output is then no copy, nor are its projection's views of the
+    gradients."""
+    b, h, t, d = 2, 4, 9, 16
+    qkv = torch.randn(b, t, (h + 2 * kv_heads) * d, device=DEVICE, requires_grad=True)
+    q, k, v = (x.view(b, t, -1, d).transpose(1, 2) for x in qkv.split([h * d, kv_heads * d, kv_heads * d], dim=-1))
+    grads = {}
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        x.register_hook(lambda grad, name=name: grads.setdefault(name, grad))
+    out = ops.causal_attention(q, k, v, backend=backend)
+    assert out.transpose(1, 2).is_contiguous()
+    out.sum().backward()
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        assert grads[name].shape == x.shape and grads[name].transpose(1, 2).is_contiguous(), name
+
+
 def test_reference_gelu_is_the_tanh_formula():
     x = torch.linspace(-8, 8, 1001, dtype=torch.float64)
     formula = 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x ** 3)))

@@ -415,10 +415,10 @@ def test_offsets_within_a_head_are_checked_without_allocating():
     from fastgpt.kernels import causal_attention as attention
 
     like = torch.empty(0, device="meta", dtype=torch.bfloat16)
-    huge_batch = attention.empty_heads(70_000, 16, 2048, 128, like)  # 2^38 elements in all
+    huge_batch = attention.empty_heads((70_000, 16, 2048, 128), like)  # 2^38 elements in all
     attention.check_offsets_within_a_head("q", huge_batch)
     assert huge_batch.stride(0) * 70_000 > 2 ** 31 > huge_batch.stride(2) * 2048
-    too_long = attention.empty_heads(1, 64, 2 ** 18 + 1, 128, like)  # one head's rows span past 2^31 elements
+    too_long = attention.empty_heads((1, 64, 2 ** 18 + 1, 128), like)  # one head's rows span past 2^31 elements
     with pytest.raises(ValueError, match="within one head"):
         attention.check_offsets_within_a_head("q", too_long)
 

@@ -91,17 +91,16 @@ def define_op(module_name, forward_schema, backward_schema, kernels=("cpp", "tri
                    kernels=kernels, **{part: getattr(module, part) for part in parts})
 
 
-def declare(op, backend, fake_forward=None, fake_backward=None):
+def declare(op, backend):
     """Define `backend`'s two kernel ops for `op` with the contract's schemas, and register their
-    fake versions (the contract's, or the backend's where its kernels lay their outputs out otherwise)
-    and the op's autograd formula. Returns the forward op, ready to call once the backend has
-    registered its implementations."""
+    fake versions and the op's autograd formula. Returns the forward op, ready to call once the
+    backend has registered its implementations."""
     forward_name = kernel_name(backend, op.name, "forward")
     backward_name = kernel_name(backend, op.name, "backward")
     torch.library.define(f"{NAMESPACE}::{forward_name}", op.forward_schema)
     torch.library.define(f"{NAMESPACE}::{backward_name}", op.backward_schema)
-    torch.library.register_fake(f"{NAMESPACE}::{forward_name}", fake_forward or op.fake_forward)
-    torch.library.register_fake(f"{NAMESPACE}::{backward_name}", fake_backward or op.fake_backward)
+    torch.library.register_fake(f"{NAMESPACE}::{forward_name}", op.fake_forward)
+    torch.library.register_fake(f"{NAMESPACE}::{backward_name}", op.fake_backward)
     backward_kernel = getattr(torch.ops.fastgpt, backward_name)
 
     def backward(ctx, *grad_outputs):
@@ -111,10 +110,10 @@ def declare(op, backend, fake_forward=None, fake_backward=None):
     return getattr(torch.ops.fastgpt, forward_name)
 
 
-def kernel_implementation(op, backend, **fakes):
+def kernel_implementation(op, backend):
     """The function that runs `op` on `backend`'s kernels (declared here), taking the forward kernel's
     arguments and returning what the public op returns."""
-    forward = declare(op, backend, **fakes)
+    forward = declare(op, backend)
     result = op.result
     return lambda *arguments: result(forward(*arguments))
 

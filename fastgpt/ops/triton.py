@@ -58,9 +58,7 @@ def implementation(op, on_backend=None):
     if "triton" not in op.kernels:
         return None
     launchers = importlib.import_module(f"fastgpt.kernels.{op.name}")
-    # A kernel module whose outputs are laid out otherwise than a contiguous tensor says so in fakes of its own.
-    run = kernel_implementation(op, "triton", fake_forward=getattr(launchers, "fake_forward", None),
-                                fake_backward=getattr(launchers, "fake_backward", None))
+    run = kernel_implementation(op, "triton")
     device_types = ("cpu",) if interpreting() else ("cuda",)
     for direction in ("forward", "backward"):
         torch.library.impl(f"{NAMESPACE}::{kernel_name('triton', op.name, direction)}", device_types,

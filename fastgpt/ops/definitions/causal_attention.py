@@ -10,6 +10,10 @@ the shared heads in place.
 
 The fused kernels never build the Tq x Tk matrix of probabilities: the forward keeps only the
 log-sum-exp of each query's scores (lse), from which the backward recomputes the probabilities.
+
+Every backend's kernels return the output and the gradients of q, k and v as (B, H, T, D) views of
+(B, T, H, D) memory (`empty_heads`): the layout in which a model's fused projection makes q, k and v
+and reads the output back, so that turning them into (B, T, H * D) is a view rather than a copy.
 """
 
 import math
@@ -83,12 +87,18 @@ def result(outputs):
     return outputs[0]
 
 
+def empty_heads(shape, like):
+    """An uninitialised (B, H, T, D) tensor of `shape` in (B, T, H, D) memory, with `like`'s dtype and device."""
+    batch, heads, length, head_dim = shape
+    return like.new_empty((batch, length, heads, head_dim)).transpose(1, 2)
+
+
 def fake_forward(q, k, v, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=statistics_dtype(q.dtype))
+    return empty_heads(q.shape, q), q.new_empty(q.shape[:3], dtype=statistics_dtype(q.dtype))
 
 
 def fake_backward(grad_out, q, k, v, out, lse, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return tuple(empty_heads(x.shape, x) for x in (q, k, v))
 
 
 def setup_context(ctx, inputs, output):
