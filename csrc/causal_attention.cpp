@@ -275,12 +275,18 @@ void attention_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, 
                 d.store(ds + j, std::min<int64_t>(Vt::size(), cols - j));
               }
             }
-            // dV += P^T dO
-            matmul<T>(cols, dim, rows, T(1), probs.data(), 1, kBackwardBlockK, dOb.data, dOb.row_stride,
-                      dv_acc.data(), dim, true);
-            // dK += scale * dS^T Q;  dQ += scale * dS K
-            matmul<T>(cols, dim, rows, scale, dprobs.data(), 1, kBackwardBlockK, Qb.data, Qb.row_stride,
-                      dk_acc.data(), dim, true);
+            // dV += P^T dO and dK += scale * dS^T Q, for each group of keys only over the queries that
+            // see its first key: on the diagonal the earlier queries' P and dS are zero.
+            for (int64_t j0 = 0; j0 < cols; j0 += kTileRows) {
+              const int64_t keys = std::min<int64_t>(kTileRows, cols - j0);
+              const int64_t first = std::clamp<int64_t>(k0 + j0 - offset - q0, 0, rows);
+              if (first == rows) break;  // no query of this block sees these keys, nor the later ones
+              matmul<T>(keys, dim, rows - first, T(1), probs.data() + first * kBackwardBlockK + j0, 1, kBackwardBlockK,
+                        dOb.row(first), dOb.row_stride, dv_acc.data() + j0 * dim, dim, true);
+              matmul<T>(keys, dim, rows - first, scale, dprobs.data() + first * kBackwardBlockK + j0, 1,
+                        kBackwardBlockK, Qb.row(first), Qb.row_stride, dk_acc.data() + j0 * dim, dim, true);
+            }
+            // dQ += scale * dS K
             for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
               const int64_t tile = std::min<int64_t>(kTileRows, rows - r0);
               const int64_t needed = visible_keys(offset + q0 + r0 + tile - 1, k0, cols);

@@ -126,14 +126,22 @@ struct Rows {
 // a[r * a_row_stride + p * a_col_stride], and a transposed operand is the same kernel with the two
 // strides swapped. B is read by rows, which must be contiguous (the caller transposes if need be).
 
-// Four rows divide the attention kernels' 64-row blocks evenly, and on the diagonal, where a group
-// of rows is computed up to the keys its last row sees, smaller groups compute fewer masked scores.
-// (With AVX-512, 4 x 4 tiles measured 2-4% faster than 6 x 4 on attention forward and backward.)
-constexpr int kTileRows = 4;
+// A tile's accumulators are independent chains of fused multiply-adds, and a core keeps two FMAs in
+// flight per cycle for 4 cycles each: it needs at least 8 chains to stay busy. Smaller tiles compute
+// fewer masked scores on the diagonal, where a group of rows is computed up to the keys its last row
+// sees. With AVX-512, 4 x 4 tiles (16 chains) measured 2-4% faster than 6 x 4 on attention forward
+// and backward. AVX2's 16 registers hold 6 x 2 (12 chains, beside two B vectors and one broadcast),
+// which made attention forward and backward about 2% faster than 4 x 2 (B32 H4 T128 D32, on a Xeon
+// limited to AVX2).
 #if defined(CPU_CAPABILITY_AVX512)
+constexpr int kTileRows = 4;
 constexpr int kTileVecs = 4;  // 16 accumulators of the 32 vector registers
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int kTileRows = 6;
+constexpr int kTileVecs = 2;  // 12 accumulators of the 16 vector registers
 #else
-constexpr int kTileVecs = 2;  // 8 accumulators of the 16 vector registers
+constexpr int kTileRows = 4;
+constexpr int kTileVecs = 2;
 #endif
 
 template <typename T, int kRows, int kVecs, bool kFullWidth>
@@ -188,11 +196,13 @@ inline void matmul_column_tile(int64_t rows, int64_t cols, int64_t depth, T alph
     matmul_tile<T, decltype(rows_left)::value, kVecs, kFullWidth>(
         cols, depth, alpha, a + r * a_row_stride, a_row_stride, a_col_stride, b, ldb, c + r * ldc, ldc, accumulate);
   };
-  static_assert(kTileRows == 4, "the leftover rows are dispatched for tiles of four rows");
+  static_assert(kTileRows <= 6, "the leftover rows are dispatched for tiles of at most six rows");
   switch (rows - r) {
     case 1: rest(std::integral_constant<int, 1>{}); break;
     case 2: rest(std::integral_constant<int, 2>{}); break;
     case 3: rest(std::integral_constant<int, 3>{}); break;
+    case 4: if constexpr (kTileRows > 4) rest(std::integral_constant<int, 4>{}); break;
+    case 5: if constexpr (kTileRows > 5) rest(std::integral_constant<int, 5>{}); break;
     default: break;
   }
 }
@@ -242,11 +252,13 @@ void transpose(const S* src, int64_t src_stride, int64_t rows, int64_t cols, D* 
 }
 
 // dst[j] = src[j] for j < n, converted from S to D, one of which is the other's accumulation type:
-// bf16 widened to fp32, or fp32 rounded to bf16 (to nearest even).
+// bf16 widened to fp32, or fp32 rounded to bf16 (to nearest even). Rows are short (a head's D), so
+// a copy is a few vector moves in place: as a call to memmove it cost attention 3% of its time.
 template <typename S, typename D>
 inline void convert_row(const S* src, D* dst, int64_t n) {
   if constexpr (std::is_same_v<S, D>) {
-    std::copy_n(src, n, dst);
+    using V = at::vec::Vectorized<S>;
+    for_each_vector<S>(0, n, [&](int64_t j, int64_t count) { V::loadu(src + j, count).store(dst + j, count); });
   } else {
     static_assert(std::is_same_v<acc_t<S>, acc_t<D>>, "converts between a type and its accumulation type");
     for_each_vector<S>(0, n, [&](int64_t j, int64_t count) { store<D>(dst + j, load<S>(src + j, count), count); });

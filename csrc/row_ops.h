@@ -27,18 +27,20 @@ T max_of(const T* x, int64_t n) {
 }
 
 // x_j <- exp(x_j - shift) for j < visible and 0 for visible <= j < n; returns the sum. It reads whole
-// vectors, so x must have room for n rounded up to a whole number of vectors.
+// vectors, so x must have room for n rounded up to a whole number of vectors. Only the vectors that
+// hold visible scores are exponentiated: on the diagonal, about half of a row is in its future.
 template <typename T>
 T exponentiate_and_sum(T* x, int64_t visible, int64_t n, T shift) {
   using V = at::vec::Vectorized<T>;
   const V zero(T(0)), shift_v(shift);
   V total = zero;
-  for (int64_t j = 0; j < n; j += V::size()) {
-    const int64_t count = std::min<int64_t>(V::size(), std::max<int64_t>(visible - j, 0));
-    const V e = V::set(zero, (V::loadu(x + j) - shift_v).exp_u20(), count);
+  int64_t j = 0;
+  for (; j < visible; j += V::size()) {
+    const V e = V::set(zero, (V::loadu(x + j) - shift_v).exp_u20(), visible - j);
     e.store(x + j, std::min<int64_t>(V::size(), n - j));
     total += e;
   }
+  for (; j < n; j += V::size()) zero.store(x + j, std::min<int64_t>(V::size(), n - j));
   return at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, total);
 }
 
