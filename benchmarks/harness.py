@@ -11,7 +11,9 @@ machine, versions) at the top of both.
 import datetime
 import json
 import platform
+import subprocess
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -110,10 +112,26 @@ def cpu_name():
     return name
 
 
+def code_version():
+    """The commit this checkout is at, with "+changes" when its tracked files differ from it; None
+    outside a git checkout."""
+    def git(*arguments):
+        return subprocess.run(["git", *arguments], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    try:
+        commit, changes = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+changes" if changes else "")
+
+
 def machine_facts(device):
-    """Date, machine and versions: what every result file starts with."""
+    """Date, machine, versions and the code's commit: what every result file starts with."""
     facts = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
              "python": platform.python_version(), "cpu": cpu_name()}
+    commit = code_version()
+    if commit:
+        facts["commit"] = commit
     if torch.device(device).type == "cuda":
         facts["gpu"] = torch.cuda.get_device_name(device)
         facts["cuda"] = torch.version.cuda
