@@ -1,14 +1,18 @@
 """What the run computes in, and one start-up line saying what was chosen on which hardware and why.
 
-bf16 is only fast where the hardware multiplies bf16 natively: on x86 CPUs the AVX512-BF16 or AMX
-instructions, on Arm CPUs the BF16 extension, on NVIDIA GPUs compute capability 8.0 (Ampere) and
-later. Elsewhere every bf16 operation is emulated through fp32 conversions: a training step of the
-default model took 4.8 s in bf16 autocast against 0.27 s in fp32 on a 2-core AMD EPYC (Zen 3, AVX2).
+bf16 is only fast where the hardware multiplies bf16 natively and faster than fp32: on x86 CPUs AMX,
+and AVX512-BF16 on AMD's cores (Zen 4 and 5); on Arm CPUs the BF16 extension; on NVIDIA GPUs compute
+capability 8.0 (Ampere) and later. Without any of these every bf16 operation is emulated through fp32
+conversions: a training step of the default model took 4.8 s in bf16 autocast against 0.27 s in fp32
+on a 2-core AMD EPYC (Zen 3, AVX2). An Intel core with AVX512-BF16 but no AMX (Cooper Lake, or a
+Sapphire Rapids whose AMX a virtual machine does not expose) multiplies bf16 at about fp32's rate and
+pays for the conversions on top: there the default model's step took 1.3x as long in bf16 as in fp32,
+and the modern preset's 1.4x (2-core Intel Xeon, torch 2.13.0, 2 threads).
 
-`--dtype auto` takes bf16 autocast wherever the processor has native bf16, and fp32 elsewhere. On
-a CPU with native bf16 (an Intel Xeon with AMX) this was measured side by side: bf16 trained the
-default and modern runs in about two-thirds of fp32's time, to the same loss within what a change of
-seed moves it (README, "Precision").
+`--dtype auto` takes bf16 autocast wherever bf16 is native in that sense, and fp32 elsewhere. On
+CPUs with native bf16 this was measured side by side: bf16 trained the default and modern runs in
+about two-thirds of fp32's time on an Intel Xeon with AMX, and a step of the default model was 1.45x
+faster on an AMD Zen 5 (README, "Precision").
 """
 
 import platform
@@ -22,6 +26,8 @@ from fastgpt.ops.isa import isa_for_capability
 # The slowdown quoted in the warning: the default model's training step, bf16 autocast vs fp32,
 # measured on a CPU without native bf16 (see above).
 EMULATED_BF16_SLOWDOWN = 18
+# What a CPU has where bf16 runs but trains slower than fp32 (see above).
+SLOW_BF16 = "AVX512-BF16 on an Intel core without AMX"
 
 
 @dataclass(frozen=True)
@@ -70,9 +76,30 @@ def cpu_name(cpuinfo="/proc/cpuinfo"):
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def has_native_bf16(flags):
-    """Whether a CPU with these flags multiplies bf16 natively (x86: AVX512-BF16 or AMX; Arm: BF16)."""
-    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))
+def cpu_vendor(cpuinfo="/proc/cpuinfo"):
+    """The x86 vendor string (GenuineIntel, AuthenticAMD), or "" where there is none to read."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id":
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
+def cpu_bf16(flags, vendor):
+    """How a CPU with these flags (and x86 vendor) multiplies bf16 (see the module docstring):
+    "native" (faster than fp32), "slow" (AVX512-BF16 on an Intel core without AMX) or "emulated"."""
+    flags = set(flags)
+    if {"amx_bf16", "bf16"} & flags or ("avx512_bf16" in flags and vendor == "AuthenticAMD"):
+        return "native"
+    return "slow" if "avx512_bf16" in flags else "emulated"
+
+
+def this_cpu_bf16():
+    return cpu_bf16(cpu_flags(), cpu_vendor())
 
 
 def gpu_has_native_bf16(device):
@@ -81,33 +108,40 @@ def gpu_has_native_bf16(device):
         return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-def choose_precision(requested, device, native_bf16=None):
+def choose_precision(requested, device, bf16=None):
     """The Precision for `--dtype requested` ("auto", "float32" or "bfloat16") on `device`.
 
-    native_bf16 overrides the detection (for tests); by default it is read from the CPU's flags or
-    the GPU's compute capability.
+    bf16 ("native", "slow" or "emulated", as `cpu_bf16` says) overrides the detection (for tests); by
+    default it is read from the CPU's flags and vendor or the GPU's compute capability.
     """
     device = torch.device(device)
     on_gpu = device.type == "cuda"
-    if native_bf16 is None:
-        native_bf16 = gpu_has_native_bf16(device) if on_gpu else has_native_bf16(cpu_flags())
+    if bf16 is None:
+        bf16 = ("native" if gpu_has_native_bf16(device) else "emulated") if on_gpu else this_cpu_bf16()
     processor = "GPU" if on_gpu else "CPU"
     if requested == "float32":
         return Precision("float32", "asked for with --dtype float32")
     if requested == "bfloat16":
-        if native_bf16:
+        if bf16 == "native":
             return Precision("bfloat16", f"bf16 autocast, asked for with --dtype bfloat16; this {processor} "
                                          "has native bf16", native_bf16=True)
+        if bf16 == "slow":
+            return Precision("bfloat16", "bf16 autocast, asked for with --dtype bfloat16, slower than fp32 here",
+                             warning=f"fastgpt: warning: --dtype bfloat16 is slower than float32 on this CPU "
+                                     f"({SLOW_BF16}: a training step took 1.3-1.4x as long); use --dtype float32 "
+                                     "(or auto, which picks it here)")
         cost = ("it has no compute capability 8.0 or later, so training is slower than in float32" if on_gpu else
                 f"it has no AVX512-BF16, AMX or Arm BF16, so training is about {EMULATED_BF16_SLOWDOWN}x slower "
                 "than in float32")
         return Precision("bfloat16", f"bf16 autocast, asked for with --dtype bfloat16, emulated on this {processor}",
                          warning=f"fastgpt: warning: --dtype bfloat16 is emulated on this {processor} ({cost}); "
                                  "use --dtype float32 (or auto, which picks it here)")
-    if native_bf16:
+    if bf16 == "native":
         return Precision("bfloat16", f"auto: bf16 autocast, as this {processor} has native bf16", native_bf16=True)
     if on_gpu:
         return Precision("float32", "auto: this GPU has no native bf16")
+    if bf16 == "slow":
+        return Precision("float32", f"auto: this CPU has {SLOW_BF16}, where bf16 trains slower than fp32")
     return Precision("float32", "auto: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 would be emulated")
 
 
@@ -117,7 +151,7 @@ def describe_processor(device):
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
-    bf16 = "native bf16" if has_native_bf16(cpu_flags()) else "no native bf16"
+    bf16 = {"native": "native bf16", "slow": "bf16 slower than fp32", "emulated": "no native bf16"}[this_cpu_bf16()]
     threads = torch.get_num_threads()
     return (f"{cpu_name()}, {torch.backends.cpu.get_cpu_capability()}, {bf16}, "
             f"{threads} thread{'s' if threads != 1 else ''}")
