@@ -102,16 +102,6 @@ def _number(value):
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def cpu_name():
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return name
-
-
 def code_version():
     """The commit this checkout is at, with "+changes" when its tracked files differ from it; None
     outside a git checkout."""
@@ -127,6 +117,9 @@ def code_version():
 
 def machine_facts(device):
     """Date, machine, versions and the code's commit: what every result file starts with."""
+    # Imported here, not at the top: fastgpt imports Triton, which gpu_benchmark.py must configure first.
+    from fastgpt.hardware import cpu_name
+
     facts = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
              "python": platform.python_version(), "cpu": cpu_name()}
     commit = code_version()

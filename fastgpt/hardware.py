@@ -51,42 +51,31 @@ class Precision:
         return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
-def cpu_flags(cpuinfo="/proc/cpuinfo"):
-    """The CPU's feature flags (x86 `flags`, Arm `Features`) as a set; empty where they cannot be read."""
+def cpuinfo_value(keys, cpuinfo="/proc/cpuinfo"):
+    """The first non-empty value of one of `keys` in /proc/cpuinfo (the first processor's), or ""."""
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
             for line in handle:
                 key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return set(value.split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_name(cpuinfo="/proc/cpuinfo"):
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def cpu_vendor(cpuinfo="/proc/cpuinfo"):
-    """The x86 vendor string (GenuineIntel, AuthenticAMD), or "" where there is none to read."""
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                key, _, value = line.partition(":")
-                if key.strip() == "vendor_id":
+                if key.strip() in keys and value.strip():
                     return value.strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_flags(cpuinfo="/proc/cpuinfo"):
+    """The CPU's feature flags (x86 `flags`, Arm `Features`) as a set; empty where they cannot be read."""
+    return set(cpuinfo_value(("flags", "Features"), cpuinfo).split())
+
+
+def cpu_name(cpuinfo="/proc/cpuinfo"):
+    return cpuinfo_value(("model name",), cpuinfo) or platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_vendor(cpuinfo="/proc/cpuinfo"):
+    """The x86 vendor string (GenuineIntel, AuthenticAMD), or "" where there is none to read."""
+    return cpuinfo_value(("vendor_id",), cpuinfo)
 
 
 def cpu_bf16(flags, vendor):
