@@ -126,22 +126,16 @@ struct Rows {
 // a[r * a_row_stride + p * a_col_stride], and a transposed operand is the same kernel with the two
 // strides swapped. B is read by rows, which must be contiguous (the caller transposes if need be).
 
-// A tile's accumulators are independent chains of fused multiply-adds, and a core keeps two FMAs in
-// flight per cycle for 4 cycles each: it needs at least 8 chains to stay busy. Smaller tiles compute
-// fewer masked scores on the diagonal, where a group of rows is computed up to the keys its last row
-// sees. With AVX-512, 4 x 4 tiles (16 chains) measured 2-4% faster than 6 x 4 on attention forward
-// and backward. AVX2's 16 registers hold 6 x 2 (12 chains, beside two B vectors and one broadcast),
-// which made attention forward and backward about 2% faster than 4 x 2 (B32 H4 T128 D32, on a Xeon
-// limited to AVX2).
+// Four rows divide the attention kernels' 64-row blocks evenly, and on the diagonal, where a group
+// of rows is computed up to the keys its last row sees, smaller groups compute fewer masked scores.
+// (With AVX-512, 4 x 4 tiles measured 2-4% faster than 6 x 4 on attention forward and backward. With
+// AVX2, 6 x 2 tiles made attention forward and backward 2% faster at T = 128 and D = 32, but the
+// forward 15-20% slower at T = 1024 and D = 64, on a Xeon limited to AVX2.)
+constexpr int kTileRows = 4;
 #if defined(CPU_CAPABILITY_AVX512)
-constexpr int kTileRows = 4;
 constexpr int kTileVecs = 4;  // 16 accumulators of the 32 vector registers
-#elif defined(CPU_CAPABILITY_AVX2)
-constexpr int kTileRows = 6;
-constexpr int kTileVecs = 2;  // 12 accumulators of the 16 vector registers
 #else
-constexpr int kTileRows = 4;
-constexpr int kTileVecs = 2;
+constexpr int kTileVecs = 2;  // 8 accumulators of the 16 vector registers
 #endif
 
 template <typename T, int kRows, int kVecs, bool kFullWidth>
@@ -196,13 +190,11 @@ inline void matmul_column_tile(int64_t rows, int64_t cols, int64_t depth, T alph
     matmul_tile<T, decltype(rows_left)::value, kVecs, kFullWidth>(
         cols, depth, alpha, a + r * a_row_stride, a_row_stride, a_col_stride, b, ldb, c + r * ldc, ldc, accumulate);
   };
-  static_assert(kTileRows <= 6, "the leftover rows are dispatched for tiles of at most six rows");
+  static_assert(kTileRows == 4, "the leftover rows are dispatched for tiles of four rows");
   switch (rows - r) {
     case 1: rest(std::integral_constant<int, 1>{}); break;
     case 2: rest(std::integral_constant<int, 2>{}); break;
     case 3: rest(std::integral_constant<int, 3>{}); break;
-    case 4: if constexpr (kTileRows > 4) rest(std::integral_constant<int, 4>{}); break;
-    case 5: if constexpr (kTileRows > 5) rest(std::integral_constant<int, 5>{}); break;
     default: break;
   }
 }
