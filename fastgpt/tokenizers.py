@@ -122,10 +122,12 @@ def train_bpe(text: str, vocab_size: int) -> list[bytes]:
     4. Repeat 3 until there are `vocab_size` tokens or no word has two tokens left.
 
     Recounting all pairs after each merge is what makes naive BPE slow. Here the counts are updated
-    instead: a merge touches only the words containing (a, b), found through an index pair -> words,
-    and each touched word takes back its old pairs' counts and adds its new ones. The most frequent
-    pair comes from a heap of (-count, pair); an entry whose count has since changed is stale and
-    skipped, since every change pushes a fresh entry.
+    instead: a merge touches only the words containing (a, b), found through an index pair -> words.
+    In such a word, merging (a, b) at positions i, i+1 removes the pairs ending at i, starting at i
+    and starting at i+1 (each once, where two merges are neighbours), and adds the pairs that hold the
+    new token; every other pair is untouched. The most frequent pair comes from a heap of
+    (-count, pair); an entry whose count has since changed is stale and skipped, since every change
+    pushes a fresh entry.
 
     Each merge makes new bytes, as tiktoken's ranks (keyed by bytes) need: no merge crosses the edge
     of a span that ends up one token, so how that span is built depends on its bytes alone. The
@@ -151,19 +153,28 @@ def train_bpe(text: str, vocab_size: int) -> list[bytes]:
             continue  # stale entry
         new_id = len(tokens)
         tokens.append(tokens[pair[0]] + tokens[pair[1]])
-
-        change = Counter()
+        a, b = pair
+        change = defaultdict(int)
         for w in words_with.pop(pair):
-            old = words[w]
-            new = merge_pair(old, pair, new_id)
-            if len(new) == len(old):
-                continue  # the word lost this pair in an earlier merge
-            for p in zip(old, old[1:]):
-                change[p] -= counts[w]
-            for p in zip(new, new[1:]):
-                change[p] += counts[w]
-                words_with[p].add(w)
-            words[w] = new
+            word, weight = words[w], counts[w]
+            last = len(word) - 1
+            merged, i, previous_merge = [], 0, -2
+            while i <= last:
+                if i < last and word[i] == a and word[i + 1] == b:
+                    if i > 0 and previous_merge != i - 2:
+                        change[word[i - 1], a] -= weight
+                    change[pair] -= weight
+                    if i + 1 < last:
+                        change[b, word[i + 2]] -= weight
+                    token, previous_merge, i = new_id, i, i + 2
+                else:
+                    token, i = word[i], i + 1
+                if merged and (token == new_id or merged[-1] == new_id):
+                    change[merged[-1], token] += weight
+                    words_with[merged[-1], token].add(w)
+                merged.append(token)
+            if previous_merge >= 0:  # else the word lost this pair in an earlier merge
+                words[w] = merged
         for p, delta in change.items():
             if delta:
                 pair_counts[p] += delta
@@ -172,19 +183,6 @@ def train_bpe(text: str, vocab_size: int) -> list[bytes]:
                 else:
                     del pair_counts[p]
     return tokens
-
-
-def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
-    """`ids` with every occurrence of `pair`, scanning left to right, replaced by `new_id`."""
-    out, i = [], 0
-    while i < len(ids):
-        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(ids[i])
-            i += 1
-    return out
 
 
 class BPETokenizer(Tokenizer):
