@@ -70,7 +70,12 @@ def cpu_flags(cpuinfo="/proc/cpuinfo"):
 
 
 def cpu_name(cpuinfo="/proc/cpuinfo"):
-    return cpuinfo_value(("model name",), cpuinfo) or platform.processor() or platform.machine() or "unknown CPU"
+    """The processor's model name, with its x86 family and model numbers where /proc/cpuinfo gives them:
+    a virtual machine may name only "AMD EPYC", and the numbers tell a Zen 3 (family 25, model 1) from a
+    Zen 4 (family 25, model 17)."""
+    name = cpuinfo_value(("model name",), cpuinfo) or platform.processor() or platform.machine() or "unknown CPU"
+    family, model = cpuinfo_value(("cpu family",), cpuinfo), cpuinfo_value(("model",), cpuinfo)
+    return f"{name} (family {family}, model {model})" if family and model else name
 
 
 def cpu_vendor(cpuinfo="/proc/cpuinfo"):

@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from fastgpt import hardware
-from fastgpt.hardware import Precision, choose_precision, cpu_bf16, cpu_flags, cpu_vendor, startup_line, this_cpu_bf16
+from fastgpt.hardware import (Precision, choose_precision, cpu_bf16, cpu_flags, cpu_name, cpu_vendor, startup_line,
+                              this_cpu_bf16)
 from fastgpt.ops.isa import isa_for_capability
 
-ZEN3 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma\n"
+ZEN3 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC 7B13\n"
+        "flags\t\t: fpu sse2 avx avx2 fma\n")
 ZEN5 = "vendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B45\nflags\t\t: avx2 avx512f avx512_bf16\n"
 SAPPHIRE_RAPIDS = "vendor_id\t: GenuineIntel\nmodel name\t: Intel Xeon\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
 # A Sapphire Rapids whose AMX the virtual machine hides, or a Cooper Lake.
@@ -23,6 +25,14 @@ def test_bf16_is_read_from_the_cpu_flags_and_vendor(tmp_path, cpuinfo, kind):
     path.write_text(cpuinfo)
     assert cpu_bf16(cpu_flags(str(path)), cpu_vendor(str(path))) == kind
     assert cpu_flags(str(tmp_path / "missing")) == set() and cpu_vendor(str(tmp_path / "missing")) == ""
+
+
+def test_the_cpu_is_named_with_its_family_and_model_where_cpuinfo_gives_them(tmp_path):
+    # "model name" must not be read as "model".
+    (tmp_path / "zen3").write_text(ZEN3)
+    assert cpu_name(str(tmp_path / "zen3")) == "AMD EPYC 7B13 (family 25, model 1)"
+    (tmp_path / "zen5").write_text(ZEN5)
+    assert cpu_name(str(tmp_path / "zen5")) == "AMD EPYC 9B45"
 
 
 def test_where_bf16_runs_but_is_slower_auto_takes_fp32_and_bf16_warns():
