@@ -28,16 +28,20 @@ Runs offline and installs nothing. In order:
    `auto`, in GB/s against a device copy;
 5. the MLP activations SwiGLU (16k rows of 2 x 4096) and ReLU^2 (16k rows of 4096), bf16: Triton,
    PyTorch's `F.silu(a) * b` and `F.relu(x).square()`, and `auto`, in GB/s against a device copy;
-6. GPT-2 small training steps (bf16 autocast, fused AdamW) with the Triton kernels, with torch's
+6. cross-entropy, bf16 logits of 16k rows of GPT-2's vocabulary (50304): Triton, PyTorch's
+   F.cross_entropy on the logits in fp32 (what the model ran before the fused op) and `auto`, in GB/s
+   against a device copy;
+7. GPT-2 small training steps (bf16 autocast, fused AdamW) with the Triton kernels, with torch's
    built-ins and with `auto`: tokens/s and model FLOPs utilisation against a bf16 matmul measured here;
-7. the choices `auto` made, with the times it measured.
+8. the choices `auto` made, with the times it measured.
 
 Implementations are timed in turns with CUDA events and reported as medians (benchmarks/harness.py,
 fastgpt/timing.py). Counting: attention forward 4*B*H*T*T*D / 2 (causal; as many with fewer key/value
 heads), forward+backward 3.5 times that; LayerNorm and RMSNorm forward 2*M*N*size bytes (x read, y
 written), forward+backward 5*M*N*size (x and dy read again, dx written); rotary 2 and 4 times x's
 bytes (its backward reads dy and writes dx); SwiGLU 1.5 and 4 times x's bytes (x = [gate, up] read,
-half as many written; then x and dy read, dx written), ReLU^2 2 and 5; training 6*N + 12*L*H*Q*T
+half as many written; then x and dy read, dx written), ReLU^2 2 and 5, cross-entropy 1 and 3 times the
+logits' bytes (read forward; read again and their gradient written backward); training 6*N + 12*L*H*Q*T
 FLOPs per token. The normalisation, rotary and activation tables give speed-ups against torch's
 built-in (the reference for rotary), the training table against the built-ins. Results go to <out>/gpu-<date>.md and .json
 (date, GPU, versions, every median, each section's seconds), written after each section so that a
@@ -209,6 +213,7 @@ def bench_memory_bound(op, row, implementations, baseline, inputs, passes, timer
     how many times the bytes of inputs[0] (x) each moves."""
     copy = report.facts["copy_gb_per_s"]
     x = inputs[0]
+    differentiable = [t for t in inputs if t.requires_grad]  # not cross-entropy's targets
     grad_out = torch.randn_like(implementations[baseline](*inputs))
     for (which, backward), n in zip((("forward", False), ("forward+backward", True)), passes):
         table = f"{op} {which} (bf16)"
@@ -219,7 +224,7 @@ def bench_memory_bound(op, row, implementations, baseline, inputs, passes, timer
 
         def step(fn, backward=backward):
             if backward:
-                return lambda: torch.autograd.grad(fn(*inputs), inputs, grad_out)
+                return lambda: torch.autograd.grad(fn(*inputs), differentiable, grad_out)
             return lambda: fn(*inputs)
         for name, seconds in timer({name: step(fn) for name, fn in implementations.items()}).items():
             report.add(table, row, name, seconds, gb_per_s=lambda s: nbytes / s / 1e9,
@@ -293,6 +298,20 @@ def bench_activations(sizes, device, timer, report):
     for op, implementations, x_width, passes in activations:
         x = torch.randn(n_rows, x_width, device=device, dtype=dtype, requires_grad=True)
         bench_memory_bound(op, f"{n_rows}x{x_width}", implementations, "torch", (x,), passes, timer, report)
+
+
+def bench_cross_entropy(sizes, device, timer, report):
+    from fastgpt import ops
+    from fastgpt.ops.definitions import cross_entropy
+
+    implementations = {"triton": lambda logits, targets: ops.cross_entropy(logits, targets, backend="triton"),
+                       "auto": lambda logits, targets: ops.cross_entropy(logits, targets),
+                       "torch": cross_entropy.builtin}
+    n_rows, n_classes = sizes["norm_rows"], sizes["model"]["vocab_size"]
+    logits = torch.randn(n_rows, n_classes, device=device, dtype=sizes["dtype"], requires_grad=True)
+    targets = torch.randint(n_classes, (n_rows,), device=device)
+    bench_memory_bound("cross_entropy", f"{n_rows}x{n_classes}", implementations, "torch", (logits, targets), (1, 3),
+                       timer, report)
 
 
 def bench_matmul(sizes, device, timer, report):
@@ -423,7 +442,7 @@ def main(argv=None):
     bench_matmul(sizes, device, timer, report)
     bench_copy(sizes, device, timer, report)
     for section in (bench_attention, bench_layer_norm, bench_rms_norm, bench_rotary, bench_activations,
-                    bench_training):
+                    bench_cross_entropy, bench_training):
         section_started = time.perf_counter()
         section(sizes, device, timer, report)
         # Each section's share of the run, to keep the whole within its few minutes.

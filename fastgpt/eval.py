@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from fastgpt import ops
 from fastgpt.bits_per_byte import bits_per_byte, token_byte_lengths
 from fastgpt.checkpoint import CHECKPOINT_FILES, load_trained_model
 from fastgpt.cli import run_cli
@@ -96,7 +96,7 @@ def evaluate_tokens(model, tokens, block_size, byte_lengths, batch_size=16, prec
         x, y = chunk[:-1].view(rows, length), chunk[1:].view(rows, length)
         with autocast:
             logits, _ = model(x)
-        nats += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+        nats += ops.cross_entropy(logits.flatten(0, 1), y.flatten()).double().sum()
         total_bytes += byte_lengths[y].sum()
         bar.update(rows * length)
 

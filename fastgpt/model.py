@@ -413,7 +413,7 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+        loss = ops.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1)).mean()
         return logits, loss
 
     @classmethod

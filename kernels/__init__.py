@@ -1,7 +1,8 @@
 """Triton kernels of fastgpt, installed as the subpackage `fastgpt.kernels`.
 
 One module per fused op, named after it: `causal_attention.py` (causal flash attention, grouped
-queries included), `layer_norm.py`, `rms_norm.py`, `rotary.py`, `swiglu.py` and `relu_squared.py`.
+queries included), `layer_norm.py`, `rms_norm.py`, `rotary.py`, `swiglu.py`, `relu_squared.py` and
+`cross_entropy.py`.
 Each holds the math in its docstring, the kernels, and the two launchers `forward` and `backward`
 (with the signatures of the op's contract) that `fastgpt/ops/triton.py` registers as PyTorch
 operators. Importing this package does not import Triton; importing one of its modules does.

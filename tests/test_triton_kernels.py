@@ -41,7 +41,7 @@ def _without_interpreter():
 # Compiling for Hopper
 # ---------------------------------------------------------------------------------------------
 
-POINTER_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+POINTER_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64"}
 FLOAT_ARGUMENTS = {"qk_scale", "scale", "eps"}
 STATISTICS = {"LSE", "DELTA", "MEAN", "RSTD", "DW_PARTIAL", "DB_PARTIAL"}  # fp32 whatever the input dtype
 LONG_SEQUENCE = 4096  # long enough that no config is pruned for its length; shorter ones keep a subset
@@ -474,7 +474,7 @@ def test_gpu_benchmark_rehearsal(tmp_path):
         assert cells["triton"]["median_ms"] > 0 and cells["auto"]["median_ms"] > 0
         assert "skipped" in cells["sdpa-cudnn"]  # no cuDNN on CPU: said, not failed
     for op, baseline in (("layer_norm", "torch"), ("rms_norm", "torch"), ("rotary", "reference"), ("swiglu", "torch"),
-                         ("relu_squared", "torch")):
+                         ("relu_squared", "torch"), ("cross_entropy", "torch")):
         for which in ("forward", "forward+backward"):
             for cells in tables[f"{op} {which} (bf16)"].values():
                 assert all(cells[name]["median_ms"] > 0 for name in ("triton", "auto", baseline)), (op, which)

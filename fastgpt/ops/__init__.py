@@ -7,6 +7,7 @@
     z = ops.rms_norm(x, weight, eps=1e-6)          # RMSNorm over the last dimension
     q = ops.rotary(q, offset=0, base=10000.0)      # rotary positions (Llama's convention)
     h = ops.relu_squared(x); h = ops.swiglu(x)     # MLP activations (SwiGLU of x = [gate, up])
+    l = ops.cross_entropy(logits, targets)         # each row's loss: logits (N, V), targets (N,)
 
 Each op is one module in `fastgpt/ops/definitions/` holding its public function, its contract (`fastgpt.ops.contract.FusedOp`:
 kernel schemas, fake versions, the autograd formula, sample inputs), its plain-PyTorch reference and
@@ -33,6 +34,7 @@ runs PyTorch's built-in for it.
 from fastgpt.ops.dispatch import (BACKENDS, OPS, BackendUnavailable, available_backends, backend_module,
                                   resolve_backend, use_backend)
 from fastgpt.ops.definitions.causal_attention import causal_attention
+from fastgpt.ops.definitions.cross_entropy import cross_entropy
 from fastgpt.ops.definitions.gelu import gelu
 from fastgpt.ops.definitions.layer_norm import layer_norm
 from fastgpt.ops.definitions.relu_squared import relu_squared
@@ -41,7 +43,8 @@ from fastgpt.ops.definitions.rotary import rotary
 from fastgpt.ops.definitions.swiglu import swiglu
 
 __all__ = ["BACKENDS", "OPS", "BackendUnavailable", "available_backends", "resolve_backend", "use_backend",
-           "causal_attention", "layer_norm", "gelu", "rms_norm", "rotary", "relu_squared", "swiglu", "block_decoder"]
+           "causal_attention", "layer_norm", "gelu", "rms_norm", "rotary", "relu_squared", "swiglu", "cross_entropy",
+           "block_decoder"]
 
 
 def block_decoder(x, block, backend=None):

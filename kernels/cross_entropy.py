@@ -1,0 +1,93 @@
+"""Cross-entropy of each row of logits against its target: forward and backward kernels in Triton.
+
+The math, for one row x of V logits and its target t, in fp32 whatever the logits' dtype:
+
+    lse = m + log(sum_j exp(x_j - m)),   m = max_j x_j
+    loss = lse - x_t
+    dx_j = g * (exp(x_j - lse) - [j = t])        (g: the gradient of the row's loss)
+
+One program per row, walking it in blocks of BLOCK_V logits. The forward keeps a running max and a
+running sum of exponentials taken against it; when a block raises the max, the sum so far is
+rescaled by exp(old max - new max) (the online softmax of flash attention), so a row of any width is
+read once and nothing of V's size is written. The backward reads the row once more and writes dx.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+# Logits per block: a whole row up to this width, else blocks of it.
+MAX_BLOCK_V = 4096
+
+
+@triton.jit
+def _cross_entropy_forward_kernel(LOGITS, TARGETS, LOSS, LSE, stride_row, n_cols, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = LOGITS + row * stride_row
+    running_max = tl.full([], float("-inf"), tl.float32)
+    running_sum = tl.full([], 0.0, tl.float32)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(x_row + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(running_max, tl.max(x, 0))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), 0)
+        running_max = new_max
+    lse = running_max + tl.log(running_sum)
+    target = tl.load(TARGETS + row)
+    tl.store(LOSS + row, lse - tl.load(x_row + target).to(tl.float32))
+    tl.store(LSE + row, lse)
+
+
+@triton.jit
+def _cross_entropy_backward_kernel(GRAD_LOSS, LOGITS, TARGETS, LSE, DLOGITS, stride_row, stride_grad, n_cols,
+                                   BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.load(GRAD_LOSS + row * stride_grad).to(tl.float32)
+    lse = tl.load(LSE + row)
+    target = tl.load(TARGETS + row)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < n_cols
+        x = tl.load(LOGITS + row * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
+        dx = g * (tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0))
+        tl.store(DLOGITS + row * n_cols + cols, dx.to(DLOGITS.dtype.element_ty), mask=mask)
+
+
+def block_v(n_cols):
+    return min(triton.next_power_of_2(max(n_cols, 1)), MAX_BLOCK_V)
+
+
+def num_warps(block):
+    """Warps per program: each thread holds 4-16 of a block's logits."""
+    return max(1, min(8, block // 512))
+
+
+def _rows(logits):
+    """The logits with adjacent classes, rows any distance apart (a transposed tensor is copied)."""
+    return logits if logits.stride(1) == 1 else logits.contiguous()
+
+
+def forward(logits, targets):
+    """(loss, lse) of each row of logits (N, V) against targets (N,), both (N,) fp32."""
+    logits = _rows(logits)
+    n_rows, n_cols = logits.shape
+    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(loss)
+    if n_rows:
+        block = block_v(n_cols)
+        _cross_entropy_forward_kernel[(n_rows,)](logits, targets.contiguous(), loss, lse, logits.stride(0), n_cols,
+                                                 BLOCK_V=block, num_warps=num_warps(block))
+    return loss, lse
+
+
+def backward(grad_loss, logits, targets, lse):
+    """The gradient of the logits (N, V), contiguous in their dtype, for grad_loss (N,) of the rows' losses."""
+    logits = _rows(logits)
+    n_rows, n_cols = logits.shape
+    dlogits = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
+    if n_rows:
+        block = block_v(n_cols)
+        _cross_entropy_backward_kernel[(n_rows,)](grad_loss, logits, targets.contiguous(), lse.contiguous(), dlogits,
+                                                  logits.stride(0), grad_loss.stride(0), n_cols,
+                                                  BLOCK_V=block, num_warps=num_warps(block))
+    return dlogits
