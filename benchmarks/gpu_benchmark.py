@@ -29,7 +29,7 @@ Runs offline and installs nothing. In order:
 5. the MLP activations SwiGLU (16k rows of 2 x 4096) and ReLU^2 (16k rows of 4096), bf16: Triton,
    PyTorch's `F.silu(a) * b` and `F.relu(x).square()`, and `auto`, in GB/s against a device copy;
 6. cross-entropy, bf16 logits of 16k rows of GPT-2's vocabulary (50304): Triton, PyTorch's
-   F.cross_entropy on the logits in fp32 (what the model ran before the fused op) and `auto`, in GB/s
+   F.cross_entropy on the logits in fp32 (the usual way to take a bf16 model's loss) and `auto`, in GB/s
    against a device copy;
 7. GPT-2 small training steps (bf16 autocast, fused AdamW) with the Triton kernels, with torch's
    built-ins and with `auto`: tokens/s and model FLOPs utilisation against a bf16 matmul measured here;

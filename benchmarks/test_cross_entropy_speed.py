@@ -4,7 +4,7 @@
 
 The loss of one batch of the modern preset (32 x 128 rows of 512 logits) and of a GPT-2 vocabulary
 (1024 rows of 50304), fp32 and bf16 logits, forward alone and forward+backward. PyTorch's is
-F.cross_entropy on the logits in fp32, as the model computed its loss before the fused op.
+F.cross_entropy on the logits in fp32, the usual way to take a bf16 model's loss.
 """
 
 import pytest

@@ -53,7 +53,7 @@ def reference(logits, targets):
 
 
 def builtin(logits, targets):
-    """PyTorch's F.cross_entropy on the logits in fp32, as the model computed its loss before."""
+    """PyTorch's F.cross_entropy on the logits in fp32, the usual way to take a bf16 model's loss."""
     return F.cross_entropy(logits.to(statistics_dtype(logits.dtype)), targets, reduction="none")
 
 
