@@ -11,34 +11,22 @@
 // the row once more and writes dx in the logits' dtype. Rows are split over threads.
 
 #include "layer_norm.h"  // for_each_row, row_sums
+#include "row_ops.h"     // max_of
 
 #include <torch/library.h>
 
 #include <cmath>
-#include <limits>
 #include <tuple>
 
 namespace fastgpt {
 namespace {
-
-template <typename scalar_t>
-inline acc_t<scalar_t> row_maximum(const scalar_t* x, int64_t n) {
-  using A = acc_t<scalar_t>;
-  using V = Vec<scalar_t>;
-  const V lowest(-std::numeric_limits<A>::infinity());
-  V best = lowest;
-  for_each_vector<scalar_t>(0, n, [&](int64_t j, int64_t count) {
-    best = at::vec::maximum(best, V::set(lowest, load(x + j, count), count));  // lanes past the end: -inf
-  });
-  return at::vec::vec_reduce_all<A>([](V& a, V& b) { return at::vec::maximum(a, b); }, best);
-}
 
 // log(sum_j exp(x_j)) of one row, with the max taken out so that no exponential overflows.
 template <typename scalar_t>
 inline acc_t<scalar_t> log_sum_exp(const scalar_t* x, int64_t n) {
   using A = acc_t<scalar_t>;
   using V = Vec<scalar_t>;
-  const A m = row_maximum(x, n);
+  const A m = max_of(x, n);
   if (std::isinf(m)) return m;  // every logit -inf, or one +inf: so is the lse
   const V m_v(m), zero(A(0));
   const auto [sum] = row_sums<scalar_t, 1>(n, [&](int64_t j, int64_t count) {
@@ -110,7 +98,8 @@ void check_shapes(const at::Tensor& logits, const at::Tensor& targets) {
 std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logits, const at::Tensor& targets) {
   check_shapes(logits, targets);
   if (targets.numel() > 0) {
-    const int64_t lowest = targets.min().item<int64_t>(), highest = targets.max().item<int64_t>();
+    const auto [min_target, max_target] = at::aminmax(targets);
+    const int64_t lowest = min_target.item<int64_t>(), highest = max_target.item<int64_t>();
     TORCH_CHECK(lowest >= 0 && highest < logits.size(1), "fastgpt::cross_entropy: targets must be class indices in [0, ",
                 logits.size(1), "), got values from ", lowest, " to ", highest);
   }

@@ -14,16 +14,17 @@ namespace fastgpt {
 // (each instruction set's build holds its own).
 namespace {
 
-template <typename T>
-T max_of(const T* x, int64_t n) {
-  using V = at::vec::Vectorized<T>;
-  const V lowest(-std::numeric_limits<T>::infinity());
+// The largest of x's n elements, in the accumulation type (x may be stored in bf16).
+template <typename scalar_t>
+acc_t<scalar_t> max_of(const scalar_t* x, int64_t n) {
+  using A = acc_t<scalar_t>;
+  using V = Vec<scalar_t>;
+  const V lowest(-std::numeric_limits<A>::infinity());
   V best = lowest;
-  for (int64_t j = 0; j < n; j += V::size()) {
-    const int64_t count = std::min<int64_t>(V::size(), n - j);
-    best = at::vec::maximum(best, V::set(lowest, V::loadu(x + j, count), count));
-  }
-  return at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, best);
+  for_each_vector<scalar_t>(0, n, [&](int64_t j, int64_t count) {
+    best = at::vec::maximum(best, V::set(lowest, load(x + j, count), count));  // lanes past the end: -inf
+  });
+  return at::vec::vec_reduce_all<A>([](V& a, V& b) { return at::vec::maximum(a, b); }, best);
 }
 
 // x_j <- exp(x_j - shift) for j < visible and 0 for visible <= j < n; returns the sum. It reads whole
