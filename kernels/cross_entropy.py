@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .layer_norm import _rows
+
 # Logits per block: a whole row up to this width, else blocks of it.
 MAX_BLOCK_V = 4096
 
@@ -48,7 +50,7 @@ def _cross_entropy_backward_kernel(GRAD_LOSS, LOGITS, TARGETS, LSE, DLOGITS, str
     for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < n_cols
-        x = tl.load(LOGITS + row * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(LOGITS + row * stride_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         dx = g * (tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0))
         tl.store(DLOGITS + row * n_cols + cols, dx.to(DLOGITS.dtype.element_ty), mask=mask)
 
@@ -60,11 +62,6 @@ def block_v(n_cols):
 def num_warps(block):
     """Warps per program: each thread holds 4-16 of a block's logits."""
     return max(1, min(8, block // 512))
-
-
-def _rows(logits):
-    """The logits with adjacent classes, rows any distance apart (a transposed tensor is copied)."""
-    return logits if logits.stride(1) == 1 else logits.contiguous()
 
 
 def forward(logits, targets):
