@@ -12,8 +12,10 @@ import os
 
 import torch
 
+from fastgpt.compile_constant import assume_constant_result
 
-@torch._dynamo.assume_constant_result  # read once while torch.compile traces, like torch's own matmuls
+
+@assume_constant_result  # read once while torch.compile traces, like torch's own matmuls
 def dot_precision(dtype):
     """How the kernels' matrix products multiply inputs of `dtype`: "tf32" or "ieee" (exactly).
 

@@ -22,6 +22,7 @@ the tests exercise the choosing on machines without a GPU.
 import torch
 
 from fastgpt import timing
+from fastgpt.compile_constant import assume_constant_result
 from fastgpt.kernels import dot_precision, interpreting
 
 CANDIDATES = ("triton", "torch")
@@ -95,7 +96,7 @@ class Chooser:
                 for key, name in self.choices.items()]
 
 
-@torch._dynamo.assume_constant_result
+@assume_constant_result
 def _remembered_choice(chooser, key):
     """Under torch.compile: the choice measured before for this class, else the Triton kernel (tracing
     has fake tensors, nothing to time). A constant to the compiler, which calls it while tracing."""

@@ -31,6 +31,8 @@ import os
 
 import torch
 
+from fastgpt.compile_constant import assume_constant_result
+
 BACKENDS = ("reference", "cpp", "triton", "torch")
 
 # The kernel backends' modules, imported on first use so that `import fastgpt` stays cheap (and so
@@ -98,7 +100,7 @@ def use_backend(name):
 _resolved = {}
 
 
-@torch._dynamo.assume_constant_result
+@assume_constant_result
 def resolve_backend(backend, device):
     """The name of the backend that will run an op on `device`, given what the caller asked for
     (one of BACKENDS, or "fastest": `auto`'s measured choice on CUDA tensors)."""
