@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from fastgpt import distributed, hf
@@ -239,6 +240,9 @@ class Trainer:
     def train_step(self):
         """One optimizer step over grad_accum_steps micro-batches.
 
+        Its phases are labelled "forward", "backward" and "optimizer" for torch.profiler
+        (benchmarks/profile_step.py reads them).
+
         Returns the loss (mean over micro-batches and processes), the learning rate, and whether
         any process has been asked to stop by now: the processes agree on that here, in the same
         all-reduce as the loss, so that all of them stop after the same step.
@@ -251,19 +255,21 @@ class Trainer:
         for micro_step in range(config.grad_accum_steps):
             x, y = self.blocks.batch("train", self._starts("train", self.batch_generator), self.device)
             with distributed.gradient_sync(self.model, self.raw_model, micro_step == config.grad_accum_steps - 1):
-                with self.autocast:
+                with record_function("forward"), self.autocast:
                     _, loss = self.model(x, y)
-                (loss / config.grad_accum_steps).backward()
+                with record_function("backward"):
+                    (loss / config.grad_accum_steps).backward()
             total += loss.detach().double()
         stop_requested = torch.tensor(float(self.stop.signal is not None), dtype=torch.float64, device=self.device)
         shared = distributed.sum_across(torch.stack([total, stop_requested]), self.world)
         loss = shared[0].item() / (self.world.size * config.grad_accum_steps)
         if math.isfinite(loss):
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), config.grad_clip)
-            self.optimizer.step()
-            if self.weight_average:
-                self.weight_average.update()
+            with record_function("optimizer"):
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), config.grad_clip)
+                self.optimizer.step()
+                if self.weight_average:
+                    self.weight_average.update()
         elif not config.skip_nonfinite:
             last = (f"the last checkpoint, {self.checkpoints.latest}, is untouched" if self.checkpoints.latest.exists()
                     else "no checkpoint was written yet")

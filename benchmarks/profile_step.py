@@ -1,0 +1,224 @@
+"""Where a training step's time goes, for any settings: by kind of operation and by phase.
+
+    python benchmarks/profile_step.py                                   # the no-argument run's step
+    python benchmarks/profile_step.py -- --preset modern                # flags after -- go to the trainer
+    python benchmarks/profile_step.py --steps 20 -- --mlp swiglu --dtype float32
+
+Builds the run as `python -m fastgpt.train` would with those flags (its data, model, optimizer,
+dtype and kernels, in a temporary out_dir), trains --warmup steps, then runs --steps more under
+torch.profiler. Each operation's own time (not counting the operations it calls) goes to a kind
+(matrix products, attention, norms, ...) and to the phase of the step it ran in, which the trainer
+labels: forward, backward, optimizer (gradient clipping and the weight average included), or
+between them (the batch, the loss's sum across processes, zeroing the gradients). What is left of
+the step's wall time is Python's own, outside any operation.
+
+The matrix products' speed is set against a 2048 x 2048 x 2048 product in the same dtype, timed in
+the same process: a step whose products run near that rate and take most of its time can only get
+faster by doing fewer of them. The profiler itself adds a little to every operation, so the step's
+time here is a few percent above an unprofiled run's (--warmup steps' median is given beside it).
+
+Writes <out>/profile-<date>-<CPU capability or GPU>[-<tag>].md and .json, and prints the table.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from fastgpt.cli import run_cli  # noqa: E402
+from fastgpt.config import PRESETS, parse_config  # noqa: E402
+from fastgpt.cpu_memory import reuse_freed_memory  # noqa: E402
+from fastgpt.run_lock import RunLock  # noqa: E402
+from fastgpt.train import Trainer  # noqa: E402
+from harness import machine_facts  # noqa: E402
+
+PHASES = ("forward", "backward", "optimizer")
+BETWEEN = "between phases"
+OUTSIDE = "Python, outside any operation"
+MATRIX_PRODUCTS = "matrix products"
+
+# Kinds of operation, by what their profiler names contain (lower case), the first that matches.
+# The names are ATen's (aten::addmm), fastgpt's (fastgpt::cpp_gelu_forward) and their autograd
+# wrappers' (GeneratedBackwardFor_fastgpt_cpp_gelu_forward_default, AddmmBackward0).
+KINDS = [
+    (MATRIX_PRODUCTS, ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::matmul",
+                       "aten::linear", "mmbackward", "bmmbackward", "linearbackward")),
+    ("attention", ("attention",)),
+    ("norms", ("layer_norm", "rms_norm")),
+    ("activations", ("gelu", "swiglu", "relu", "silu")),
+    ("loss", ("cross_entropy", "log_softmax", "nll_loss")),
+    ("rotary positions", ("rotary",)),
+    ("embeddings", ("embedding", "index_select")),
+    ("optimizer updates", ("adam", "_foreach", "lerp", "norm")),
+    ("copies and casts", ("copy", "_to_copy", "contiguous", "clone", "cat", "stack")),
+]
+OTHER = "other operations"
+
+# FLOPs the profiler counts (with_flops) for the product operations themselves.
+COUNTED_PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+
+
+def kind_of(name):
+    lowered = name.lower()
+    for kind, parts in KINDS:
+        if any(part in lowered for part in parts):
+            return kind
+    return OTHER
+
+
+def phase_of(event):
+    """The phase an event ran in: its nearest enclosing phase label; the autograd engine's work is the
+    backward's even where it runs on a thread of its own (on GPUs)."""
+    while event is not None:
+        if event.name in PHASES:
+            return event.name
+        if event.name.startswith("autograd::engine::evaluate_function"):
+            return "backward"
+        event = event.cpu_parent
+    return BETWEEN
+
+
+def product_rate(dtype, device, size=2048, repeats=5):
+    """FLOP/s of one size x size x size matrix product in `dtype`, the best of `repeats`."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def timed_steps(trainer, steps):
+    """Each step's wall time (seconds)."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        trainer.train_step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def operations(events):
+    """The events of operations (not the phase labels) on the CPU side."""
+    return [e for e in events if e.name not in PHASES and e.device_type == torch.autograd.DeviceType.CPU]
+
+
+def breakdown(events, steps):
+    """{(kind, phase): seconds per step} and {operation name: seconds per step} of the operations' own times."""
+    seconds, by_name = defaultdict(float), defaultdict(float)
+    for event in operations(events):
+        own = event.self_cpu_time_total / 1e6 / steps
+        seconds[(kind_of(event.name), phase_of(event))] += own
+        by_name[event.name] += own
+    return seconds, by_name
+
+
+def product_flops(trainer):
+    """The FLOPs of one step's counted matrix products. Counting them needs every operation's shapes,
+    which slows the others unevenly, so it is a profile of its own."""
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as counter:
+        trainer.train_step()
+    return sum(e.flops or 0 for e in operations(counter.events()) if e.name in COUNTED_PRODUCTS)
+
+
+def markdown(facts, summary, seconds, by_name, listed=12):
+    step = summary["step_ms"] / 1e3
+    columns = [*PHASES, BETWEEN]
+    kinds = sorted({kind for kind, _ in seconds}, key=lambda k: -sum(v for (kk, _), v in seconds.items() if kk == k))
+    lines = ["# Where a training step's time goes", "",
+             "measured on: " + ", ".join(f"{key}={value}" for key, value in facts.items()), "",
+             f"A step: {summary['step_ms']:.1f} ms under the profiler (median of {summary['steps']}; "
+             f"{summary['unprofiled_step_ms']:.1f} ms unprofiled), {summary['tokens_per_s']:,.0f} tokens/s.", "",
+             "| operations | " + " | ".join(f"{c} ms" for c in columns) + " | per step ms | share of the step |",
+             "|" + " --- |" * (len(columns) + 3)]
+    for kind in kinds:
+        cells = [seconds.get((kind, column), 0.0) * 1e3 for column in columns]
+        lines.append(f"| {kind} | " + " | ".join(f"{c:.2f}" for c in cells)
+                     + f" | {sum(cells):.2f} | {sum(cells) / 1e3 / step:.1%} |")
+    outside = summary["outside_ms"]
+    lines.append(f"| {OUTSIDE} | | | | | {outside:.2f} | {outside / 1e3 / step:.1%} |")
+    lines += ["", f"The {listed} operations that took the most time of their own:", "",
+              "| operation | kind | per step ms | share of the step |", "| --- | --- | --- | --- |"]
+    for name, value in sorted(by_name.items(), key=lambda item: -item[1])[:listed]:
+        lines.append(f"| `{name}` | {kind_of(name)} | {value * 1e3:.2f} | {value / step:.1%} |")
+    rate = summary.get("products_gflops")
+    if rate:
+        lines += ["", f"The matrix products counted ({', '.join(sorted(COUNTED_PRODUCTS))}) ran at {rate:.0f} GFLOP/s, "
+                      f"{summary['products_share_of_reference']:.0%} of a 2048 x 2048 x 2048 product in "
+                      f"{facts['dtype']} ({summary['reference_gflops']:.0f} GFLOP/s, timed just before)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=10, help="steps profiled (default 10)")
+    parser.add_argument("--warmup", type=int, default=10, help="steps trained first, unprofiled (default 10)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the result files")
+    parser.add_argument("--tag", help="ends the result files' names (say, the machine)")
+    parser.add_argument("flags", nargs="*", help="after --: the trainer's flags (e.g. --preset modern)")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 1:
+        parser.error("--steps and --warmup must be at least 1")
+
+    reuse_freed_memory()  # as the trainer's command line does
+    with tempfile.TemporaryDirectory() as out_dir:
+        config = parse_config([*args.flags, "--out-dir", out_dir], presets=PRESETS)
+        lock = RunLock(config.out_dir)
+        try:
+            trainer = Trainer(config, lock)
+            unprofiled = statistics.median(timed_steps(trainer, args.warmup))
+            dtype = getattr(torch, trainer.precision.dtype)
+            reference = product_rate(dtype, trainer.device)
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+            with profile(activities=activities) as profiler:
+                times = timed_steps(trainer, args.steps)
+            flops = product_flops(trainer)
+        finally:
+            lock.release()
+    seconds, by_name = breakdown(profiler.events(), args.steps)
+    product_seconds = sum(by_name.get(name, 0.0) for name in COUNTED_PRODUCTS)
+    step = statistics.median(times)
+    tokens = config.batch_size * config.grad_accum_steps * config.model.block_size
+    summary = {"steps": args.steps, "step_ms": step * 1e3, "unprofiled_step_ms": unprofiled * 1e3,
+               "tokens_per_s": tokens / step, "outside_ms": max(0.0, step - sum(seconds.values())) * 1e3,
+               "reference_gflops": reference / 1e9}
+    if flops and product_seconds > 0:
+        summary["products_gflops"] = flops / product_seconds / 1e9
+        summary["products_share_of_reference"] = flops / product_seconds / reference
+
+    facts = {**machine_facts(trainer.device), "threads": torch.get_num_threads(), "dtype": trainer.precision.dtype,
+             "kernels": trainer.backend, "flags": " ".join(args.flags) or "none"}
+    limits = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+    facts.update({name: os.environ[name] for name in limits if name in os.environ})
+    report = markdown(facts, summary, seconds, by_name)
+    args.out.mkdir(parents=True, exist_ok=True)
+    machine = facts.get("cpu_capability") or facts["gpu"].replace(" ", "-")
+    prefix = args.out / "-".join(["profile", facts["date"], machine] + ([args.tag] if args.tag else []))
+    Path(f"{prefix}.md").write_text(report)
+    rows = [{"kind": kind, "phase": phase, "ms_per_step": value * 1e3} for (kind, phase), value in seconds.items()]
+    names = {name: value * 1e3 for name, value in sorted(by_name.items(), key=lambda item: -item[1])}
+    Path(f"{prefix}.json").write_text(json.dumps({**facts, **summary, "kinds": rows, "operations_ms_per_step": names},
+                                                 indent=1) + "\n")
+    print(report)
+    print(f"wrote {prefix}.md and .json")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
