@@ -10,6 +10,7 @@ machine, versions) at the top of both.
 
 import datetime
 import json
+import os
 import platform
 import subprocess
 from collections import defaultdict
@@ -115,6 +116,10 @@ def code_version():
     return commit + ("+changes" if changes else "")
 
 
+# Environment variables that keep PyTorch (its own kernels, oneDNN, MKL) to fewer instruction sets.
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def machine_facts(device):
     """Date, machine, versions and the code's commit: what every result file starts with."""
     # Imported here, not at the top: fastgpt imports Triton, which gpu_benchmark.py must configure first.
@@ -130,6 +135,8 @@ def machine_facts(device):
         facts["cuda"] = torch.version.cuda
     else:
         facts["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        # What limits the instruction sets PyTorch and its matrix libraries use, where set (AVX2 on an AVX-512 CPU).
+        facts.update({name: os.environ[name] for name in ISA_LIMITS if name in os.environ})
     for module in ("triton", "numpy"):
         try:
             facts[module] = __import__(module).__version__

@@ -17,12 +17,12 @@ the same process: a step whose products run near that rate and take most of its 
 faster by doing fewer of them. The profiler itself adds a little to every operation, so the step's
 time here is a few percent above an unprofiled run's (--warmup steps' median is given beside it).
 
-Writes <out>/profile-<date>-<CPU capability or GPU>[-<tag>].md and .json, and prints the table.
+Profiles CPU steps (on a GPU the time is the kernels', which torch.profiler's trace shows). Writes
+<out>/profile-<date>-<CPU capability>[-<tag>].md and .json, and prints the tables.
 """
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -38,7 +38,8 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from fastgpt.cli import run_cli  # noqa: E402
 from fastgpt.config import PRESETS, parse_config  # noqa: E402
-from fastgpt.cpu_memory import reuse_freed_memory  # noqa: E402
+from fastgpt.device import pick_device  # noqa: E402
+from fastgpt.errors import FastGPTError  # noqa: E402
 from fastgpt.run_lock import RunLock  # noqa: E402
 from fastgpt.train import Trainer  # noqa: E402
 from harness import machine_facts  # noqa: E402
@@ -78,29 +79,21 @@ def kind_of(name):
 
 
 def phase_of(event):
-    """The phase an event ran in: its nearest enclosing phase label; the autograd engine's work is the
-    backward's even where it runs on a thread of its own (on GPUs)."""
+    """The phase an event ran in: its nearest enclosing phase label."""
     while event is not None:
         if event.name in PHASES:
             return event.name
-        if event.name.startswith("autograd::engine::evaluate_function"):
-            return "backward"
         event = event.cpu_parent
     return BETWEEN
 
 
-def product_rate(dtype, device, size=2048, repeats=5):
+def product_rate(dtype, size=2048, repeats=5):
     """FLOP/s of one size x size x size matrix product in `dtype`, the best of `repeats`."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     best = float("inf")
     for _ in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
         start = time.perf_counter()
         a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 
@@ -116,8 +109,8 @@ def timed_steps(trainer, steps):
 
 
 def operations(events):
-    """The events of operations (not the phase labels) on the CPU side."""
-    return [e for e in events if e.name not in PHASES and e.device_type == torch.autograd.DeviceType.CPU]
+    """The events of operations, not the phase labels."""
+    return [e for e in events if e.name not in PHASES]
 
 
 def breakdown(events, steps):
@@ -177,17 +170,18 @@ def main(argv=None):
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup must be at least 1")
 
-    reuse_freed_memory()  # as the trainer's command line does
     with tempfile.TemporaryDirectory() as out_dir:
         config = parse_config([*args.flags, "--out-dir", out_dir], presets=PRESETS)
+        if pick_device(config.device).type != "cpu":
+            raise FastGPTError("profile_step.py sums the time operations take on the CPU: add --device cpu to the "
+                               "trainer's flags (on a GPU, the kernels' own times are in torch.profiler's trace)")
         lock = RunLock(config.out_dir)
         try:
             trainer = Trainer(config, lock)
             unprofiled = statistics.median(timed_steps(trainer, args.warmup))
             dtype = getattr(torch, trainer.precision.dtype)
-            reference = product_rate(dtype, trainer.device)
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
-            with profile(activities=activities) as profiler:
+            reference = product_rate(dtype)
+            with profile(activities=[ProfilerActivity.CPU]) as profiler:
                 times = timed_steps(trainer, args.steps)
             flops = product_flops(trainer)
         finally:
@@ -205,12 +199,9 @@ def main(argv=None):
 
     facts = {**machine_facts(trainer.device), "threads": torch.get_num_threads(), "dtype": trainer.precision.dtype,
              "kernels": trainer.backend, "flags": " ".join(args.flags) or "none"}
-    limits = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
-    facts.update({name: os.environ[name] for name in limits if name in os.environ})
     report = markdown(facts, summary, seconds, by_name)
     args.out.mkdir(parents=True, exist_ok=True)
-    machine = facts.get("cpu_capability") or facts["gpu"].replace(" ", "-")
-    prefix = args.out / "-".join(["profile", facts["date"], machine] + ([args.tag] if args.tag else []))
+    prefix = args.out / "-".join(["profile", facts["date"], facts["cpu_capability"]] + ([args.tag] if args.tag else []))
     Path(f"{prefix}.md").write_text(report)
     rows = [{"kind": kind, "phase": phase, "ms_per_step": value * 1e3} for (kind, phase), value in seconds.items()]
     names = {name: value * 1e3 for name, value in sorted(by_name.items(), key=lambda item: -item[1])}

@@ -26,7 +26,6 @@ as .png.
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -118,9 +117,6 @@ def main(argv=None):
 
     facts = {**machine_facts("cuda" if torch.cuda.is_available() else "cpu"), "threads": torch.get_num_threads(),
              "dtype": run_dtype(args.flags), "seed": args.seed, "flags": " ".join(args.flags) or "none"}
-    # What limits the instruction sets PyTorch and its matrix libraries use, where set (AVX2 on an AVX-512 CPU).
-    limits = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
-    facts.update({name: os.environ[name] for name in limits if name in os.environ})
     with tempfile.TemporaryDirectory() as temporary:
         work = args.work or Path(temporary)
         directories = {name: work / ("modern" if flags else "default") for name, flags in RUNS.items()}
