@@ -125,7 +125,8 @@ def machine_facts(device):
     # Imported here, not at the top: fastgpt imports Triton, which gpu_benchmark.py must configure first.
     from fastgpt.hardware import cpu_name
 
-    facts = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
+    now = datetime.datetime.now(datetime.timezone.utc)
+    facts = {"date": now.date().isoformat(), "time": now.strftime("%H:%M UTC"), "torch": torch.__version__,
              "python": platform.python_version(), "cpu": cpu_name()}
     commit = code_version()
     if commit:

@@ -5,25 +5,28 @@
     python benchmarks/profile_step.py --steps 20 -- --mlp swiglu --dtype float32
 
 Builds the run as `python -m fastgpt.train` would with those flags (its data, model, optimizer,
-dtype and kernels, in a temporary out_dir), trains --warmup steps, then runs --steps more under
-torch.profiler. Each operation's own time (not counting the operations it calls) goes to a kind
-(matrix products, attention, norms, ...) and to the phase of the step it ran in, which the trainer
-labels: forward, backward, optimizer (gradient clipping and the weight average included), or
-between them (the batch, the loss's sum across processes, zeroing the gradients). What is left of
-the step's wall time is Python's own, outside any operation.
+dtype and kernels, in a temporary out_dir) on the CPU, trains --warmup steps, times --steps steps,
+then runs --steps more under torch.profiler. Each operation's own time (not counting the operations
+it calls) goes to a kind (matrix products, attention, norms, ...) and to the phase of the step it
+ran in, which the trainer labels: forward, backward, optimizer (gradient clipping and the weight
+average included), or between them (the batch, the loss's sum across processes, zeroing the
+gradients). The kinds are read from the names of fastgpt's fused ops and of PyTorch's own
+(`--backend torch`); the reference backend's plain operations count as what they are (products,
+elementwise arithmetic). Besides the operations: the bookkeeping of autograd and of the optimizers'
+Python loops, and Python's own time outside any operation.
 
 The matrix products' speed is set against a 2048 x 2048 x 2048 product in the same dtype, timed in
 the same process: a step whose products run near that rate and take most of its time can only get
-faster by doing fewer of them. The profiler itself adds a little to every operation, so the step's
-time here is a few percent above an unprofiled run's (--warmup steps' median is given beside it).
+faster by doing fewer of them. The profiler adds a little to every operation: the shares are of a
+profiled step (the mean), beside which the mean unprofiled step is given.
 
 Profiles CPU steps (on a GPU the time is the kernels', which torch.profiler's trace shows). Writes
-<out>/profile-<date>-<CPU capability>[-<tag>].md and .json, and prints the tables.
+<out>/profile-<date>-<CPU capability>[-<tag>].md and .json (a later run of the same name replaces
+them), and prints the tables.
 """
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -47,12 +50,16 @@ from harness import machine_facts  # noqa: E402
 PHASES = ("forward", "backward", "optimizer")
 BETWEEN = "between phases"
 OUTSIDE = "Python, outside any operation"
+BOOKKEEPING = "autograd's and the optimizers' bookkeeping"
 MATRIX_PRODUCTS = "matrix products"
 
 # Kinds of operation, by what their profiler names contain (lower case), the first that matches.
 # The names are ATen's (aten::addmm), fastgpt's (fastgpt::cpp_gelu_forward) and their autograd
-# wrappers' (GeneratedBackwardFor_fastgpt_cpp_gelu_forward_default, AddmmBackward0).
+# wrappers' (GeneratedBackwardFor_fastgpt_cpp_gelu_forward_default, AddmmBackward0). The first kind
+# is no operation's: the time autograd's engine and the optimizers' step methods spend around the
+# operations they call ("Optimizer.step#AdamW.step" would otherwise read as an AdamW update).
 KINDS = [
+    (BOOKKEEPING, ("autograd::engine::evaluate_function", "optimizer.step#", "optimizer.zero_grad#")),
     (MATRIX_PRODUCTS, ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::matmul",
                        "aten::linear", "mmbackward", "bmmbackward", "linearbackward")),
     ("attention", ("attention",)),
@@ -61,8 +68,9 @@ KINDS = [
     ("loss", ("cross_entropy", "log_softmax", "nll_loss")),
     ("rotary positions", ("rotary",)),
     ("embeddings", ("embedding", "index_select")),
-    ("optimizer updates", ("adam", "_foreach", "lerp", "norm")),
-    ("copies and casts", ("copy", "_to_copy", "contiguous", "clone", "cat", "stack")),
+    ("optimizer updates", ("aten::_fused_adam", "aten::_foreach", "aten::lerp")),
+    ("copies and casts", ("aten::copy_", "aten::_to_copy", "aten::contiguous", "aten::clone", "aten::cat",
+                          "aten::stack")),
 ]
 OTHER = "other operations"
 
@@ -98,14 +106,12 @@ def product_rate(dtype, size=2048, repeats=5):
     return 2 * size**3 / best
 
 
-def timed_steps(trainer, steps):
-    """Each step's wall time (seconds)."""
-    times = []
+def mean_step(trainer, steps):
+    """The mean wall time (seconds) of `steps` steps."""
+    start = time.perf_counter()
     for _ in range(steps):
-        start = time.perf_counter()
         trainer.train_step()
-        times.append(time.perf_counter() - start)
-    return times
+    return (time.perf_counter() - start) / steps
 
 
 def operations(events):
@@ -137,8 +143,8 @@ def markdown(facts, summary, seconds, by_name, listed=12):
     kinds = sorted({kind for kind, _ in seconds}, key=lambda k: -sum(v for (kk, _), v in seconds.items() if kk == k))
     lines = ["# Where a training step's time goes", "",
              "measured on: " + ", ".join(f"{key}={value}" for key, value in facts.items()), "",
-             f"A step: {summary['step_ms']:.1f} ms under the profiler (median of {summary['steps']}; "
-             f"{summary['unprofiled_step_ms']:.1f} ms unprofiled), {summary['tokens_per_s']:,.0f} tokens/s.", "",
+             f"A step: {summary['step_ms']:.1f} ms under the profiler, {summary['unprofiled_step_ms']:.1f} ms "
+             f"without it ({summary['tokens_per_s']:,.0f} tokens/s); means of {summary['steps']} steps each.", "",
              "| operations | " + " | ".join(f"{c} ms" for c in columns) + " | per step ms | share of the step |",
              "|" + " --- |" * (len(columns) + 3)]
     for kind in kinds:
@@ -160,10 +166,11 @@ def markdown(facts, summary, seconds, by_name, listed=12):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=10, help="steps profiled (default 10)")
-    parser.add_argument("--warmup", type=int, default=10, help="steps trained first, unprofiled (default 10)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the result files")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10, help="steps timed, and as many profiled (default 10)")
+    parser.add_argument("--warmup", type=int, default=10, help="steps trained first, not counted (default 10)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
+                        help="folder for the result files (default: benchmarks/results)")
     parser.add_argument("--tag", help="ends the result files' names (say, the machine)")
     parser.add_argument("flags", nargs="*", help="after --: the trainer's flags (e.g. --preset modern)")
     args = parser.parse_args(argv)
@@ -171,27 +178,26 @@ def main(argv=None):
         parser.error("--steps and --warmup must be at least 1")
 
     with tempfile.TemporaryDirectory() as out_dir:
-        config = parse_config([*args.flags, "--out-dir", out_dir], presets=PRESETS)
+        config = parse_config(["--device", "cpu", *args.flags, "--out-dir", out_dir], presets=PRESETS)
         if pick_device(config.device).type != "cpu":
-            raise FastGPTError("profile_step.py sums the time operations take on the CPU: add --device cpu to the "
-                               "trainer's flags (on a GPU, the kernels' own times are in torch.profiler's trace)")
+            raise FastGPTError("profile_step.py sums the time operations take on the CPU: leave out --device (on "
+                               "a GPU, the kernels' own times are in torch.profiler's trace)")
         lock = RunLock(config.out_dir)
         try:
             trainer = Trainer(config, lock)
-            unprofiled = statistics.median(timed_steps(trainer, args.warmup))
-            dtype = getattr(torch, trainer.precision.dtype)
-            reference = product_rate(dtype)
+            mean_step(trainer, args.warmup)
+            unprofiled = mean_step(trainer, args.steps)
+            reference = product_rate(getattr(torch, trainer.precision.dtype))
             with profile(activities=[ProfilerActivity.CPU]) as profiler:
-                times = timed_steps(trainer, args.steps)
+                step = mean_step(trainer, args.steps)
             flops = product_flops(trainer)
         finally:
             lock.release()
     seconds, by_name = breakdown(profiler.events(), args.steps)
     product_seconds = sum(by_name.get(name, 0.0) for name in COUNTED_PRODUCTS)
-    step = statistics.median(times)
     tokens = config.batch_size * config.grad_accum_steps * config.model.block_size
     summary = {"steps": args.steps, "step_ms": step * 1e3, "unprofiled_step_ms": unprofiled * 1e3,
-               "tokens_per_s": tokens / step, "outside_ms": max(0.0, step - sum(seconds.values())) * 1e3,
+               "tokens_per_s": tokens / unprofiled, "outside_ms": (step - sum(seconds.values())) * 1e3,
                "reference_gflops": reference / 1e9}
     if flops and product_seconds > 0:
         summary["products_gflops"] = flops / product_seconds / 1e9

@@ -1,6 +1,8 @@
 """benchmarks/profile_step.py, where a training step's time goes, on a tiny model: every phase and kind
-it reports is found, and a mistaken trainer flag is one line."""
+it reports is found, the operations' times fit in the step's, the kinds are read right from the
+profiler's names, and a mistaken trainer flag is one line."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -30,6 +32,8 @@ def test_reports_each_phase_and_kind_of_a_step(tmp_path):
     assert {"forward", "backward"} <= phases_of["attention"] & phases_of["norms"] & phases_of["rotary positions"]
     assert {"forward", "backward"} <= phases_of["activations"] & phases_of["loss"]
     assert report["step_ms"] > 0 and 0 < report["products_gflops"] and report["reference_gflops"] > 0
+    # The operations' own times do not add up to more than the step: nothing is counted twice.
+    assert report["outside_ms"] >= -0.01 * report["step_ms"]
     assert "| matrix products |" in next(tmp_path.glob("profile-*.md")).read_text()
 
 
@@ -38,3 +42,19 @@ def test_a_mistaken_flag_is_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("fastgpt: error: unknown setting '--n-layr'")
     assert not list(tmp_path.iterdir())
+
+
+def test_kinds_of_the_profilers_names():
+    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "benchmarks" / "profile_step.py")
+    profile_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_step)
+    kinds = {"aten::addmm": "matrix products", "aten::baddbmm": "matrix products",
+             "fastgpt::cpp_causal_attention_backward": "attention",
+             "GeneratedBackwardFor_fastgpt_cpp_gelu_forward_default": "activations",
+             "aten::_scaled_dot_product_flash_attention_for_cpu": "attention", "aten::native_layer_norm": "norms",
+             "fastgpt::cpp_rms_norm_forward": "norms", "aten::_fused_adamw_": "optimizer updates",
+             # annotations around operations, not operations: their own time is bookkeeping
+             "Optimizer.step#AdamW.step": profile_step.BOOKKEEPING,
+             "autograd::engine::evaluate_function: AddmmBackward0": profile_step.BOOKKEEPING,
+             "aten::cat": "copies and casts", "aten::scatter_add_": profile_step.OTHER}
+    assert {name: profile_step.kind_of(name) for name in kinds} == kinds
