@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from fastgpt import timing  # noqa: E402
 from fastgpt.cli import run_cli  # noqa: E402
 from fastgpt.config import PRESETS, parse_config  # noqa: E402
 from fastgpt.device import pick_device  # noqa: E402
@@ -74,6 +75,9 @@ KINDS = [
 ]
 OTHER = "other operations"
 
+# The side of the square matrix product the step's products are compared with.
+REFERENCE_SIZE = 2048
+
 # FLOPs the profiler counts (with_flops) for the product operations themselves.
 COUNTED_PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 
@@ -95,15 +99,12 @@ def phase_of(event):
     return BETWEEN
 
 
-def product_rate(dtype, size=2048, repeats=5):
-    """FLOP/s of one size x size x size matrix product in `dtype`, the best of `repeats`."""
+def product_rate(dtype, size=REFERENCE_SIZE, rounds=5):
+    """FLOP/s of one size x size x size matrix product in `dtype`: the median of `rounds`, timed as
+    the benchmarks time everything (fastgpt.timing)."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    seconds = timing.alternating_medians({"product": lambda: a @ b}, rounds, timing.HostClock())["product"]
+    return 2 * size**3 / seconds
 
 
 def mean_step(trainer, steps):
@@ -160,7 +161,8 @@ def markdown(facts, summary, seconds, by_name, listed=12):
     rate = summary.get("products_gflops")
     if rate:
         lines += ["", f"The matrix products counted ({', '.join(sorted(COUNTED_PRODUCTS))}) ran at {rate:.0f} GFLOP/s, "
-                      f"{summary['products_share_of_reference']:.0%} of a 2048 x 2048 x 2048 product in "
+                      f"{summary['products_share_of_reference']:.0%} of a {REFERENCE_SIZE} x {REFERENCE_SIZE} x "
+                      f"{REFERENCE_SIZE} product in "
                       f"{facts['dtype']} ({summary['reference_gflops']:.0f} GFLOP/s, timed just before)."]
     return "\n".join(lines) + "\n"
 
