@@ -10,6 +10,11 @@ One program per row, walking it in blocks of BLOCK_V logits. The forward keeps a
 running sum of exponentials taken against it; when a block raises the max, the sum so far is
 rescaled by exp(old max - new max) (the online softmax of flash attention), so a row of any width is
 read once and nothing of V's size is written. The backward reads the row once more and writes dx.
+
+A target outside [0, V) reads nothing and makes its row's loss and gradients NaN, so the mistake
+shows in the loss. The C++ kernels refuse such targets with an error; here that check would make the
+host wait for the GPU at every call, so it is left to the values (PyTorch's CUDA loss likewise only
+asserts on the device).
 """
 
 import torch
@@ -36,7 +41,8 @@ def _cross_entropy_forward_kernel(LOGITS, TARGETS, LOSS, LSE, stride_row, n_cols
         running_max = new_max
     lse = running_max + tl.log(running_sum)
     target = tl.load(TARGETS + row)
-    tl.store(LOSS + row, lse - tl.load(x_row + target).to(tl.float32))
+    x_target = tl.load(x_row + target, mask=(target >= 0) & (target < n_cols), other=float("nan"))
+    tl.store(LOSS + row, lse - x_target.to(tl.float32))
     tl.store(LSE + row, lse)
 
 
@@ -47,6 +53,7 @@ def _cross_entropy_backward_kernel(GRAD_LOSS, LOGITS, TARGETS, LSE, DLOGITS, str
     g = tl.load(GRAD_LOSS + row * stride_grad).to(tl.float32)
     lse = tl.load(LSE + row)
     target = tl.load(TARGETS + row)
+    g = tl.where((target >= 0) & (target < n_cols), g, float("nan"))
     for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < n_cols

@@ -3,7 +3,8 @@
 The contract tests (tests/test_op_contract.py) already hold both backends to the reference and to
 float64 on the op's sample inputs. Here: many rows (split over threads), rows wider than a Triton
 block, rows that are slices of a wider tensor, extreme logits (far apart, -inf), targets outside the
-classes, the public op's argument checks, and the model's loss against F.cross_entropy.
+classes (refused by C++, NaN rows from Triton), the public op's argument checks, and the model's loss
+against F.cross_entropy.
 
 Run as a script, `python tests/test_kernels_cross_entropy.py --compile-for-hopper SHARD SHARDS`
 compiles the Triton kernels' variants for sm_90 and reports their register spills.
@@ -83,6 +84,24 @@ def test_targets_outside_the_classes_are_refused_in_one_line():
         torch.ops.fastgpt.cpp_cross_entropy_forward(torch.randn(3, 5), torch.tensor([0, 5, 2]))
     with pytest.raises(RuntimeError, match=r"from -1 to 2"):
         torch.ops.fastgpt.cpp_cross_entropy_forward(torch.randn(3, 5), torch.tensor([0, -1, 2]))
+
+
+@needs_triton
+def test_triton_makes_the_rows_of_targets_outside_the_classes_nan():
+    logits, targets = torch.randn(4, 5), torch.tensor([0, 5, 2, -1])
+    loss, dlogits = triton_cross_entropy(logits, targets, torch.ones(4))
+    assert loss[[1, 3]].isnan().all() and dlogits[[1, 3]].isnan().all()
+    expected, expected_grad = reference_with_gradient(logits[[0, 2]], targets[[0, 2]])
+    torch.testing.assert_close(loss[[0, 2]], expected)
+    torch.testing.assert_close(dlogits[[0, 2]], expected_grad)
+
+
+def reference_with_gradient(logits, targets):
+    """(loss, dlogits) of the reference, for a gradient of ones."""
+    leaf = logits.clone().requires_grad_(True)
+    loss = reference(leaf, targets)
+    (grad,) = torch.autograd.grad(loss.sum(), leaf)
+    return loss.detach(), grad
 
 
 @pytest.mark.parametrize("logits, targets, message", [
