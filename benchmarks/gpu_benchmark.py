@@ -44,7 +44,7 @@ half as many written; then x and dy read, dx written), ReLU^2 2 and 5, cross-ent
 logits' bytes (read forward; read again and their gradient written backward); training 6*N + 12*L*H*Q*T
 FLOPs per token. The normalisation, rotary and activation tables give speed-ups against torch's
 built-in (the reference for rotary), the training table against the built-ins. Results go to <out>/gpu-<date>.md and .json
-(date, GPU, versions, every median, each section's seconds), written after each section so that a
+(-2, -3, ... after a name already taken; date, GPU, versions, every median, each section's seconds), written after each section so that a
 run cut short keeps what it measured.
 """
 
@@ -61,7 +61,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from harness import Report, machine_facts  # noqa: E402
+from harness import Report, machine_facts, unused_prefix  # noqa: E402
 
 SIZES = {
     "gpu": dict(
@@ -432,7 +432,7 @@ def main(argv=None):
     report = Report("fastgpt GPU benchmarks" + (" (DRY RUN on CPU: not GPU numbers)" if args.dry_run else ""))
     report.facts.update(machine_facts(device), dry_run=args.dry_run)
     args.out.mkdir(parents=True, exist_ok=True)
-    prefix = args.out / f"{'dry-run' if args.dry_run else 'gpu'}-{report.facts['date']}"
+    prefix = unused_prefix(args.out, "dry-run" if args.dry_run else "gpu", report.facts["date"])
     if not args.skip_tests:
         report.facts["gpu_tests"] = run_gpu_tests(collect_only=args.dry_run)
         report.facts.setdefault("section_seconds", {})["gpu_tests"] = round(time.perf_counter() - started)

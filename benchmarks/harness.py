@@ -9,6 +9,7 @@ machine, versions) at the top of both.
 """
 
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -114,6 +115,17 @@ def code_version():
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("+changes" if changes else "")
+
+
+RESULT_SUFFIXES = (".md", ".json", ".png")
+
+
+def unused_prefix(folder, *name_parts):
+    """folder/<name parts joined by "-">, or with "-2", "-3", ... after it when result files (.md, .json,
+    .png) of that name are already there: a second run on the same day and machine keeps the first's."""
+    base = Path(folder) / "-".join(name_parts)
+    candidates = (base.with_name(f"{base.name}-{n}") if n > 1 else base for n in itertools.count(1))
+    return next(c for c in candidates if not any(c.with_name(c.name + s).exists() for s in RESULT_SUFFIXES))
 
 
 # Environment variables that keep PyTorch (its own kernels, oneDNN, MKL) to fewer instruction sets.

@@ -21,8 +21,8 @@ faster by doing fewer of them. The profiler adds a little to every operation: th
 profiled step (the mean), beside which the mean unprofiled step is given.
 
 Profiles CPU steps (on a GPU the time is the kernels', which torch.profiler's trace shows). Writes
-<out>/profile-<date>-<CPU capability>[-<tag>].md and .json (a later run of the same name replaces
-them), and prints the tables.
+<out>/profile-<date>-<CPU capability>[-<tag>].md and .json (a name already taken there gets -2, -3,
+... after it), and prints the tables.
 """
 
 import argparse
@@ -46,7 +46,7 @@ from fastgpt.device import pick_device  # noqa: E402
 from fastgpt.errors import FastGPTError  # noqa: E402
 from fastgpt.run_lock import RunLock  # noqa: E402
 from fastgpt.train import Trainer  # noqa: E402
-from harness import machine_facts  # noqa: E402
+from harness import machine_facts, unused_prefix  # noqa: E402
 
 PHASES = ("forward", "backward", "optimizer")
 BETWEEN = "between phases"
@@ -209,7 +209,7 @@ def main(argv=None):
              "kernels": trainer.backend, "flags": " ".join(args.flags) or "none"}
     report = markdown(facts, summary, seconds, by_name)
     args.out.mkdir(parents=True, exist_ok=True)
-    prefix = args.out / "-".join(["profile", facts["date"], facts["cpu_capability"]] + ([args.tag] if args.tag else []))
+    prefix = unused_prefix(args.out, "profile", facts["date"], facts["cpu_capability"], *([args.tag] if args.tag else []))
     Path(f"{prefix}.md").write_text(report)
     rows = [{"kind": kind, "phase": phase, "ms_per_step": value * 1e3} for (kind, phase), value in seconds.items()]
     names = {name: value * 1e3 for name, value in sorted(by_name.items(), key=lambda item: -item[1])}

@@ -20,7 +20,7 @@ byte x ln 2 (for a char model, its loss itself; with `-- --data` on a text that 
 Each is reported as met or missed; speed is measured here, never asserted, so the script succeeds
 either way. Writes <out>/recipe-<date>-<CPU capability or GPU>[-<tag>].md and .json (date, machine,
 versions, both runs' numbers, the verdicts) and the two runs' curves (`python -m fastgpt.compare`)
-as .png.
+as .png; a name already taken there gets -2, -3, ... after it.
 """
 
 import argparse
@@ -41,7 +41,7 @@ from fastgpt.cli import run_cli  # noqa: E402
 from fastgpt.config import PRESETS, parse_config  # noqa: E402
 from fastgpt.device import pick_device  # noqa: E402
 from fastgpt.hardware import choose_precision  # noqa: E402
-from harness import machine_facts  # noqa: E402
+from harness import machine_facts, unused_prefix  # noqa: E402
 
 RUNS = {"no arguments": [], "--preset modern": ["--preset", "modern"]}
 MODERN_GOAL = 1.47  # nats per character
@@ -126,7 +126,7 @@ def main(argv=None):
             runs[name] = train_and_score(directories[name], [*flags, "--seed", str(args.seed), *args.flags])
         args.out.mkdir(parents=True, exist_ok=True)
         machine = facts.get("cpu_capability") or facts["gpu"].replace(" ", "-")
-        prefix = args.out / "-".join(["recipe", facts["date"], machine] + ([args.tag] if args.tag else []))
+        prefix = unused_prefix(args.out, "recipe", facts["date"], machine, *([args.tag] if args.tag else []))
         fastgpt("compare", *map(str, directories.values()), "--to", f"{prefix}.png")
     targets = verdicts(runs["no arguments"], runs["--preset modern"])
     report = markdown(facts, runs, targets)

@@ -1,6 +1,7 @@
 """benchmarks/profile_step.py, where a training step's time goes, on a tiny model: every phase and kind
 it reports is found, the operations' times fit in the step's, the kinds are read right from the
-profiler's names, and a mistaken trainer flag is one line."""
+profiler's names, a mistaken trainer flag is one line, and a second run of one name keeps the first's
+files."""
 
 import importlib.util
 import json
@@ -44,10 +45,28 @@ def test_a_mistaken_flag_is_one_line(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_kinds_of_the_profilers_names():
+def load_profile_step():
     spec = importlib.util.spec_from_file_location("profile_step", ROOT / "benchmarks" / "profile_step.py")
     profile_step = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(profile_step)
+    return profile_step
+
+
+def test_a_second_run_of_the_same_name_keeps_the_first_runs_files(tmp_path):
+    unused_prefix = load_profile_step().unused_prefix
+    first = unused_prefix(tmp_path, "profile", "2026-12-03", "AVX2")
+    assert first == tmp_path / "profile-2026-12-03-AVX2"
+    (tmp_path / "profile-2026-12-03-AVX2-zen4.md").write_text("")  # another name that starts the same
+    assert unused_prefix(tmp_path, "profile", "2026-12-03", "AVX2") == first
+    Path(f"{first}.md").write_text("")
+    second = unused_prefix(tmp_path, "profile", "2026-12-03", "AVX2")
+    assert second == tmp_path / "profile-2026-12-03-AVX2-2"
+    Path(f"{second}.png").write_text("")
+    assert unused_prefix(tmp_path, "profile", "2026-12-03", "AVX2") == tmp_path / "profile-2026-12-03-AVX2-3"
+
+
+def test_kinds_of_the_profilers_names():
+    profile_step = load_profile_step()
     kinds = {"aten::addmm": "matrix products", "aten::baddbmm": "matrix products",
              "fastgpt::cpp_causal_attention_backward": "attention",
              "GeneratedBackwardFor_fastgpt_cpp_gelu_forward_default": "activations",
