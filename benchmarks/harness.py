@@ -117,6 +117,21 @@ def code_version():
     return commit + ("+changes" if changes else "")
 
 
+# The matrix product whose speed stands for the machine's at the time of a measurement: these machines'
+# speed drifts, and a result file that records it says whether a slow run was the code or the machine.
+REFERENCE_SIZE = 2048
+
+
+def product_rate(dtype, size=REFERENCE_SIZE, rounds=5):
+    """FLOP/s of one size x size x size matrix product on the CPU in `dtype`: the median of `rounds`,
+    timed as the benchmarks time everything (fastgpt.timing)."""
+    from fastgpt import timing
+
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    seconds = timing.alternating_medians({"product": lambda: a @ b}, rounds, timing.HostClock())["product"]
+    return 2 * size**3 / seconds
+
+
 RESULT_SUFFIXES = (".md", ".json", ".png")
 
 

@@ -39,14 +39,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from fastgpt import timing  # noqa: E402
 from fastgpt.cli import run_cli  # noqa: E402
 from fastgpt.config import PRESETS, parse_config  # noqa: E402
 from fastgpt.device import pick_device  # noqa: E402
 from fastgpt.errors import FastGPTError  # noqa: E402
 from fastgpt.run_lock import RunLock  # noqa: E402
 from fastgpt.train import Trainer  # noqa: E402
-from harness import machine_facts, unused_prefix  # noqa: E402
+from harness import REFERENCE_SIZE, machine_facts, product_rate, unused_prefix  # noqa: E402
 
 PHASES = ("forward", "backward", "optimizer")
 BETWEEN = "between phases"
@@ -75,9 +74,6 @@ KINDS = [
 ]
 OTHER = "other operations"
 
-# The side of the square matrix product the step's products are compared with.
-REFERENCE_SIZE = 2048
-
 # FLOPs the profiler counts (with_flops) for the product operations themselves.
 COUNTED_PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 
@@ -97,14 +93,6 @@ def phase_of(event):
             return event.name
         event = event.cpu_parent
     return BETWEEN
-
-
-def product_rate(dtype, size=REFERENCE_SIZE, rounds=5):
-    """FLOP/s of one size x size x size matrix product in `dtype`: the median of `rounds`, timed as
-    the benchmarks time everything (fastgpt.timing)."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    seconds = timing.alternating_medians({"product": lambda: a @ b}, rounds, timing.HostClock())["product"]
-    return 2 * size**3 / seconds
 
 
 def mean_step(trainer, steps):

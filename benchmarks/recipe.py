@@ -18,7 +18,9 @@ byte x ln 2 (for a char model, its loss itself; with `-- --data` on a text that 
 - the no-argument run: at most 1.75, in at most 5 minutes.
 
 Each is reported as met or missed; speed is measured here, never asserted, so the script succeeds
-either way. Writes <out>/recipe-<date>-<CPU capability or GPU>[-<tag>].md and .json (date, machine,
+either way. On a CPU, a 2048 x 2048 x 2048 matrix product in the runs' dtype is timed before the
+first run and after the last: a snapshot of the machine's speed, which drifts on shared machines, to
+tell a slow pair from slow code. Writes <out>/recipe-<date>-<CPU capability or GPU>[-<tag>].md and .json (date, machine,
 versions, both runs' numbers, the verdicts) and the two runs' curves (`python -m fastgpt.compare`)
 as .png; a name already taken there gets -2, -3, ... after it.
 """
@@ -41,12 +43,13 @@ from fastgpt.cli import run_cli  # noqa: E402
 from fastgpt.config import PRESETS, parse_config  # noqa: E402
 from fastgpt.device import pick_device  # noqa: E402
 from fastgpt.hardware import choose_precision  # noqa: E402
-from harness import machine_facts, unused_prefix  # noqa: E402
+from harness import REFERENCE_SIZE, machine_facts, product_rate, unused_prefix  # noqa: E402
 
 RUNS = {"no arguments": [], "--preset modern": ["--preset", "modern"]}
 MODERN_GOAL = 1.47  # nats per character
 DEFAULT_GOAL = 1.75
 DEFAULT_TIME_LIMIT_S = 300
+SPEED_ROUNDS = 25
 
 
 def run_dtype(flags):
@@ -54,6 +57,12 @@ def run_dtype(flags):
     (which also refuses a mistaken flag, in one line, before any run starts)."""
     settings = parse_config(flags, presets=PRESETS)
     return choose_precision(settings.dtype, pick_device(settings.device)).dtype
+
+
+def product_gflops(dtype):
+    """The machine's speed now: GFLOP/s of the reference matrix product (harness.product_rate) in `dtype`,
+    the median of SPEED_ROUNDS, a few seconds' worth, since a shared machine's speed moves within a second."""
+    return round(product_rate(getattr(torch, dtype), rounds=SPEED_ROUNDS) / 1e9, 1)
 
 
 def per_character(bits_per_byte):
@@ -103,6 +112,10 @@ def markdown(facts, runs, targets):
         lines.append(f"| `{command}` | {run['steps']} | {run['val_loss']:.4f} | {run['val_per_character']:.4f} "
                      f"| {run['every_token_per_character']:.4f} | {run['training_s']:.1f} s | {run['wall_s']:.1f} s |")
     lines += ["", *(f"- {'met' if met else 'MISSED'}: {target}" for target, met in targets)]
+    if "product_gflops_before" in facts:
+        lines += ["", f"The machine's speed: a {REFERENCE_SIZE} x {REFERENCE_SIZE} x {REFERENCE_SIZE} product in "
+                      f"{facts['dtype']} ran at {facts['product_gflops_before']:.0f} GFLOP/s before the runs and "
+                      f"{facts['product_gflops_after']:.0f} GFLOP/s after them."]
     return "\n".join(lines) + "\n"
 
 
@@ -117,6 +130,9 @@ def main(argv=None):
 
     facts = {**machine_facts("cuda" if torch.cuda.is_available() else "cpu"), "threads": torch.get_num_threads(),
              "dtype": run_dtype(args.flags), "seed": args.seed, "flags": " ".join(args.flags) or "none"}
+    on_cpu = "cpu_capability" in facts
+    if on_cpu:
+        facts["product_gflops_before"] = product_gflops(facts["dtype"])
     with tempfile.TemporaryDirectory() as temporary:
         work = args.work or Path(temporary)
         directories = {name: work / ("modern" if flags else "default") for name, flags in RUNS.items()}
@@ -124,6 +140,8 @@ def main(argv=None):
         for name, flags in RUNS.items():
             print(f"recipe: training with {name} into {directories[name]}", flush=True)
             runs[name] = train_and_score(directories[name], [*flags, "--seed", str(args.seed), *args.flags])
+        if on_cpu:
+            facts["product_gflops_after"] = product_gflops(facts["dtype"])
         args.out.mkdir(parents=True, exist_ok=True)
         machine = facts.get("cpu_capability") or facts["gpu"].replace(" ", "-")
         prefix = unused_prefix(args.out, "recipe", facts["date"], machine, *([args.tag] if args.tag else []))

@@ -26,8 +26,10 @@ def test_recipe_script_runs_both_and_reports(tmp_path):
     for run in report["runs"].values():
         assert run["steps"] == TINY_RUN["max_iters"] and run["wall_s"] > 0 and run["val_per_character"] > 0
     assert len(report["targets"]) == 4 and report["cpu_capability"]
+    assert report["product_gflops_before"] > 0 and report["product_gflops_after"] > 0
     assert (tmp_path / "runs" / "modern" / "ckpt.pt").exists()
-    assert list(tmp_path.glob("recipe-*.png")) and "MISSED" in next(tmp_path.glob("recipe-*.md")).read_text()
+    markdown = next(tmp_path.glob("recipe-*.md")).read_text()
+    assert list(tmp_path.glob("recipe-*.png")) and "MISSED" in markdown and "GFLOP/s before the runs" in markdown
 
 
 def test_verdicts_compare_each_target_the_right_way():
