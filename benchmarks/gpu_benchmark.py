@@ -43,9 +43,10 @@ bytes (its backward reads dy and writes dx); SwiGLU 1.5 and 4 times x's bytes (x
 half as many written; then x and dy read, dx written), ReLU^2 2 and 5, cross-entropy 1 and 3 times the
 logits' bytes (read forward; read again and their gradient written backward); training 6*N + 12*L*H*Q*T
 FLOPs per token. The normalisation, rotary and activation tables give speed-ups against torch's
-built-in (the reference for rotary), the training table against the built-ins. Results go to <out>/gpu-<date>.md and .json
-(-2, -3, ... after a name already taken; date, GPU, versions, every median, each section's seconds), written after each section so that a
-run cut short keeps what it measured.
+built-in (the reference for rotary), the training table against the built-ins. Results go to
+<out>/gpu-<date>.md and .json (-2, -3, ... after a name already taken; date, GPU, versions, every
+median, each section's seconds), written after each section so that a run cut short keeps what it
+measured.
 """
 
 import argparse

@@ -136,9 +136,10 @@ RESULT_SUFFIXES = (".md", ".json", ".png")
 
 
 def unused_prefix(folder, *name_parts):
-    """folder/<name parts joined by "-">, or with "-2", "-3", ... after it when result files (.md, .json,
-    .png) of that name are already there: a second run on the same day and machine keeps the first's."""
-    base = Path(folder) / "-".join(name_parts)
+    """folder/<name parts joined by "-", leaving out None>, or with "-2", "-3", ... after it when result
+    files (.md, .json, .png) of that name are already there: a second run on the same day and machine
+    keeps the first's."""
+    base = Path(folder) / "-".join(part for part in name_parts if part is not None)
     candidates = (base.with_name(f"{base.name}-{n}") if n > 1 else base for n in itertools.count(1))
     return next(c for c in candidates if not any(c.with_name(c.name + s).exists() for s in RESULT_SUFFIXES))
 

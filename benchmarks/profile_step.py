@@ -197,7 +197,7 @@ def main(argv=None):
              "kernels": trainer.backend, "flags": " ".join(args.flags) or "none"}
     report = markdown(facts, summary, seconds, by_name)
     args.out.mkdir(parents=True, exist_ok=True)
-    prefix = unused_prefix(args.out, "profile", facts["date"], facts["cpu_capability"], *([args.tag] if args.tag else []))
+    prefix = unused_prefix(args.out, "profile", facts["date"], facts["cpu_capability"], args.tag)
     Path(f"{prefix}.md").write_text(report)
     rows = [{"kind": kind, "phase": phase, "ms_per_step": value * 1e3} for (kind, phase), value in seconds.items()]
     names = {name: value * 1e3 for name, value in sorted(by_name.items(), key=lambda item: -item[1])}

@@ -20,9 +20,9 @@ byte x ln 2 (for a char model, its loss itself; with `-- --data` on a text that 
 Each is reported as met or missed; speed is measured here, never asserted, so the script succeeds
 either way. On a CPU, a 2048 x 2048 x 2048 matrix product in the runs' dtype is timed before the
 first run and after the last: a snapshot of the machine's speed, which drifts on shared machines, to
-tell a slow pair from slow code. Writes <out>/recipe-<date>-<CPU capability or GPU>[-<tag>].md and .json (date, machine,
-versions, both runs' numbers, the verdicts) and the two runs' curves (`python -m fastgpt.compare`)
-as .png; a name already taken there gets -2, -3, ... after it.
+tell a slow pair from slow code. Writes <out>/recipe-<date>-<CPU capability or GPU>[-<tag>].md and
+.json (date, machine, versions, both runs' numbers, the verdicts) and the two runs' curves
+(`python -m fastgpt.compare`) as .png; a name already taken there gets -2, -3, ... after it.
 """
 
 import argparse
@@ -144,7 +144,7 @@ def main(argv=None):
             facts["product_gflops_after"] = product_gflops(facts["dtype"])
         args.out.mkdir(parents=True, exist_ok=True)
         machine = facts.get("cpu_capability") or facts["gpu"].replace(" ", "-")
-        prefix = unused_prefix(args.out, "recipe", facts["date"], machine, *([args.tag] if args.tag else []))
+        prefix = unused_prefix(args.out, "recipe", facts["date"], machine, args.tag)
         fastgpt("compare", *map(str, directories.values()), "--to", f"{prefix}.png")
     targets = verdicts(runs["no arguments"], runs["--preset modern"])
     report = markdown(facts, runs, targets)
