@@ -1,7 +1,10 @@
-"""What `pip install` compiles: the baseline build and the one for this CPU, without debug information."""
+"""What `pip install` compiles: the baseline build and the one for this CPU, without debug information,
+with the functions on ATen's vectors inlined."""
 
 import platform
 import runpy
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -42,6 +45,22 @@ def test_installed_builds_carry_no_debug_information():
     assert builds, "no compiled build of the C++ extension next to fastgpt"
     for build in builds:
         assert b".debug_info" not in build.read_bytes(), f"{build.name} was compiled with debug information"
+
+
+def test_installed_builds_inline_atens_vector_functions():
+    # --param inline-unit-growth in build_config.py: without it GCC stopped inlining part-way through
+    # the unity files, and kernels called at::vec functions (exp_u20, the bf16 stores) out of line,
+    # through the dynamic linker, once per vector: GELU took 1.7 times as long.
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm (binutils) is not installed, so the builds' symbols cannot be listed")
+    builds = list(Path(fastgpt.__file__).parent.glob("_C_*.so"))
+    assert builds, "no compiled build of the C++ extension next to fastgpt"
+    for build in builds:
+        symbols = subprocess.run([nm, "-C", str(build)], capture_output=True, text=True, check=True).stdout
+        # ATen's own (Vectorized<float>::exp_u20) and fastgpt's that take its vectors (tanh_via_exp).
+        out_of_line = [line for line in symbols.splitlines() if "at::vec::" in line]
+        assert not out_of_line, f"{build.name} has vector functions compiled out of line: {out_of_line[:3]}"
 
 
 def test_each_build_compiles_every_source_once_through_its_unity_files(build_config, tmp_path):
