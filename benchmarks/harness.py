@@ -125,7 +125,7 @@ REFERENCE_SIZE = 2048
 def product_rate(dtype, size=REFERENCE_SIZE, rounds=5):
     """FLOP/s of one size x size x size matrix product on the CPU in `dtype`: the median of `rounds`,
     timed as the benchmarks time everything (fastgpt.timing)."""
-    from fastgpt import timing
+    from fastgpt import timing  # here, not at the top: see machine_facts
 
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     seconds = timing.alternating_medians({"product": lambda: a @ b}, rounds, timing.HostClock())["product"]
