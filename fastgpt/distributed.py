@@ -17,6 +17,10 @@ Before training, one process prepares what all need (fits the tokenizer, encodes
 the others wait. That can take hours on a large corpus, far beyond the timeout of a collective
 (NCCL's is 10 minutes), so the waiting is done in a gloo group of its own, whose timeout no
 preparation reaches; if the preparing process fails instead, torchrun ends the others.
+
+torch.distributed.fsdp and torch.distributed.checkpoint take most of a second to import (they bring
+DTensor), so the functions that use them import them: `python -m fastgpt.train --help`, or a
+mistaken flag, answers without waiting for them.
 """
 
 import os
@@ -26,10 +30,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from fastgpt.errors import FastGPTError
@@ -97,6 +97,8 @@ def parallelize(model, world, mode, compile=False, compute_dtype=torch.float32):
     are gathered in (see `fsdp_precision`).
     """
     if world.is_distributed and mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
         policy = fsdp_precision(compute_dtype, next(model.parameters()).device)
         for block in model.transformer.h:
             fully_shard(block, mp_policy=policy)
@@ -110,6 +112,8 @@ def parallelize(model, world, mode, compile=False, compute_dtype=torch.float32):
 def fsdp_precision(compute_dtype, device):
     """FSDP's mixed-precision policy: gather parameters in the compute dtype when it is a 16-bit one on
     CUDA, reduce gradients in fp32; otherwise FSDP's default (everything in the parameters' fp32)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
     if torch.device(device).type == "cuda" and compute_dtype in (torch.bfloat16, torch.float16):
         return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
@@ -124,7 +128,7 @@ def gradient_sync(runner, model, enabled):
     elif isinstance(runner, DistributedDataParallel):
         with runner.no_sync():
             yield
-    elif isinstance(model, FSDPModule):
+    elif hasattr(model, "set_requires_gradient_sync"):  # sharded by fully_shard (an FSDPModule)
         model.set_requires_gradient_sync(False)
         try:
             yield
@@ -134,10 +138,13 @@ def gradient_sync(runner, model, enabled):
         yield
 
 
-# Whole tensors (gathered from every process's shards): what a checkpoint holds, on the CPU, and
-# what is loaded from one, sharded again where the model is.
-FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
-FULL = StateDictOptions(full_state_dict=True)
+def whole_tensors(on_cpu):
+    """torch.distributed.checkpoint's state-dict functions, and options for whole tensors (gathered from
+    every process's shards): on the CPU for what a checkpoint holds; for what is loaded from one,
+    where the model is, sharded again where it is sharded."""
+    from torch.distributed.checkpoint import state_dict
+
+    return state_dict, state_dict.StateDictOptions(full_state_dict=True, cpu_offload=on_cpu)
 
 
 def full_state(model, optimizers):
@@ -146,23 +153,27 @@ def full_state(model, optimizers):
     Under FSDP every process must call this (it gathers the shards); the result is the same as a
     single process's, so any checkpoint loads into any number of processes and either mode.
     """
-    return full_model_state(model), get_optimizer_state_dict(model, optimizers, options=FULL_ON_CPU)
+    api, options = whole_tensors(on_cpu=True)
+    return full_model_state(model), api.get_optimizer_state_dict(model, optimizers, options=options)
 
 
 def full_model_state(model):
     """The model's part of `full_state` alone."""
-    return get_model_state_dict(model, options=FULL_ON_CPU)
+    api, options = whole_tensors(on_cpu=True)
+    return api.get_model_state_dict(model, options=options)
 
 
 def load_full_state(model, optimizers, model_state, optimizer_state):
     """Load what `full_state` returned into a model and optimizers, sharding it where they are sharded."""
     load_full_model_state(model, model_state)
-    set_optimizer_state_dict(model, optimizers, optimizer_state, options=FULL)
+    api, options = whole_tensors(on_cpu=False)
+    api.set_optimizer_state_dict(model, optimizers, optimizer_state, options=options)
 
 
 def load_full_model_state(model, model_state):
     """Load what `full_model_state` returned into a model, sharding it where the model is sharded."""
-    set_model_state_dict(model, model_state, options=FULL)
+    api, options = whole_tensors(on_cpu=False)
+    api.set_model_state_dict(model, model_state, options=options)
 
 
 def sum_across(tensor, world):

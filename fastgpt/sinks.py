@@ -11,7 +11,6 @@ import json
 from tqdm import tqdm
 
 from fastgpt.checkpoint import atomic_write_text
-from fastgpt.plots import plot_losses
 from fastgpt.run_files import read_metrics
 
 
@@ -63,6 +62,9 @@ class LossPlot:
     def log(self, record):
         self.history.append(record)
         if "val_loss" in record:
+            # Imported here: matplotlib takes half a second, which `fastgpt.train --help` need not wait for.
+            from fastgpt.plots import plot_losses
+
             plot_losses(self.history, self.path)
 
     def close(self):

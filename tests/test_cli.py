@@ -177,3 +177,14 @@ def test_prompt_with_unknown_characters_is_one_clear_line(corpus, train_args, tm
     assert sample.main(["--out-dir", str(out), "--prompt", "Zebra ✓"]) != 0
     line = error_line()
     assert "'Z'" in line and "'✓'" in line
+
+
+def test_the_trainers_help_waits_for_no_module_that_only_training_uses(python):
+    """matplotlib, FSDP and torch's distributed checkpointing take most of a second each to import:
+    `python -m fastgpt.train --help` (or a mistaken flag) imports none of them."""
+    code = ("import sys, fastgpt.train; "
+            "print([name for name in ('matplotlib', 'torch.distributed.fsdp', 'torch.distributed.checkpoint') "
+            "if name in sys.modules])")
+    result = python("-c", code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -1,6 +1,7 @@
 """FSDP gathers parameters in the training's 16-bit compute dtype on CUDA, and reduces gradients in fp32."""
 
 import torch
+import torch.distributed.fsdp
 
 from fastgpt import distributed
 from fastgpt.model import GPT, GPTConfig
@@ -19,7 +20,8 @@ def test_fp32_or_cpu_keeps_fsdp_default():
 
 def test_parallelize_gives_every_shard_group_the_policy(monkeypatch):
     sharded = []
-    monkeypatch.setattr(distributed, "fully_shard", lambda module, mp_policy: sharded.append((module, mp_policy)))
+    monkeypatch.setattr(torch.distributed.fsdp, "fully_shard",
+                        lambda module, mp_policy: sharded.append((module, mp_policy)))
     monkeypatch.setattr(distributed, "fsdp_precision",
                         lambda dtype, device: ("policy", dtype, torch.device(device).type))
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8))
