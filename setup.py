@@ -52,10 +52,10 @@ def cpp_extensions():
 setup(
     name="fastgpt",
     version="0.1.0",
-    description="A readable GPT with fused attention and LayerNorm kernels (C++ for CPU, Triton for GPU)",
+    description="A readable GPT to train from scratch, with fused kernels (C++ for CPUs, Triton for NVIDIA GPUs)",
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # tomllib reads the TOML configs
     # The Triton kernels live in the top-level kernels/ folder of the repository but install as
     # fastgpt.kernels: an unrelated package on the index is called `kernels`.
     packages=["fastgpt", "fastgpt.hf", "fastgpt.ops", "fastgpt.ops.definitions", "fastgpt.kernels"],
@@ -72,6 +72,9 @@ setup(
         "safetensors>=0.4",
         "tqdm",
         "matplotlib",
+        # torch.utils.cpp_extension compiles with it: the build of the C++ extension a CPU needs, on
+        # first use where the install did not compile it (fastgpt.ops.cpp).
+        "ninja",
     ],
     # Triton is not a requirement: PyTorch's CUDA builds bring the Triton they were built with (torch
     # 2.11: Triton 3.6), and a second requirement could only disagree with it; CPU machines need it
