@@ -1,8 +1,8 @@
 """The C++ CPU extension beyond what tests/test_op_contract.py checks for every backend.
 
 Gradients against finite differences in fp64, torch.compile across ops, thread counts, the builds
-for other CPUs, the fallback when the extension cannot load, and a few training steps that must
-follow the reference path's loss curve.
+for other CPUs, a build compiled on first use, the fallback when the extension cannot load, and a few
+training steps that must follow the reference path's loss curve.
 """
 
 import os
@@ -164,6 +164,22 @@ def test_the_builds_for_other_cpus_compute_the_same(isa):
                             env={**os.environ, "ATEN_CPU_CAPABILITY": isa}, cwd=os.path.dirname(__file__))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == [isa.upper(), f"fastgpt._C_{isa}"]
+
+
+def test_a_build_the_install_did_not_compile_is_compiled_on_first_use(tmp_path):
+    """As in a checkout that was never compiled: there is no module to import, so the first use compiles
+    the build this CPU needs with torch.utils.cpp_extension, and that build passes the same checks."""
+    not_compiled = textwrap.dedent("""
+        import functools
+        from fastgpt.ops import cpp
+        cpp.import_or_build = functools.partial(cpp.import_or_build, package="fastgpt_never_compiled")
+    """)
+    result = subprocess.run([sys.executable, "-c", not_compiled + ISA_CHECK], capture_output=True, text=True,
+                            timeout=600, cwd=os.path.dirname(__file__),
+                            env={**os.environ, "ATEN_CPU_CAPABILITY": "default", "TORCH_EXTENSIONS_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "compiling the C++ extension (default) on first use" in result.stderr
+    assert result.stdout.split() == ["DEFAULT"]  # no installed build was imported
 
 
 def test_missing_sources_give_a_reason(tmp_path):
