@@ -14,12 +14,17 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import regex
 import torch
 
 from fastgpt.errors import FastGPTError
 from fastgpt.tokenizers import train_tokenizer
 
 CHUNK_CHARS = 1 << 20  # characters read and encoded at a time
+# Where a chunk may end: just before a line break that follows a letter or digit. GPT-2's pre-split
+# ends a piece there, as does Llama 3's (which joins line breaks to the punctuation before them), and
+# the pieces on either side do not depend on the text across it.
+CHUNK_END = regex.compile(r"[\p{L}\p{N}](?=\r?\n)", flags=regex.REVERSE)
 BPE_TRAINING_CHARS = 8 << 20  # a BPE vocabulary is learnt from (at most) 8 M characters of training text
 
 
@@ -49,10 +54,9 @@ def corpus_files(data):
 
 
 def read_chunks(files):
-    """The corpus as a stream of text chunks, each ending at a line break where one is near.
-
-    Ending chunks at line breaks keeps words whole, so a BPE tokenizer encodes the stream exactly
-    as it would encode the whole text at once.
+    """The corpus as a stream of text chunks of about CHUNK_CHARS, each ending where CHUNK_END allows
+    (a chunk grows until it can), so that a tokenizer splitting text as GPT-2's does encodes the
+    stream exactly as it would encode the whole text at once.
     """
     for file in files:
         # An incremental decoder carries a multi-byte character cut by a chunk boundary over to the next.
@@ -69,7 +73,8 @@ def read_chunks(files):
                 offset += len(raw)
                 if not raw:
                     break
-                cut = text.rfind("\n") + 1
+                end = CHUNK_END.search(text)
+                cut = end.end() if end else 0
                 carry = text[cut:]
                 if cut:
                     yield text[:cut]

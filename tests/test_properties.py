@@ -1,17 +1,18 @@
 """Property tests (hypothesis): the ops over drawn shapes and dtypes on every backend that runs here,
-the tokenizers over drawn texts, and the data pipeline's fast char path against the tokenizer."""
+the tokenizers over drawn texts, and the data pipeline's chunks and fast char path against the tokenizers."""
 
 import numpy as np
 import pytest
+import regex
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastgpt import ops
+from fastgpt import data, ops
 from fastgpt.ops import dispatch
 from fastgpt.data import TokenBlocks, chunk_encoder, encode_corpus
 from fastgpt.errors import FastGPTError
-from fastgpt.tokenizers import tokenizer_from_state, train_tokenizer
+from fastgpt.tokenizers import GPT2_SPLIT_PATTERN, tokenizer_from_state, train_tokenizer
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = [name for name in ops.BACKENDS if dispatch.unavailable_reason(name, DEVICE) is None]
@@ -87,6 +88,27 @@ def test_fast_char_path_of_the_data_pipeline_equals_the_tokenizer(training, text
     else:
         with pytest.raises(FastGPTError, match="never saw"):
             encode(text)
+
+
+# Llama 3's pre-split, which differs from GPT-2's where chunks could end: it joins line breaks to the
+# punctuation before them and to the white space after a line.
+LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(alphabet="ab1.' \t\r\né", max_size=300), chunk_bytes=st.integers(1, 24))
+def test_corpus_chunks_split_into_the_pieces_of_the_whole_text(tmp_path_factory, monkeypatch, text, chunk_bytes):
+    """Encoding chunk by chunk equals encoding the whole text: a BPE tokenizer encodes each piece of its
+    pre-split on its own, so the chunks must split into the whole text's pieces, for GPT-2's pattern (the
+    bpe and gpt2 tokenizers') and Llama 3's."""
+    corpus = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    corpus.write_text(text, encoding="utf-8", newline="")
+    monkeypatch.setattr(data, "CHUNK_CHARS", chunk_bytes)
+    chunks = list(data.read_chunks([corpus]))
+    assert "".join(chunks) == text
+    for pattern in (GPT2_SPLIT_PATTERN, LLAMA3_SPLIT_PATTERN):
+        assert [piece for chunk in chunks for piece in regex.findall(pattern, chunk)] == regex.findall(pattern, text)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
