@@ -99,7 +99,8 @@ def backends_with_kernels(*names):
 
 
 def declare_ratios(table, ratios):
-    """Which ratios (name, numerator column, denominator column) of median times a table reports."""
+    """Which ratios of median times a table reports: (name, column, baseline column), each the
+    baseline's median time over the column's (a speed-up)."""
     REPORT.declare_ratios(table, ratios)
 
 

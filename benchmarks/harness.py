@@ -24,7 +24,7 @@ class Report:
     def __init__(self, title):
         self.title = title
         self.tables = defaultdict(dict)  # table -> row -> column -> {"median_ms": ..., extras}
-        self.ratios = {}  # table -> [(name, numerator column, denominator column)]
+        self.ratios = {}  # table -> [(name, column, baseline column)]: the baseline's time over the column's
         self.notes = {}  # table -> text printed under its heading
         self.facts = {}  # what the report's numbers were measured on, and anything else to keep
 
@@ -150,7 +150,8 @@ ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTI
 
 def machine_facts(device):
     """Date, machine, versions and the code's commit: what every result file starts with."""
-    # Imported here, not at the top: fastgpt imports Triton, which gpu_benchmark.py must configure first.
+    # Imported here, not at the top: gpu_benchmark.py imports this module before it puts the checkout
+    # on sys.path (it runs from a checkout that was never installed).
     from fastgpt.hardware import cpu_name
 
     now = datetime.datetime.now(datetime.timezone.utc)

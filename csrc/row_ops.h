@@ -10,8 +10,8 @@
 
 namespace fastgpt {
 // Internal linkage, as if each file that includes this had written it: the compiler inlines these
-// as freely as when they lived in attention.cpp alone, and no build's copy can stand in for another's
-// (each instruction set's build holds its own).
+// as freely as a file's own functions, and no build's copy can stand in for another's (each
+// instruction set's build holds its own).
 namespace {
 
 // The largest of x's n elements, in the accumulation type (x may be stored in bf16).

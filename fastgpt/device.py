@@ -49,5 +49,5 @@ def device_setting(meaning="where to run: auto (CUDA when present), cpu, cuda, c
 
 
 def backend_setting():
-    return setting("auto", "kernels for attention, LayerNorm and GELU (a run-time choice, not part of the model)",
+    return setting("auto", "kernels for the fused ops (a run-time choice, not part of the model)",
                    ["auto", *ops.BACKENDS])

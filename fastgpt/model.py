@@ -216,7 +216,7 @@ class KVCache:
 
     Earlier tokens' keys and values never change (attention is causal), so decoding computes them
     once and each new token only adds its own row. The rows live in one buffer sized for the whole
-    context (block_size), allocated at the first append, so adding a token writes one row instead of
+    context (block_size), allocated when first needed (`reserve`), so adding a token writes one row instead of
     copying every cached row into a new, longer tensor.
 
     A sliding cache (`slides`, for rotary positions) makes room when full by dropping its oldest rows:

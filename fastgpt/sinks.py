@@ -1,9 +1,9 @@
 """Where training's metrics go: each sink takes every metrics record as it is made.
 
-A record is a dict: `step`, `train_loss` (the mean since the previous record), `lr`,
-`tokens_per_sec`, `elapsed_s`, and `val_loss`, `val_bpb` and `train_bpb` (bits per byte) when the
-step was evaluated. A sink is any object with
-`log(record)` and `close()`; a new destination is one more such class in the trainer's list.
+A record is a dict: `step`, `train_loss` (the mean since the previous record), `lr`, `tokens`
+(trained on so far, by all processes), `tokens_per_sec`, `elapsed_s`, and `val_loss`, `val_bpb` and
+`train_bpb` (bits per byte) when the step was evaluated. A sink is any object with `log(record)` and
+`close()`; a new destination is one more such class in the trainer's list.
 """
 
 import json

@@ -80,7 +80,8 @@ def say(message, file=sys.stdout):
 
 
 class Speed:
-    """The time since the run started, and the tokens per second since the last `restart`."""
+    """The time since the run started, the tokens trained on (by all processes), and the tokens per
+    second since the last `restart`."""
 
     def __init__(self, tokens_per_step, step):
         self.tokens_per_step = tokens_per_step
@@ -89,7 +90,7 @@ class Speed:
 
     def measure(self, step):
         now = time.perf_counter()
-        return {"elapsed_s": now - self.start,
+        return {"elapsed_s": now - self.start, "tokens": step * self.tokens_per_step,
                 "tokens_per_sec": (step - self.first_step) * self.tokens_per_step / (now - self.since)}
 
     def restart(self, step):

@@ -67,7 +67,8 @@ def block_v(n_cols):
 
 
 def num_warps(block):
-    """Warps per program: each thread holds 4-16 of a block's logits."""
+    """Warps per program: one per 512 logits of a block, 1 to 8, so that a thread holds at most 16
+    (blocks are at most MAX_BLOCK_V = 4096 wide)."""
     return max(1, min(8, block // 512))
 
 

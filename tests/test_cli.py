@@ -19,7 +19,8 @@ def test_train_then_sample_end_to_end(corpus, train_args, python, tmp_path):
         assert (out / name).is_file(), f"training wrote no {name}"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 3, 4, 6]
-    assert all({"step", "train_loss", "lr", "tokens_per_sec", "elapsed_s"} <= r.keys() for r in records)
+    assert all({"step", "train_loss", "lr", "tokens", "tokens_per_sec", "elapsed_s"} <= r.keys() for r in records)
+    assert [r["tokens"] for r in records] == [r["step"] * 4 * 16 for r in records]  # TINY_RUN: batch 4 x block 16
     assert "val_loss" in records[1] and "val_loss" in records[-1]
     assert json.loads((out / "config.json").read_text())["n_layer"] == 1
     assert "sample" in trained.stdout

@@ -2,7 +2,7 @@
 
 The extension is built once per instruction set (AVX-512, AVX2, baseline; see csrc/build_config.py)
 and the build matching this CPU is imported on first use. Importing it registers the CPU
-implementations of the kernel ops (`csrc/<op>.cpp` ends with them); their schemas, fake versions and
+implementations of the kernel ops (the end of each source in csrc/); their schemas, fake versions and
 autograd formulas come from each op's contract (`fastgpt.ops.contract.declare`). If that build is
 missing (a source checkout that was never compiled), it is compiled just in time with
 torch.utils.cpp_extension (one line says so; torch caches the result). If that fails too,
