@@ -134,9 +134,9 @@ def test_compiled_code_runs_the_remembered_choice_in_one_graph(monkeypatch):
     assert list(chooser.choices.values()) == ["torch"]
 
 
-def test_auto_on_cuda_tensors_chooses_and_a_named_backend_is_forced(monkeypatch):
+def test_auto_on_cuda_tensors_is_the_measured_choice_and_a_named_backend_is_forced(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert dispatch.unavailable_reason("fastest", torch.device("cuda")) is None
+    assert dispatch._resolve("auto", torch.device("cuda")) == "fastest"  # uncached, unlike resolve_backend
     assert dispatch.unavailable_reason("fastest", torch.device("meta")) is not None
     monkeypatch.setattr(choice.CHOOSER, "timer", None)  # the chooser must not be consulted
     q, k, v = attention_inputs(20)

@@ -369,6 +369,8 @@ def test_largest_head_dim():
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="Triton's interpreter runs a grid's programs one after another: "
+                                                  "only a GPU, running them at once, could give another sum")
 def test_backward_is_deterministic():
     q, k, v = (torch.randn(2, 2, 70, 32, device=DEVICE, requires_grad=True) for _ in range(3))
     grad_out = torch.randn(2, 2, 70, 32, device=DEVICE)

@@ -70,14 +70,16 @@ def backward(ctx, backward_kernel, grad_y, _grad_rstd):
 
 
 def samples(device, dtype):
-    """(x, weight, eps, out_dtype): rows of widths 1, 7, 48, 80, 768 and 1000, without a weight, fp32
-    weights beside a low-precision x, low-precision y of an fp32 x (as under autocast) and the other
-    way round, and strided rows."""
+    """(x, weight, eps, out_dtype): rows of widths 1, 7, 48, 80, 768 and 1000; rows whose mean square
+    is below eps, which then weighs in the result; without a weight, fp32 weights beside a
+    low-precision x, low-precision y of an fp32 x (as under autocast) and the other way round, and
+    strided rows."""
     def tensor(*shape, dtype=dtype):
         return torch.randn(*shape, device=device, dtype=dtype)
 
     for shape in [(1, 1), (3, 7), (5, 48), (4, 3, 80), (33, 768), (2, 1000)]:
         yield tensor(*shape) * 3, tensor(shape[-1]), 1e-6, None
+    yield tensor(6, 64) * 1e-3, tensor(64), 1e-5, None
     yield tensor(5, 40), None, 1e-5, None
     if dtype in (torch.bfloat16, torch.float16):
         yield tensor(9, 64), tensor(64, dtype=torch.float32), 1e-6, None
