@@ -370,7 +370,7 @@ def test_largest_head_dim():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="Triton's interpreter runs a grid's programs one after another: "
-                                                  "only a GPU, running them at once, could give another sum")
+                                        "only a GPU, running them at once, could give another sum")
 def test_backward_is_deterministic():
     q, k, v = (torch.randn(2, 2, 70, 32, device=DEVICE, requires_grad=True) for _ in range(3))
     grad_out = torch.randn(2, 2, 70, 32, device=DEVICE)
