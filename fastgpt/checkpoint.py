@@ -87,8 +87,9 @@ class CheckpointFiles:
         self.keep_last = keep_last
 
     def prepare(self, resume):
-        """Make out_dir ready for a run, refusing one that cannot be written to, or whose checkpoint
-        a fresh run (not `resume`) would overwrite; remove what killed saves left behind."""
+        """Make out_dir ready for a run, refusing one that cannot be written to, or whose checkpoints
+        (any of them: a fresh run would overwrite best.pt and prune ckpt-<step>.pt too) a fresh run (not
+        `resume`) would overwrite; remove what killed saves left behind."""
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             probe = self.out_dir / ".write-test"
@@ -97,9 +98,10 @@ class CheckpointFiles:
         except OSError as error:
             raise FastGPTError(f"cannot write to the output directory {self.out_dir} ({error.strerror}); "
                                "choose another --out-dir") from None
-        if self.latest.exists() and not resume:
-            raise FastGPTError(f"{self.latest} holds an earlier run; continue it with --resume, "
-                               "or start afresh in another --out-dir (or delete it)")
+        earlier = [path.name for path in (self.latest, self.best, *self.numbered()) if path.exists()]
+        if earlier and not resume:
+            raise FastGPTError(f"{self.out_dir} holds an earlier run ({', '.join(earlier)}); continue it with "
+                               "--resume, or start afresh in another --out-dir (or delete them)")
         remove_stale_temporaries(self.out_dir)
 
     def check_room(self, model):

@@ -33,6 +33,10 @@ class CompareConfig:
     to: str = setting("compare.png", "where to draw the curves (a PNG file)")
 
     def validate(self):
+        # Only a .png: the curves replace what --to names, which a slip of the keyboard must not
+        # make a checkpoint or a metrics file.
+        if Path(self.to).suffix.lower() != ".png":
+            raise FastGPTError(f"--to {self.to!r} is not a .png file; name the PNG image to draw the curves in")
         return self
 
 
@@ -99,7 +103,10 @@ def compare(directories, to):
     if len(set(directories)) != len(directories):
         raise FastGPTError("a run is named twice; give each run directory once")
     runs = [load_run(directory) for directory in directories]
-    plot_comparison({run.name: run.records for run in runs}, to)
+    try:
+        plot_comparison({run.name: run.records for run in runs}, to)
+    except OSError as error:
+        raise FastGPTError(f"cannot write the curves to {to} ({error.strerror or error}); choose another --to") from None
     text = format_table(["run", "steps", "tokens", "val loss final / best", "val bpb final / best",
                          "tokens/s (median)", "time (s)"], [summary(run) for run in runs])
     differences = differing_settings(runs)

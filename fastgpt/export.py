@@ -34,7 +34,12 @@ class ExportConfig:
 
 def export(config):
     model, tokenizer = load_trained_model(config.out_dir, torch.device("cpu"))
-    for path in export_pretrained(model, tokenizer, config.to):
+    try:
+        written = export_pretrained(model, tokenizer, config.to)
+    except OSError as error:
+        raise FastGPTError(f"cannot write the export to {config.to} ({error.strerror or error}); "
+                           "choose another --to") from None
+    for path in written:
         print(path)
 
 

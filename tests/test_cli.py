@@ -92,13 +92,14 @@ def test_a_backend_that_cannot_run_here_is_refused_before_training(corpus, train
     assert not (tmp_path / "o").exists()
 
 
-def test_existing_checkpoint_is_never_overwritten_by_a_fresh_run(corpus, train_args, tmp_path, error_line):
+@pytest.mark.parametrize("name", ["ckpt.pt", "best.pt", "ckpt-150.pt"])
+def test_existing_checkpoint_is_never_overwritten_by_a_fresh_run(name, corpus, train_args, tmp_path, error_line):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "ckpt.pt").write_bytes(b"precious")
-    assert train.main(train_args(corpus, out)) != 0
+    (out / name).write_bytes(b"precious")
+    assert train.main([*train_args(corpus, out), "--keep-last", "1"]) != 0
     assert "--resume" in error_line()
-    assert (out / "ckpt.pt").read_bytes() == b"precious"
+    assert (out / name).read_bytes() == b"precious"
 
 
 def test_resume_refuses_a_checkpoint_of_another_shape(corpus, train_args, tmp_path, error_line):

@@ -71,6 +71,19 @@ def test_compare_refuses_what_is_not_a_run(runs, tmp_path, capsys):
     assert "RUN" in capsys.readouterr().err
 
 
+def test_compare_draws_only_into_a_png_it_can_write(runs, tmp_path, capsys):
+    checkpoint = tmp_path / "ckpt.pt"
+    checkpoint.write_bytes(b"precious")
+    assert compare.main([str(runs / "narrow"), "--to", str(checkpoint)]) == 2
+    assert "not a .png file" in capsys.readouterr().err
+    assert checkpoint.read_bytes() == b"precious"
+    for to in (tmp_path / "no-such-folder" / "c.png", tmp_path / "folder.png"):
+        (tmp_path / "folder.png").mkdir(exist_ok=True)
+        assert compare.main([str(runs / "narrow"), "--to", str(to)]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"fastgpt: error: cannot write the curves to {to}") and "Traceback" not in error
+
+
 def test_progress_adds_tokens_and_time_across_resumes():
     config = {"batch_size": 2, "block_size": 8, "grad_accum_steps": 3}
     records = [{"step": 10, "elapsed_s": 5.0}, {"step": 20, "elapsed_s": 9.0},  # stopped here, resumed:

@@ -114,6 +114,9 @@ def test_export_command_writes_a_checkpoint_that_sampling_loads(tokenizer, saved
     assert "To be" in capsys.readouterr().out
     assert export.main(["--out-dir", str(tmp_path), "--to", str(tmp_path / "gpt2")]) != 0
     assert "already holds" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    assert export.main(["--out-dir", str(tmp_path), "--to", str(tmp_path / "a-file")]) == 2
+    assert capsys.readouterr().err.startswith(f"fastgpt: error: cannot write the export to {tmp_path / 'a-file'}")
     assert export.main(["--out-dir", str(tmp_path)]) != 0
     assert "--to DIR" in capsys.readouterr().err
 
