@@ -135,12 +135,25 @@ def _reader(f):
     return f.metadata.get("from_flag") or _SCALARS[typing.get_args(f.type)[0] if _is_list(f) else f.type]
 
 
+# The TOML values each type of setting takes. TOML's values are typed, so a value of another type is a
+# mistake (`max_iters = 2.9`, `n_layer = true`), not something to convert; an int serves as a float.
+_TOML_TYPES = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+
+
+def _toml_scalar(kind, value):
+    # bool is an int to Python, but not to TOML: it serves only a bool setting.
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, _TOML_TYPES[kind]):
+        raise TypeError(f"expected {'a string' if kind is str else kind.__name__}")
+    return kind(value)
+
+
 def _from_toml(f, value):
     if _is_list(f):
+        kind = typing.get_args(f.type)[0]
         if not isinstance(value, list):
-            raise TypeError("expected a list")
-        return tuple(_SCALARS[typing.get_args(f.type)[0]](item) for item in value)
-    return _SCALARS[f.type](value)
+            raise TypeError(f"expected a list of {'strings' if kind is str else kind.__name__}")
+        return tuple(_toml_scalar(kind, item) for item in value)
+    return _toml_scalar(f.type, value)
 
 
 def build_parser(config_class, prog, description, presets):
@@ -194,7 +207,7 @@ def _read_toml(path, config_class):
             values = tomllib.load(handle)
     except FileNotFoundError:
         raise FastGPTError(f"config file {path} does not exist") from None
-    except (OSError, tomllib.TOMLDecodeError) as error:
+    except (OSError, ValueError) as error:  # ValueError: not TOML (TOMLDecodeError), or not UTF-8
         raise FastGPTError(f"cannot read config file {path}: {error}") from None
     known = {f.name: f for f in leaves(config_class)}
     settings = {}
@@ -204,8 +217,8 @@ def _read_toml(path, config_class):
             raise FastGPTError(f"unknown setting {key!r} in {path}{_suggest(name, list(known))}")
         try:
             settings[name] = _from_toml(known[name], value)
-        except (TypeError, ValueError, argparse.ArgumentTypeError):
-            raise FastGPTError(f"setting {key!r} in {path} has a bad value {value!r}") from None
+        except TypeError as error:
+            raise FastGPTError(f"setting {key!r} in {path} has a bad value {value!r} ({error})") from None
     return settings
 
 

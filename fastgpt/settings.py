@@ -7,9 +7,13 @@ sampler's and the exporter's), and fastgpt.config turns any of them into --flags
 its settings are read as if they were the outer one's own, so each name must be unique.
 """
 
+import math
 from dataclasses import field, fields
 
 from fastgpt.errors import FastGPTError
+
+# The largest integer a setting may hold: torch's integers (a seed, a count) are 64-bit.
+LARGEST_INTEGER = 2**63 - 1
 
 
 def setting(default, meaning, choices=None, minimum=None, **metadata):
@@ -55,12 +59,17 @@ def from_flat_values(config_class, values):
 
 
 def check_values(config):
-    """Refuse a setting outside its choices or below its minimum, naming it and what it may be."""
+    """Refuse a setting outside its choices or below its minimum, a number that is not finite or is too
+    large for torch, naming it and what it may be."""
     values = flat_values(config)
     for f in leaves(type(config)):
         given = values[f.name] if isinstance(values[f.name], tuple) else (values[f.name],)
         choices, minimum = f.metadata["choices"], f.metadata["minimum"]
         for value in given:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise FastGPTError(f"{f.name} must be a finite number (got {value})")
+            if isinstance(value, int) and abs(value) > LARGEST_INTEGER:
+                raise FastGPTError(f"{f.name} must be at most {LARGEST_INTEGER} (got {value})")
             if choices and value not in choices:
                 raise FastGPTError(f"{f.name} must be one of {', '.join(choices)} (got {value!r})")
             if minimum is not None and value < minimum:

@@ -62,6 +62,10 @@ def test_resume_continues_from_the_checkpoint(corpus, train_args, tmp_path):
     pytest.param(["--resume"], "no checkpoint", id="resume without checkpoint"),
     pytest.param(["--config", "{tmp}/none.toml"], "does not exist", id="missing config file"),
     pytest.param(["--config", "{tmp}/bad.toml"], "unknown setting 'n_layers'", id="unknown key in config file"),
+    pytest.param(["--config", "{tmp}/float.toml"], "bad value 2.9 (expected int)", id="float for an int in TOML"),
+    pytest.param(["--config", "{tmp}/latin1.toml"], "cannot read config file", id="config file not UTF-8"),
+    pytest.param(["--learning-rate", "nan"], "learning_rate must be a finite number", id="NaN learning rate"),
+    pytest.param(["--seed", str(2**64)], "seed must be at most", id="seed beyond 64 bits"),
 ])
 def test_bad_training_input_is_one_clear_line(args, expected, corpus, train_args, tmp_path, error_line):
     (tmp_path / "empty.txt").write_text("")
@@ -69,6 +73,8 @@ def test_bad_training_input_is_one_clear_line(args, expected, corpus, train_args
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1") * 10)
     (tmp_path / "short.txt").write_text("abc")
     (tmp_path / "bad.toml").write_text("n_layers = 3\n")
+    (tmp_path / "float.toml").write_text("max_iters = 2.9\n")
+    (tmp_path / "latin1.toml").write_bytes("stop = ['\xe9']\n".encode("latin-1"))
     status = train.main([*train_args(corpus, tmp_path / "out"), *(a.format(tmp=tmp_path) for a in args)])
     assert status != 0
     assert expected in error_line()
