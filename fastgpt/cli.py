@@ -1,23 +1,48 @@
 """How command-line entry points report mistakes: one line, a non-zero exit, no traceback."""
 
 import argparse
+import re
 import sys
+
+import torch
 
 from fastgpt.errors import FastGPTError
 from fastgpt.ops import BackendUnavailable
 
 
 def run_cli(command):
-    """Run command(); turn user mistakes and Ctrl-C into a one-line message and an exit status."""
+    """Run command(); turn user mistakes, running out of memory and Ctrl-C into a one-line message and
+    an exit status."""
     try:
         command()
     except (FastGPTError, BackendUnavailable) as error:
         print(f"fastgpt: error: {error}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+        print(f"fastgpt: error: out of memory ({allocation_detail(error)}); make the batch, the context "
+              "(block_size) or the model smaller", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("fastgpt: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def is_out_of_memory(error):
+    """Whether `error` is a failed allocation: Python's, the CUDA allocator's (torch.OutOfMemoryError),
+    or torch's CPU allocator's, a plain RuntimeError that says so."""
+    return (isinstance(error, (MemoryError, torch.OutOfMemoryError))
+            or "can't allocate memory" in str(error))
+
+
+def allocation_detail(error):
+    """How much could not be allocated, as the allocator said, without torch's source location."""
+    cpu = re.search(r"you tried to allocate (\d+) bytes", str(error))
+    if cpu:
+        return f"tried to allocate {int(cpu.group(1)) / 2**30:.1f} GiB"
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -7,6 +7,7 @@ import torch
 
 from fastgpt import sample, train
 from fastgpt.checkpoint import load_checkpoint, save_checkpoint
+from fastgpt.cli import run_cli
 from fastgpt.config import PRESETS, TrainConfig, parse_config
 from fastgpt.settings import leaves
 
@@ -196,3 +197,19 @@ def test_the_trainers_help_waits_for_no_module_that_only_training_uses(python):
     result = python("-c", code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_running_out_of_memory_is_one_clear_line(capsys):
+    def allocate_too_much():
+        torch.empty(2**62, dtype=torch.uint8)
+
+    assert run_cli(allocate_too_much) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("fastgpt: error: out of memory (tried to allocate 4294967296.0 GiB); make the batch")
+    assert len(error.splitlines()) == 1
+
+    def fail():
+        raise RuntimeError("a bug, not the user's mistake")
+
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else stays a traceback
+        run_cli(fail)
