@@ -171,6 +171,9 @@ class Trainer:
             raise FastGPTError(f"the checkpoint in {self.out_dir} was made with another vocabulary, model or optimizer "
                                f"(checkpoint vs requested: {', '.join(differences)}); "
                                "resume with the same settings or use another --out-dir")
+        if checkpoint["step"] >= self.config.max_iters:
+            raise FastGPTError(f"the checkpoint in {self.out_dir} is at step {checkpoint['step']}, so --max-iters "
+                               f"{self.config.max_iters} leaves nothing to train; raise --max-iters to train on")
         return checkpoint
 
     def _token_cache(self, files):

@@ -213,3 +213,13 @@ def test_running_out_of_memory_is_one_clear_line(capsys):
 
     with pytest.raises(RuntimeError, match="a bug"):  # anything else stays a traceback
         run_cli(fail)
+
+
+def test_a_finished_run_is_neither_resumed_without_steps_left_nor_taken_for_a_hugging_face_one(
+        corpus, train_args, tmp_path, error_line):
+    args = train_args(corpus, tmp_path / "run")
+    assert train.main(args) == 0
+    assert train.main([*args, "--resume"]) == 2
+    assert "is at step 6, so --max-iters 6 leaves nothing to train" in error_line()
+    assert train.main([*train_args(corpus, tmp_path / "other"), "--init-from", str(tmp_path / "run")]) == 2
+    assert "is a fastgpt run, not a Hugging Face checkpoint; continue it with --resume" in error_line()

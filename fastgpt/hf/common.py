@@ -28,6 +28,10 @@ def checkpoint_directory(directory):
     if not directory.is_dir():
         raise FastGPTError(f"{directory} is not a directory; point --init-from at a directory holding a GPT-2 "
                            "or Llama checkpoint in the Hugging Face layout (config.json, model.safetensors, ...)")
+    if (directory / "ckpt.pt").is_file():
+        raise FastGPTError(f"{directory} is a fastgpt run, not a Hugging Face checkpoint; continue it with --resume "
+                           f"--out-dir {directory}, sample from it with --out-dir {directory}, or convert it with "
+                           "`python -m fastgpt.export`")
     return directory
 
 
