@@ -116,6 +116,9 @@ def test_resume_refuses_a_checkpoint_of_another_shape(corpus, train_args, tmp_pa
     assert train.main([*train_args(corpus, out, n_embd=32, bias=False), "--resume"]) != 0
     assert "n_embd 16 vs 32, bias True vs False" in error_line()
     assert (out / "ckpt.pt").read_bytes() == before
+    # A moved validation split would hold text the run has trained on.
+    assert train.main([*train_args(corpus, out, val_fraction=0.2, max_iters=7), "--resume"]) != 0
+    assert "val_fraction 0.1 vs 0.2" in error_line()
     # Dropout is not part of the architecture: a resumed run may change it.
     assert train.main([*train_args(corpus, out, dropout=0.1, max_iters=7), "--resume"]) == 0
 
