@@ -10,6 +10,7 @@ In Python, `generate_text` streams the same text and `complete` returns it whole
     texts = complete(model, tokenizer, "ROMEO:", max_new_tokens=100, temperature=0.8, top_p=0.9, seed=1)
 """
 
+import argparse
 import sys
 from dataclasses import dataclass
 
@@ -104,7 +105,10 @@ def complete(model, tokenizer, prompt, **options):
 
 def _unescape(text):
     """`\\n`, `\\t` and other backslash escapes in a flag's value, so that stop strings can span lines."""
-    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    try:
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} has a broken escape ({error.reason})") from None
 
 
 @dataclass

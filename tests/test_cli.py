@@ -174,6 +174,7 @@ def test_an_unknown_preset_is_one_clear_line(corpus, train_args, tmp_path, error
     pytest.param(["--out-dir", "{tmp}/nowhere"], "no checkpoint", id="missing checkpoint"),
     pytest.param(["--out-dir", "{tmp}/corrupt"], "damaged", id="corrupt checkpoint"),
     pytest.param(["--temperature", "-1"], "temperature", id="negative temperature"),
+    pytest.param(["--stop", "\\x"], "argument --stop: '\\\\x' has a broken escape", id="broken escape in a stop"),
 ])
 def test_bad_sampling_input_is_one_clear_line(args, expected, tmp_path, error_line):
     (tmp_path / "corrupt").mkdir()

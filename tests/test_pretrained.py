@@ -145,6 +145,8 @@ def test_a_model_of_another_architecture_cannot_be_exported(tokenizer, config_wi
     pytest.param(dict(config={"activation_function": "relu"}), "cannot represent", id="other activation"),
     pytest.param(dict(config={"tie_word_embeddings": False}), "cannot represent", id="untied head"),
     pytest.param(dict(config={"n_embd": 64}), "do not fit", id="other shape"),
+    pytest.param(dict(config={"n_embd": "32"}), "has n_embd '32', not a positive whole number", id="size as text"),
+    pytest.param(dict(config={"n_layer": -1}), "has n_layer -1, not a positive whole number", id="negative size"),
 ])
 def test_a_bad_checkpoint_directory_is_one_clear_line(changes, expected, hf_dir, broken_copy, capsys):
     directory = broken_copy(hf_dir, **changes)

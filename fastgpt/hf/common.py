@@ -52,10 +52,16 @@ def read_json(path):
 
 
 def require_settings(hf_config, names, path, architecture):
-    """Refuse a config.json that lacks any of the settings `names`, which `architecture` states."""
+    """Refuse a config.json that lacks any of the sizes `names`, which `architecture` states, or gives
+    one that is not a positive whole number."""
     missing = [name for name in names if name not in hf_config]
     if missing:
         raise FastGPTError(f"{path} lacks {', '.join(missing)}; it is not a {architecture} config")
+    for name in names:
+        value = hf_config[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise FastGPTError(f"{path} has {name} {value!r}, not a positive whole number; it is not a valid "
+                               f"{architecture} config")
 
 
 def require_heads_divide(hf_config, width, heads, path):
