@@ -87,9 +87,9 @@ class CheckpointFiles:
         self.keep_last = keep_last
 
     def prepare(self, resume):
-        """Make out_dir ready for a run, refusing one that cannot be written to, or whose checkpoints
-        (any of them: a fresh run would overwrite best.pt and prune ckpt-<step>.pt too) a fresh run (not
-        `resume`) would overwrite; remove what killed saves left behind."""
+        """Make out_dir ready for a run, refusing one that cannot be written to, or, for a fresh run (not
+        `resume`), one holding any checkpoint of an earlier run (the run would overwrite ckpt.pt and
+        best.pt and prune ckpt-<step>.pt); remove what killed saves left behind."""
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             probe = self.out_dir / ".write-test"

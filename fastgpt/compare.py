@@ -106,7 +106,8 @@ def compare(directories, to):
     try:
         plot_comparison({run.name: run.records for run in runs}, to)
     except OSError as error:
-        raise FastGPTError(f"cannot write the curves to {to} ({error.strerror or error}); choose another --to") from None
+        raise FastGPTError(f"cannot write the curves to {to} ({error.strerror or error}); "
+                           "choose another --to") from None
     text = format_table(["run", "steps", "tokens", "val loss final / best", "val bpb final / best",
                          "tokens/s (median)", "time (s)"], [summary(run) for run in runs])
     differences = differing_settings(runs)

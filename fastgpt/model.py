@@ -216,8 +216,8 @@ class KVCache:
 
     Earlier tokens' keys and values never change (attention is causal), so decoding computes them
     once and each new token only adds its own row. The rows live in one buffer sized for the whole
-    context (block_size), allocated when first needed (`reserve`), so adding a token writes one row instead of
-    copying every cached row into a new, longer tensor.
+    context (block_size), allocated when first needed (`reserve`), so adding a token writes one row
+    instead of copying every cached row into a new, longer tensor.
 
     A sliding cache (`slides`, for rotary positions) makes room when full by dropping its oldest rows:
     rotated keys depend only on positions relative to the queries', so the rows it keeps stay valid
