@@ -486,8 +486,8 @@ class Sampler:
     repetition_penalty: float = 1.0
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise FastGPTError(f"temperature must not be negative (got {self.temperature})")
+        if not 0 <= self.temperature < math.inf:
+            raise FastGPTError(f"temperature must be a finite number at least 0 (got {self.temperature})")
         if self.top_k is not None and self.top_k < 1:
             raise FastGPTError(f"top_k must be at least 1, or None for all tokens (got {self.top_k})")
         if not 0 < self.top_p <= 1:
@@ -503,7 +503,8 @@ class Sampler:
             logits = logits.scatter(1, seen, scores)
         if self.temperature == 0:
             return logits.argmax(dim=-1, keepdim=True)
-        logits = logits / self.temperature
+        # Shifting the largest logit to 0 first keeps a tiny temperature from overflowing to inf - inf.
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) / self.temperature
         if self.top_k is not None:
             kth_best = torch.topk(logits, min(self.top_k, logits.size(-1))).values[:, [-1]]
             logits = logits.masked_fill(logits < kth_best, float("-inf"))

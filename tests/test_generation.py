@@ -107,8 +107,14 @@ def test_repetition_penalty_keeps_greedy_decoding_off_seen_tokens(tiny_model):
     assert int(penalised(torch.tensor([[-1.0, -2.0, -3.0]]), torch.tensor([[0]]))) == 1  # -1*4 < -2
 
 
+def test_a_tiny_temperature_samples_the_likeliest_token():
+    logits = torch.tensor([[3.0, 80.0, -50.0, 79.9]])
+    for top_k, top_p in ((None, 1.0), (2, 0.5)):
+        assert int(Sampler(temperature=1e-45, top_k=top_k, top_p=top_p)(logits, torch.zeros(1, 1, dtype=torch.long))) == 1
+
+
 @pytest.mark.parametrize("setting", [dict(top_p=0.0), dict(top_p=1.5), dict(top_p=-0.1), dict(temperature=-1.0),
-                                     dict(top_k=0), dict(repetition_penalty=0.0)])
+                                     dict(temperature=float("inf")), dict(top_k=0), dict(repetition_penalty=0.0)])
 def test_impossible_sampling_settings_are_refused(setting):
     with pytest.raises(FastGPTError, match=next(iter(setting))):
         Sampler(**setting)
