@@ -13,6 +13,7 @@ with the trainer's val_loss. (Windows that slide one token at a time would give 
 context, scoring a little better, at up to block_size times the cost.)
 """
 
+import errno
 import json
 import math
 import sys
@@ -117,7 +118,13 @@ def tokens_to_evaluate(config, run, tokenizer, scratch):
         return encode_corpus(files, tokenizer, scratch), f"{config.data} (all of it)"
     files = corpus_files(run["data"])
     # The run's own token cache, reused while its corpus is unchanged; the split is the trainer's.
-    tokens = encode_corpus(files, tokenizer, Path(config.out_dir) / "cache")
+    try:
+        tokens = encode_corpus(files, tokenizer, Path(config.out_dir) / "cache")
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        # A run one may read but not write to (someone else's, an archived one) is encoded privately.
+        tokens = encode_corpus(files, tokenizer, scratch)
     first, end = TokenBlocks(tokens, run["block_size"], run["val_fraction"]).ranges["val"]
     name = run["data"] or "the bundled Tiny Shakespeare"
     return tokens[first:end], f"the validation split of {name} (the last {run['val_fraction'] * 100:g}% of its tokens)"

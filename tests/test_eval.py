@@ -1,11 +1,14 @@
 """python -m fastgpt.eval against a direct, token-by-token computation with the same model."""
 
+import errno
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from fastgpt import data as fastgpt_data
 from fastgpt import eval as fastgpt_eval
 from fastgpt import train
 from fastgpt.checkpoint import load_trained_model
@@ -63,6 +66,23 @@ def test_eval_of_the_validation_split_equals_a_direct_computation(run, capsys):
     assert result["perplexity"] == pytest.approx(math.exp(nats / tokens), rel=1e-5)
     assert result["bits_per_byte"] == pytest.approx(nats / spelled / math.log(2), rel=1e-5)
     assert result["bytes"] > result["tokens"] or tokenizer.kind == "bpe"
+
+
+def test_eval_of_a_run_folder_it_may_not_write_to_encodes_privately(run, capsys, monkeypatch):
+    expected = evaluate(capsys, "--out-dir", str(run / "run"))
+    cache = run / "run" / "cache"
+    real_mkstemp = fastgpt_data.tempfile.mkstemp
+
+    def mkstemp(dir, **names):  # root may write anywhere, so the refusal is the file system's, staged
+        if Path(dir) == cache:
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return real_mkstemp(dir=dir, **names)
+    monkeypatch.setattr(fastgpt_data.tempfile, "mkstemp", mkstemp)
+    (cache / "tokens.json").rename(cache / "tokens.json.aside")  # so the cache must be rebuilt
+    try:
+        assert evaluate(capsys, "--out-dir", str(run / "run")) == expected
+    finally:
+        (cache / "tokens.json.aside").rename(cache / "tokens.json")
 
 
 def test_eval_of_another_text_and_of_the_best_checkpoint(run, capsys):
