@@ -32,20 +32,34 @@ def read_metrics(path):
             record = json.loads(line)
         except ValueError:
             record = None
-        if not isinstance(record, dict):
-            raise FastGPTError(f"line {number} of {path} is not a JSON object; the file is damaged "
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise FastGPTError(f"line {number} of {path} is not a JSON object with a step; the file is damaged "
                                "(delete that line, or the file, to read the rest)")
         records.append(record)
     return records
+
+
+class RunSettings(dict):
+    """A run's config.json: a setting it lacks is an error naming the file, not a KeyError."""
+
+    def __init__(self, path, settings):
+        super().__init__(settings)
+        self.path = path
+
+    def __missing__(self, name):
+        raise FastGPTError(f"{self.path} has no {name!r} setting; it should hold the settings fastgpt.train wrote")
 
 
 def read_run_config(out_dir):
     """The settings a run was trained with (its config.json, which the trainer writes at start-up)."""
     path = Path(out_dir) / "config.json"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        settings = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FastGPTError(f"no config.json in {out_dir}; point at a directory that fastgpt.train wrote "
                            "(its --out-dir)") from None
     except (OSError, ValueError) as error:
         raise FastGPTError(f"cannot read {path} ({error}); it should hold the settings fastgpt.train wrote") from None
+    if not isinstance(settings, dict):
+        raise FastGPTError(f"{path} is not a JSON object; it should hold the settings fastgpt.train wrote")
+    return RunSettings(path, settings)

@@ -102,6 +102,9 @@ def test_read_metrics_refuses_a_damaged_line_naming_it(tmp_path):
     path.write_text('{"step": 10}\n{"step": 2\n{"step": 30}\n')
     with pytest.raises(FastGPTError, match="line 2 of .* is not a JSON object"):
         read_metrics(path)
+    path.write_text('{"step": 10}\n{"val_loss": 2.5}\n')  # an object, but not one the trainer wrote
+    with pytest.raises(FastGPTError, match="line 2 of .* is not a JSON object with a step"):
+        read_metrics(path)
     with pytest.raises(FastGPTError, match="no metrics at"):
         read_metrics(tmp_path / "nothing.jsonl")
 
@@ -109,6 +112,11 @@ def test_read_metrics_refuses_a_damaged_line_naming_it(tmp_path):
 def test_read_run_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"n_layer": 2}))
     assert read_run_config(tmp_path) == {"n_layer": 2}
+    with pytest.raises(FastGPTError, match="config.json has no 'block_size' setting"):
+        read_run_config(tmp_path)["block_size"]
+    (tmp_path / "config.json").write_text("[2]")
+    with pytest.raises(FastGPTError, match="is not a JSON object"):
+        read_run_config(tmp_path)
     with pytest.raises(FastGPTError, match="no config.json in"):
         read_run_config(tmp_path / "elsewhere")
     (tmp_path / "config.json").write_text("{")
