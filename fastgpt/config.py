@@ -159,7 +159,9 @@ def _from_toml(f, value):
 def build_parser(config_class, prog, description, presets):
     """One --name flag per setting of config_class (groups flattened), with its default and meaning, plus
     --config and, where there are presets, --preset."""
-    parser = ArgumentParser(prog=prog, description=description)
+    # No abbreviations: they break when a setting is added, and --batch would match both of
+    # --batch-size's spellings.
+    parser = ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     if presets:
         parser.add_argument("--preset", choices=list(presets), metavar="NAME",
                             help=f"start from a bundled set of settings: {', '.join(presets)} (fastgpt/presets/); "
@@ -196,9 +198,33 @@ def _add_flag(parser, f):
                         help=f"{f.metadata['help']} ({choices}default: {f.default!r})", **how)
 
 
-def _suggest(name, valid):
+# What nanoGPT, Hugging Face and litgpt call some settings, for "did you mean": spelling alone
+# would lead from these to the wrong setting (lr to min_lr, seq_len to seed) or to none.
+NAMES_ELSEWHERE = {
+    "lr": "learning_rate", "min_learning_rate": "min_lr", "wd": "weight_decay", "max_grad_norm": "grad_clip",
+    "steps": "max_iters", "max_steps": "max_iters", "epochs": "max_iters",
+    "gradient_accumulation_steps": "grad_accum_steps", "eval_every": "eval_interval", "log_every": "log_interval",
+    "context": "block_size", "ctx": "block_size", "context_length": "block_size", "seq_len": "block_size",
+    "max_seq_len": "block_size", "n_positions": "block_size", "max_position_embeddings": "block_size",
+    "hidden_size": "n_embd", "d_model": "n_embd", "dim": "n_embd", "intermediate_size": "mlp_hidden",
+    "num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "num_key_value_heads": "n_kv_head",
+    "rope_theta": "rope_base", "theta": "rope_base", "rms_norm_eps": "norm_eps", "layer_norm_epsilon": "norm_eps",
+    "tie_word_embeddings": "tie_embeddings", "val_split": "val_fraction",
+    "precision": "dtype", "amp": "dtype", "mixed_precision": "dtype", "fp16": "dtype", "bf16": "dtype",
+    "max_tokens": "max_new_tokens", "temp": "temperature",
+}
+
+
+def closest_setting(name, valid):
+    """The setting in `valid` that `name` most likely meant, or None: its name elsewhere, then the one
+    setting it begins (batch: batch_size), then the closest spelling."""
+    if NAMES_ELSEWHERE.get(name) in valid:
+        return NAMES_ELSEWHERE[name]
+    begun = [setting for setting in valid if setting.startswith(name + "_")]
+    if len(begun) == 1:
+        return begun[0]
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    return close[0] if close else None
 
 
 def _read_toml(path, config_class):
@@ -214,7 +240,8 @@ def _read_toml(path, config_class):
     for key, value in values.items():
         name = key.replace("-", "_")
         if name not in known:
-            raise FastGPTError(f"unknown setting {key!r} in {path}{_suggest(name, list(known))}")
+            close = closest_setting(name, list(known))
+            raise FastGPTError(f"unknown setting {key!r} in {path}" + (f"; did you mean {close!r}?" if close else ""))
         try:
             settings[name] = _from_toml(known[name], value)
         except TypeError as error:
@@ -230,10 +257,10 @@ def parse_config(argv, config_class=TrainConfig, prog="python -m fastgpt.train",
     namespace, unknown = parser.parse_known_args(argv)
     names = [f.name for f in leaves(config_class)]
     if unknown:
-        flag = next((a for a in unknown if a.startswith("-")), unknown[0])
-        name = flag.lstrip("-").split("=")[0].replace("-", "_")
-        close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
-        hint = f"; did you mean --{close[0].replace('_', '-')}?" if close else " (see --help for every setting)"
+        flag = next((a for a in unknown if a.startswith("-")), unknown[0]).split("=")[0]
+        name = flag.lstrip("-").replace("-", "_")
+        close = closest_setting(name, names)
+        hint = f"; did you mean --{close.replace('_', '-')}?" if close else " (see --help for every setting)"
         raise FastGPTError(f"unknown setting {flag!r}{hint}")
     values = vars(namespace)
     preset, toml_file = values.pop("preset", None), values.pop("config", None)

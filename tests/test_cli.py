@@ -9,6 +9,7 @@ from fastgpt import sample, train
 from fastgpt.checkpoint import load_checkpoint, save_checkpoint
 from fastgpt.cli import run_cli
 from fastgpt.config import PRESETS, TrainConfig, parse_config
+from fastgpt.errors import FastGPTError
 from fastgpt.settings import leaves
 
 
@@ -139,6 +140,18 @@ def test_config_file_and_flags_combine_with_flags_winning(tmp_path):
     config = parse_config(["--config", str(tmp_path / "c.toml"), "--n-layer", "5"])
     assert (config.model.n_layer, config.model.n_embd, config.tokenizer, config.lr_schedule) == (5, 96, "bpe", "wsd")
     assert config.to_dict()["n_layer"] == 5 and "model" not in config.to_dict()
+
+
+@pytest.mark.parametrize("typed, meant", [
+    ("--lr", "--learning-rate"),  # another project's name, which spelling alone takes to --min-lr
+    ("--seq-len", "--block-size"),
+    ("--batch", "--batch-size"),  # the one setting it begins; once an ambiguous abbreviation
+    ("--warmup=5", "--warmup-iters"),
+    ("--n-layr", "--n-layer"),  # a slip of the keyboard
+])
+def test_an_unknown_flag_names_the_setting_most_likely_meant(typed, meant):
+    with pytest.raises(FastGPTError, match=f"unknown setting '{typed.split('=')[0]}'; did you mean {meant}\\?"):
+        parse_config([typed, "5"])
 
 
 def test_a_preset_is_overridden_by_a_config_file_and_flags(tmp_path, capsys):
