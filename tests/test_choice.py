@@ -9,6 +9,7 @@ import torch
 
 from fastgpt import ops, timing
 from fastgpt.ops import choice, dispatch
+from fastgpt.ops import triton as triton_backend
 from fastgpt.ops.definitions.causal_attention import CAUSAL_ATTENTION
 from fastgpt.ops.definitions.layer_norm import LAYER_NORM
 
@@ -136,7 +137,11 @@ def test_compiled_code_runs_the_remembered_choice_in_one_graph(monkeypatch):
 
 def test_auto_on_cuda_tensors_is_the_measured_choice_and_a_named_backend_is_forced(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(triton_backend, "unavailable_reason", lambda device=None: None)
     assert dispatch._resolve("auto", torch.device("cuda")) == "fastest"  # uncached, unlike resolve_backend
+    monkeypatch.setattr(triton_backend, "unavailable_reason", lambda device=None: "triton is not installed")
+    assert dispatch._resolve("auto", torch.device("cuda")) == "torch"  # PyTorch's own, not the slow reference
+    monkeypatch.undo()
     assert dispatch.unavailable_reason("fastest", torch.device("meta")) is not None
     monkeypatch.setattr(choice.CHOOSER, "timer", None)  # the chooser must not be consulted
     q, k, v = attention_inputs(20)

@@ -23,7 +23,8 @@ import torch
 
 from fastgpt import timing
 from fastgpt.compile_constant import assume_constant_result
-from fastgpt.kernels import dot_precision, interpreting
+from fastgpt.kernels import dot_precision
+from fastgpt.ops import dispatch
 
 CANDIDATES = ("triton", "torch")
 DEFAULT = "triton"  # what runs, unmeasured, under torch.compile
@@ -35,13 +36,9 @@ def measure_on_gpu(steps):
 
 
 def unavailable_reason(device=None):
-    """The choice runs on CUDA tensors, where torch's built-ins always can (and, for testing, on CPU
-    tensors while Triton's interpreter runs the kernels there)."""
-    if device is None:
-        return None if torch.cuda.is_available() else "no CUDA GPU"
-    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
-        return None
-    return f"it chooses among GPU implementations, not for {device.type} tensors"
+    """A choice between the Triton kernels and torch's built-ins runs where the kernels can: on CUDA
+    tensors (and, for testing, on CPU tensors while Triton's interpreter runs the kernels there)."""
+    return dispatch.unavailable_reason("triton", device)
 
 
 def next_power_of_two(n):

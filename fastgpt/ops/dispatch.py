@@ -6,7 +6,8 @@ Backends:
 - ``cpp``: the C++ CPU kernels (``csrc/``), for CPU tensors;
 - ``triton``: the Triton kernels (``kernels/``), for CUDA tensors, or for CPU tensors when
   ``TRITON_INTERPRET=1`` runs them through Triton's interpreter (how machines without a GPU test them);
-- ``torch``: PyTorch's own built-ins, never chosen by ``auto``; the yardstick of the benchmarks.
+- ``torch``: PyTorch's own built-ins; the yardstick of the benchmarks, and what ``auto`` runs on a
+  GPU where the Triton kernels cannot (Triton missing, or unable to use the GPU).
 
 ``backend=None`` or ``"auto"`` takes the process's default: the backend named by `use_backend` (how a
 training run or a sampler applies its ``--backend`` setting), else the environment variable
@@ -40,7 +41,7 @@ BACKENDS = ("reference", "cpp", "triton", "torch")
 _KERNEL_BACKENDS = {"cpp": "fastgpt.ops.cpp", "triton": "fastgpt.ops.triton", "fastest": "fastgpt.ops.choice"}
 
 # Which backends `auto` tries on a device, fastest first; the reference always comes last.
-_AUTO_ORDER = {"cuda": ("fastest",), "cpu": ("cpp",)}
+_AUTO_ORDER = {"cuda": ("fastest", "torch"), "cpu": ("cpp",)}
 
 # Every op's contract, in the order the op modules registered them (fastgpt/ops/__init__.py imports them).
 OPS = []
@@ -60,7 +61,7 @@ _loaded = {}
 
 
 def backend_module(name):
-    """The module of a kernel backend (`cpp` or `triton`), imported on first use."""
+    """The module of a kernel backend (`cpp`, `triton` or `fastest`), imported on first use."""
     module = _loaded.get(name)
     if module is None:
         module = _loaded[name] = importlib.import_module(_KERNEL_BACKENDS[name])
