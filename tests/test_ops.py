@@ -112,5 +112,7 @@ def test_bad_shapes_are_clear_errors():
     with pytest.raises(ValueError, match="at least as many positions"):
         q = torch.randn(1, 1, 5, 4)
         ops.causal_attention(q, q[:, :, :3], q[:, :, :3])
-    with pytest.raises(ValueError, match="weight"):
+    with pytest.raises(ValueError, match=r"layer_norm: weight has shape \(7,\), expected \(8,\)"):
         ops.layer_norm(torch.randn(2, 8), torch.randn(7), None)
+    with pytest.raises(ValueError, match=r"rms_norm: weight has shape \(7,\), expected \(8,\)"):
+        ops.rms_norm(torch.randn(2, 8), torch.randn(7))

@@ -21,7 +21,7 @@ from fastgpt.ops.dispatch import register, run
 
 def layer_norm(x, weight, bias, eps=1e-5, *, backend=None):
     """LayerNorm over the last dimension of x; weight and bias (shape (N,)) may be None."""
-    check_inputs(x, weight, bias)
+    check_inputs("layer_norm", x, weight, bias)
     return run(LAYER_NORM, x.device, backend)(x, weight, bias, float(eps), output_dtype(x))
 
 
@@ -57,14 +57,15 @@ def builtin(x, weight, bias, eps, out_dtype=None):
     return y.to(out_dtype or x.dtype)
 
 
-def check_inputs(x, weight, bias):
+def check_inputs(op_name, x, weight, bias):
+    """The affine parameters must match x's last dimension and device (shared with rms_norm)."""
     for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor is None:
             continue
         if tensor.shape != x.shape[-1:]:
-            raise ValueError(f"layer_norm: {name} has shape {tuple(tensor.shape)}, expected ({x.shape[-1]},)")
+            raise ValueError(f"{op_name}: {name} has shape {tuple(tensor.shape)}, expected ({x.shape[-1]},)")
         if tensor.device != x.device:
-            raise ValueError(f"layer_norm: {name} is on {tensor.device} but x is on {x.device}")
+            raise ValueError(f"{op_name}: {name} is on {tensor.device} but x is on {x.device}")
 
 
 # ---- the kernels' contract ----

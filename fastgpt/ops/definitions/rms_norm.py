@@ -17,7 +17,7 @@ from fastgpt.ops.definitions.layer_norm import check_inputs, output_dtype
 
 def rms_norm(x, weight=None, eps=1e-6, *, backend=None):
     """RMSNorm over the last dimension of x; weight (shape (N,)) may be None."""
-    check_inputs(x, weight, None)
+    check_inputs("rms_norm", x, weight, None)
     return run(RMS_NORM, x.device, backend)(x, weight, float(eps), output_dtype(x))
 
 
