@@ -9,6 +9,7 @@ import codecs
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -16,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import regex
 import torch
+from tqdm import tqdm
 
 from fastgpt.errors import FastGPTError
 from fastgpt.tokenizers import train_tokenizer
 
-CHUNK_CHARS = 1 << 20  # characters read and encoded at a time
+CHUNK_BYTES = 1 << 20  # bytes of a file read and encoded at a time
 # Where a chunk may end: just before a line break that follows a letter or digit. GPT-2's pre-split
 # ends a piece there, as does Llama 3's (which joins line breaks to the punctuation before them), and
 # the pieces on either side do not depend on the text across it.
@@ -54,7 +56,7 @@ def corpus_files(data):
 
 
 def read_chunks(files):
-    """The corpus as a stream of text chunks of about CHUNK_CHARS, each ending where CHUNK_END allows
+    """The corpus as a stream of text chunks of about CHUNK_BYTES, each ending where CHUNK_END allows
     (a chunk grows until it can), so that a tokenizer splitting text as GPT-2's does encodes the
     stream exactly as it would encode the whole text at once.
     """
@@ -64,7 +66,7 @@ def read_chunks(files):
         carry, offset = "", 0
         with open(file, "rb") as handle:
             while True:
-                raw = handle.read(CHUNK_CHARS)
+                raw = handle.read(CHUNK_BYTES)
                 try:
                     text = carry + decoder.decode(raw, final=not raw)
                 except UnicodeDecodeError as error:
@@ -150,11 +152,11 @@ def chunk_encoder(tokenizer):
     return encode
 
 
-def encode_corpus(files, tokenizer, cache_dir, progress=None):
+def encode_corpus(files, tokenizer, cache_dir, progress=True):
     """Encode the corpus into cache_dir/tokens.bin (reused when corpus and tokenizer are unchanged).
 
-    Returns the tokens as a read-only memmap. `progress`, if given, is called with the number of
-    characters encoded so far.
+    Returns the tokens as a read-only memmap. With `progress`, encoding that takes more than a couple of
+    seconds (a large corpus) shows a bar on stderr.
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -171,19 +173,21 @@ def encode_corpus(files, tokenizer, cache_dir, progress=None):
     # A private partial file: several machines of one run may encode into a shared cache at once.
     descriptor, partial = tempfile.mkstemp(dir=cache_dir, prefix="tokens.", suffix=".partial")
     encode = chunk_encoder(tokenizer)
-    count, characters = 0, 0
+    count = 0
+    bar = tqdm(total=sum(file.stat().st_size for file in files), desc="encoding the corpus", unit="B",
+               unit_scale=True, delay=2, disable=not progress, dynamic_ncols=True, file=sys.stderr)
     try:
         with os.fdopen(descriptor, "wb") as out:
             for chunk in read_chunks(files):
                 ids = encode(chunk).astype(dtype)
                 out.write(ids.tobytes())
                 count += len(ids)
-                characters += len(chunk)
-                if progress:
-                    progress(characters)
+                bar.update(len(chunk.encode("utf-8")))
     except BaseException:
         os.unlink(partial)
         raise
+    finally:
+        bar.close()
     os.replace(partial, tokens_path)
     meta_path.write_text(json.dumps({**meta, "tokens": count}))
     if count == 0:

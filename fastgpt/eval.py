@@ -111,20 +111,20 @@ def evaluate_tokens(model, tokens, block_size, byte_lengths, batch_size=16, prec
     return Evaluation(tokens=predicted, bytes=int(total_bytes), nats=float(nats))
 
 
-def tokens_to_evaluate(config, run, tokenizer, scratch):
+def tokens_to_evaluate(config, run, tokenizer, scratch, progress):
     """The tokens to score and a description of them: --data's text, or the run's validation split."""
     if config.data:
         files = corpus_files(config.data)
-        return encode_corpus(files, tokenizer, scratch), f"{config.data} (all of it)"
+        return encode_corpus(files, tokenizer, scratch, progress), f"{config.data} (all of it)"
     files = corpus_files(run["data"])
     # The run's own token cache, reused while its corpus is unchanged; the split is the trainer's.
     try:
-        tokens = encode_corpus(files, tokenizer, Path(config.out_dir) / "cache")
+        tokens = encode_corpus(files, tokenizer, Path(config.out_dir) / "cache", progress)
     except OSError as error:
         if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
         # A run one may read but not write to (someone else's, an archived one) is encoded privately.
-        tokens = encode_corpus(files, tokenizer, scratch)
+        tokens = encode_corpus(files, tokenizer, scratch, progress)
     first, end = TokenBlocks(tokens, run["block_size"], run["val_fraction"]).ranges["val"]
     name = run["data"] or "the bundled Tiny Shakespeare"
     return tokens[first:end], f"the validation split of {name} (the last {run['val_fraction'] * 100:g}% of its tokens)"
@@ -142,7 +142,7 @@ def evaluate_run(config, progress=True):
     # A fine-tuned GPT-2 has more positions than the blocks it was trained on: score as it was trained.
     block_size = min(run["block_size"], model.config.block_size)
     with tempfile.TemporaryDirectory(prefix="fastgpt-eval-") as scratch:
-        tokens, description = tokens_to_evaluate(config, run, tokenizer, scratch)
+        tokens, description = tokens_to_evaluate(config, run, tokenizer, scratch, progress)
         result = evaluate_tokens(model, tokens, block_size, token_byte_lengths(tokenizer), config.batch_size,
                                  precision, progress)
     return {"checkpoint": str(Path(config.out_dir) / CHECKPOINT_FILES[config.checkpoint]), "text": description,

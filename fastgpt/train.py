@@ -184,7 +184,7 @@ class Trainer:
         if self.world.local_rank == 0:
             tokens = encode_corpus(files, self.tokenizer, cache)
         distributed.barrier(self.world)
-        return tokens if self.world.local_rank == 0 else encode_corpus(files, self.tokenizer, cache)
+        return tokens if self.world.local_rank == 0 else encode_corpus(files, self.tokenizer, cache, progress=False)
 
     @property
     def _global_batch(self):

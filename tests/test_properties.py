@@ -104,11 +104,34 @@ def test_corpus_chunks_split_into_the_pieces_of_the_whole_text(tmp_path_factory,
     bpe and gpt2 tokenizers') and Llama 3's."""
     corpus = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     corpus.write_text(text, encoding="utf-8", newline="")
-    monkeypatch.setattr(data, "CHUNK_CHARS", chunk_bytes)
+    monkeypatch.setattr(data, "CHUNK_BYTES", chunk_bytes)
     chunks = list(data.read_chunks([corpus]))
     assert "".join(chunks) == text
     for pattern in (GPT2_SPLIT_PATTERN, LLAMA3_SPLIT_PATTERN):
         assert [piece for chunk in chunks for piece in regex.findall(pattern, chunk)] == regex.findall(pattern, text)
+
+
+def test_the_encoding_bar_counts_every_byte_of_the_corpus_once(tmp_path, monkeypatch):
+    files = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    files[0].write_text("héllo wörld ✓\n" * 9, encoding="utf-8")
+    files[1].write_text("çà et là\n" * 5, encoding="utf-8")
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **options):
+            self.total, self.done, self.closed = total, 0, False
+            bars.append(self)
+
+        def update(self, n):
+            self.done += n
+
+        def close(self):
+            self.closed = True
+    monkeypatch.setattr(data, "tqdm", Bar)
+    monkeypatch.setattr(data, "CHUNK_BYTES", 7)  # chunks that cut multi-byte characters
+    encode_corpus(files, train_tokenizer("char", "".join(f.read_text() for f in files)), tmp_path / "cache")
+    (bar,) = bars
+    assert bar.total == bar.done == sum(f.stat().st_size for f in files) and bar.closed
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
