@@ -350,7 +350,7 @@ class Trainer:
         config = self.config
         self._announce()
         sinks = self.sinks()
-        speed = Speed(self._global_batch * config.model.block_size * config.grad_accum_steps, self.step)
+        speed = Speed(self._global_batch * self.blocks.block_size * config.grad_accum_steps, self.step)
         stopped_by = None
         try:
             with self.stop.installed():

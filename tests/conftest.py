@@ -191,18 +191,19 @@ def byte_level_tokenizer_json():
 
 @pytest.fixture
 def fine_tune_at_lr_0(tmp_path):
-    """run(directory, text): train with --init-from `directory` on `text` for 2 steps at a learning rate
-    of 0, on blocks of 16 tokens, and check that the checkpoint holds the pretrained weights exactly
-    and resumes for a third step; returns the checkpoint."""
+    """run(directory, text, block_size=16): train with --init-from `directory` on `text` for 2 steps at a
+    learning rate of 0, on blocks of block_size tokens (the model's positions at most), and check that
+    the checkpoint holds the pretrained weights exactly and resumes for a third step; returns the
+    checkpoint."""
     from fastgpt import train
     from fastgpt.checkpoint import load_checkpoint
     from fastgpt.pretrained import load_pretrained
 
-    def run(directory, text):
+    def run(directory, text, block_size=16):
         corpus = tmp_path / "corpus.txt"
         corpus.write_text(text)
         out = tmp_path / "run"
-        args = ["--data", str(corpus), "--init-from", str(directory), "--out-dir", str(out), "--block-size", "16",
+        args = ["--data", str(corpus), "--init-from", str(directory), "--out-dir", str(out), "--block-size", str(block_size),
                 "--batch-size", "2", "--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1",
                 "--sample-tokens", "0", "--learning-rate", "0", "--min-lr", "0", "--backend", "reference"]
         assert train.main(args) == 0

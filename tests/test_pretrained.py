@@ -1,5 +1,6 @@
 """GPT-2 checkpoints in the Hugging Face layout: loaded faithfully, exported exactly, refused clearly."""
 
+import json
 import shutil
 
 import pytest
@@ -171,3 +172,11 @@ def test_training_with_init_from_fine_tunes_the_pretrained_weights(hf_dir, fine_
     """--init-from starts from GPT-2's weights and tokenizer, on blocks shorter than its 24 positions."""
     checkpoint = fine_tune_at_lr_0(hf_dir, TEXT)
     assert checkpoint["model_config"]["n_embd"] == 32 and checkpoint["model_config"]["block_size"] == 24
+
+
+def test_init_from_a_model_with_fewer_positions_than_block_size_trains_and_counts_its_blocks(hf_dir,
+                                                                                            fine_tune_at_lr_0,
+                                                                                            tmp_path):
+    fine_tune_at_lr_0(hf_dir, TEXT, block_size=64)  # the model has 24 positions
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in records] == [r["step"] * 2 * 24 for r in records]  # batch 2 x 24 positions
