@@ -29,10 +29,8 @@ import torch.nn.functional as F
 
 from fastgpt import hf, ops
 from fastgpt.errors import FastGPTError
+from fastgpt.hf.gpt2 import MLP_RATIO
 from fastgpt.settings import check_values, setting
-
-
-MLP_RATIO = 4  # GPT-2's MLP hidden layer is this many times as wide as the model
 
 
 @dataclass(frozen=True)
