@@ -19,13 +19,14 @@ from fastgpt.device import backend_setting, device_setting
 from fastgpt.errors import FastGPTError
 from fastgpt.model import GPTConfig
 from fastgpt.settings import check_values, flat_values, from_flat_values, group, leaves, setting
+from fastgpt.tokenizers import KINDS, SMALLEST_BPE_VOCAB
 
 
 @dataclass
 class TrainConfig:
     # data and tokenizer
     data: str = setting("", "text file or directory of .txt files to train on (empty: the bundled Tiny Shakespeare)")
-    tokenizer: str = setting("char", "how text becomes tokens", ["char", "bpe", "gpt2"])
+    tokenizer: str = setting("char", "how text becomes tokens", list(KINDS))
     init_from: str = setting("", "fine-tune the GPT-2 or Llama checkpoint (Hugging Face layout) in this directory: its "
                                  "weights, architecture and tokenizer replace the model settings and tokenizer")
     val_fraction: float = setting(0.1, "share of the corpus, taken from its end, held out for validation")
@@ -96,9 +97,9 @@ class TrainConfig:
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and 0 <= self.muon_momentum < 1):
             raise FastGPTError(f"beta1, beta2 and muon_momentum must be in [0, 1) (got {self.beta1}, {self.beta2}, "
                                f"{self.muon_momentum})")
-        if self.tokenizer == "bpe" and self.model.vocab_size < 257:
-            raise FastGPTError(f"a bpe vocabulary starts from the 256 bytes: vocab_size must be at least 257 "
-                               f"(got {self.model.vocab_size})")
+        if self.tokenizer == "bpe" and self.model.vocab_size < SMALLEST_BPE_VOCAB:
+            raise FastGPTError(f"a bpe vocabulary starts from the {SMALLEST_BPE_VOCAB} single bytes: vocab_size must "
+                               f"be at least {SMALLEST_BPE_VOCAB} (got {self.model.vocab_size})")
 
     def to_dict(self):
         """Every setting by name, the model's among them: what config.json and checkpoints hold."""

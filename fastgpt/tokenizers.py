@@ -32,6 +32,7 @@ import tokenizers as huggingface_tokenizers
 from fastgpt.errors import FastGPTError
 
 KINDS = ("char", "bpe", "gpt2")  # the kinds train_tokenizer makes
+SMALLEST_BPE_VOCAB = 256  # a byte-level BPE vocabulary holds every single byte, then one token per merge
 
 # GPT-2's pre-split: contractions, words with their leading space, numbers, punctuation runs and
 # whitespace. BPE merges never cross these pieces, so a token never spans two words.
@@ -400,7 +401,8 @@ class HuggingFaceTokenizer(Tokenizer):
 
 
 def train_tokenizer(kind: str, text: str, vocab_size: int | None = None) -> Tokenizer:
-    """A tokenizer of `kind` for `text`. Only bpe uses `vocab_size` (256 or more); gpt2 ignores `text`."""
+    """A tokenizer of `kind` for `text`. Only bpe uses `vocab_size` (SMALLEST_BPE_VOCAB or more); gpt2
+    ignores `text`."""
     if kind not in KINDS:
         raise FastGPTError(f"unknown tokenizer {kind!r}; choose one of: {', '.join(KINDS)}")
     if kind == "gpt2":
@@ -410,8 +412,8 @@ def train_tokenizer(kind: str, text: str, vocab_size: int | None = None) -> Toke
                            f"give it a non-empty training text")
     if kind == "char":
         return CharTokenizer.train(text)
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 256:
-        raise FastGPTError(f"the bpe tokenizer needs a vocab size of at least 256 (its single bytes), "
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < SMALLEST_BPE_VOCAB:
+        raise FastGPTError(f"the bpe tokenizer needs a vocab size of at least {SMALLEST_BPE_VOCAB} (its single bytes), "
                            f"got {vocab_size!r}; set it with --vocab-size, e.g. 1024")
     return BPETokenizer.train(text, vocab_size)
 
