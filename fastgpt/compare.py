@@ -37,7 +37,6 @@ class CompareConfig:
         # make a checkpoint or a metrics file.
         if Path(self.to).suffix.lower() != ".png":
             raise FastGPTError(f"--to {self.to!r} is not a .png file; name the PNG image to draw the curves in")
-        return self
 
 
 @dataclass

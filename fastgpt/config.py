@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from fastgpt.cli import ArgumentParser
-from fastgpt.device import backend_setting, device_setting
+from fastgpt.device import backend_setting, device_setting, dtype_setting
 from fastgpt.errors import FastGPTError
 from fastgpt.model import GPTConfig
 from fastgpt.settings import check_values, flat_values, from_flat_values, group, leaves, setting
@@ -75,8 +75,7 @@ class TrainConfig:
     # system
     seed: int = setting(1337, "seed for initialisation, batches and dropout")
     device: str = device_setting("where to train: auto (CUDA when present), cpu, cuda, cuda:N")
-    dtype: str = setting("auto", "auto: bf16 autocast where the GPU or CPU has native bf16, fp32 elsewhere (see "
-                                 "fastgpt/hardware.py)", ["auto", "float32", "bfloat16"])
+    dtype: str = dtype_setting()
     compile: bool = setting(False, "compile the model with torch.compile")
     backend: str = backend_setting()
     parallel: str = setting("ddp", "under torchrun, how the processes share the model: ddp (each holds all of it) "

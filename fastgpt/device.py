@@ -1,5 +1,5 @@
-"""Where a program runs: the device and the kernels (fastgpt.ops backend); its precision is in
-fastgpt/hardware.py."""
+"""Where a program runs: the device and the kernels (fastgpt.ops backend), and the settings every
+command shares to choose them and the precision (which fastgpt/hardware.py picks)."""
 
 import torch
 
@@ -46,6 +46,11 @@ def use_backend(name, device):
 
 def device_setting(meaning="where to run: auto (CUDA when present), cpu, cuda, cuda:N"):
     return setting("auto", meaning)
+
+
+def dtype_setting():
+    return setting("auto", "auto: bf16 autocast where the GPU or CPU has native bf16, fp32 elsewhere (see "
+                           "fastgpt/hardware.py)", ["auto", "float32", "bfloat16"])
 
 
 def backend_setting():

@@ -35,7 +35,7 @@ from fastgpt.data import TokenBlocks, corpus_files, encode_corpus
 from fastgpt.errors import FastGPTError
 from fastgpt.hardware import choose_precision
 from fastgpt.run_files import read_run_config
-from fastgpt.device import backend_setting, device_setting, pick_device, use_backend
+from fastgpt.device import backend_setting, device_setting, dtype_setting, pick_device, use_backend
 
 
 @dataclass
@@ -48,12 +48,11 @@ class EvalConfig:
     json: bool = setting(False, "print the result as one JSON object")
     batch_size: int = setting(16, "windows of block_size tokens evaluated at once", minimum=1)
     device: str = device_setting()
-    dtype: str = setting("auto", "auto: bf16 autocast where the GPU or CPU has native bf16, fp32 elsewhere",
-                         ["auto", "float32", "bfloat16"])
+    dtype: str = dtype_setting()
     backend: str = backend_setting()
 
     def validate(self):
-        return self
+        """Nothing to check beyond each setting's own choices and minimum."""
 
 
 @dataclass
