@@ -24,6 +24,7 @@ import torch
 
 from fastgpt.errors import FastGPTError
 from fastgpt.model import GPT, GPTConfig
+from fastgpt.run_files import CHECKPOINT_FILES
 from fastgpt.tokenizers import tokenizer_from_state
 
 
@@ -82,8 +83,8 @@ class CheckpointFiles:
 
     def __init__(self, out_dir, keep_last):
         self.out_dir = Path(out_dir)
-        self.latest = self.out_dir / "ckpt.pt"
-        self.best = self.out_dir / "best.pt"
+        self.latest = self.out_dir / CHECKPOINT_FILES["latest"]
+        self.best = self.out_dir / CHECKPOINT_FILES["best"]
         self.keep_last = keep_last
 
     def prepare(self, resume):
@@ -168,10 +169,6 @@ def model_config_of(payload):
         raise FastGPTError(f"the checkpoint's model has settings this version of fastgpt does not know "
                            f"({', '.join(unknown)}); load it with the version that trained it")
     return GPTConfig(**saved)
-
-
-# What load_trained_model's `checkpoint` names: the newest checkpoint or the one with the lowest val loss.
-CHECKPOINT_FILES = {"latest": "ckpt.pt", "best": "best.pt"}
 
 
 def load_trained_model(out_dir, device, checkpoint="latest"):

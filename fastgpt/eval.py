@@ -27,14 +27,14 @@ from tqdm import tqdm
 
 from fastgpt import ops
 from fastgpt.bits_per_byte import bits_per_byte, token_byte_lengths
-from fastgpt.checkpoint import CHECKPOINT_FILES, load_trained_model
+from fastgpt.checkpoint import load_trained_model
 from fastgpt.cli import run_cli
 from fastgpt.config import parse_config
 from fastgpt.settings import setting
 from fastgpt.data import TokenBlocks, corpus_files, encode_corpus
 from fastgpt.errors import FastGPTError
 from fastgpt.hardware import choose_precision
-from fastgpt.run_files import read_run_config
+from fastgpt.run_files import CHECKPOINT_FILES, read_run_config
 from fastgpt.device import backend_setting, device_setting, dtype_setting, pick_device, use_backend
 
 

@@ -1,4 +1,5 @@
-"""Reading a training run's files (metrics.jsonl, config.json) safely while the run may still be writing.
+"""A training run's files: the checkpoints' names, and reading metrics.jsonl and config.json safely
+while the run may still be writing.
 
 The trainer appends one JSON object per line. A reader (compare, eval, the plot) can look at the file
 between the moment a line's first bytes land and the moment its newline does: that last line is
@@ -10,6 +11,10 @@ import json
 from pathlib import Path
 
 from fastgpt.errors import FastGPTError
+
+# A run's checkpoints: the newest and the one with the lowest validation loss (as eval's --checkpoint
+# names them); fastgpt.checkpoint keeps older ones as ckpt-<step>.pt.
+CHECKPOINT_FILES = {"latest": "ckpt.pt", "best": "best.pt"}
 
 
 def read_metrics(path):

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from fastgpt.errors import FastGPTError
+from fastgpt.run_files import CHECKPOINT_FILES
 from fastgpt.tokenizers import bytes_to_unicode
 
 # A checkpoint too large for one file splits its weights into shards that this file lists.
@@ -28,7 +29,7 @@ def checkpoint_directory(directory):
     if not directory.is_dir():
         raise FastGPTError(f"{directory} is not a directory; point --init-from at a directory holding a GPT-2 "
                            "or Llama checkpoint in the Hugging Face layout (config.json, model.safetensors, ...)")
-    if (directory / "ckpt.pt").is_file():
+    if (directory / CHECKPOINT_FILES["latest"]).is_file():
         raise FastGPTError(f"{directory} is a fastgpt run, not a Hugging Face checkpoint; continue it with --resume "
                            f"--out-dir {directory}, sample from it with --out-dir {directory}, or convert it with "
                            "`python -m fastgpt.export`")
