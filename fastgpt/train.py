@@ -341,7 +341,7 @@ class Trainer:
             return []
         resumed_step = self.step if self.config.resume else None
         metrics = MetricsFile(self.out_dir / "metrics.jsonl", resumed_step)
-        extra = [TensorBoardSink(self.out_dir, resumed_step) for name in self.config.log if name == "tensorboard"]
+        extra = [TensorBoardSink(self.out_dir, resumed_step)] if "tensorboard" in self.config.log else []
         return [metrics, ProgressBar(self.config.max_iters, self.step),
                 LossPlot(self.out_dir / "loss.png", metrics.history), *extra]
 
