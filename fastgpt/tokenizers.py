@@ -4,7 +4,7 @@ Three kinds that training makes, chosen by name:
 
 - `char`: one token per character of the training text (its sorted unique characters).
 - `bpe`: byte-level byte-pair encoding trained on the training text, run by tiktoken. Every UTF-8
-  text round-trips exactly, whatever characters it holds. Saved in tiktoken's `.tiktoken` rank format.
+  text round-trips exactly, whatever characters it holds.
 - `gpt2`: tiktoken's GPT-2 encoding (50257 tokens), read from tiktoken's local cache, never downloaded.
 
 and one that comes with a pretrained checkpoint:
@@ -16,7 +16,6 @@ A tokenizer's `state_dict()` is plain Python (str, int, list, bytes) stored in t
 `tokenizer_from_state` rebuilds it.
 """
 
-import base64
 import functools
 import hashlib
 import heapq
@@ -216,31 +215,6 @@ class BPETokenizer(Tokenizer):
 
     def token_bytes(self) -> list[bytes]:
         return list(self.tokens)
-
-    def save(self, path: str) -> None:
-        """Write the ranks as a `.tiktoken` file: base64 of the token's bytes, a space, its rank."""
-        with open(path, "wb") as f:
-            for rank, token in enumerate(self.tokens):
-                f.write(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
-
-    @classmethod
-    def load(cls, path: str) -> "BPETokenizer":
-        # Parsed here rather than by tiktoken.load.load_tiktoken_bpe, which caches files by path: it
-        # would hand back a stale copy after the file at `path` is rewritten.
-        try:
-            with open(path, "rb") as f:
-                ranks = {int(rank): base64.b64decode(token, validate=True)
-                         for token, rank in (line.split() for line in f if line.strip())}
-        except OSError as e:
-            raise FastGPTError(f"cannot read the BPE tokenizer file {path}: {e.strerror}; "
-                               f"check the path") from None
-        except ValueError:
-            raise FastGPTError(f"{path} is not a .tiktoken rank file (lines of base64 token, space, rank); "
-                               f"save it with BPETokenizer.save") from None
-        if sorted(ranks) != list(range(len(ranks))):
-            raise FastGPTError(f"the ranks in {path} are not 0 to {len(ranks) - 1} each once; "
-                               f"save it with BPETokenizer.save")
-        return cls([ranks[r] for r in range(len(ranks))])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -155,30 +155,9 @@ def test_bpe_treats_special_token_text_as_text(bpe):
     assert bpe.decode(bpe.encode(text)) == text
 
 
-def test_bpe_file_loads_in_tiktoken_and_back(bpe, tmp_path, monkeypatch):
-    path = tmp_path / "shakespeare.tiktoken"
-    bpe.save(str(path))
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # no copy of our file in tiktoken's cache
-    ranks = tiktoken.load.load_tiktoken_bpe(str(path))
-    assert ranks == {t: r for r, t in enumerate(bpe.tokens)}
-    enc = tiktoken.Encoding("check", pat_str=tokenizers.GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
-                            special_tokens={})
-    assert enc.encode_ordinary(SAMPLE[:2000]) == bpe.encode(SAMPLE[:2000])
-    loaded = BPETokenizer.load(str(path))
-    assert loaded.tokens == bpe.tokens
-    assert loaded.encode(SAMPLE[:2000]) == bpe.encode(SAMPLE[:2000])
-
-
-def test_bpe_load_errors(tmp_path):
-    with pytest.raises(FastGPTError, match="cannot read"):
-        BPETokenizer.load(str(tmp_path / "missing.tiktoken"))
-    bad = tmp_path / "bad.tiktoken"
-    bad.write_text("not base64!! x\n")
-    with pytest.raises(FastGPTError, match="not a .tiktoken rank file"):
-        BPETokenizer.load(str(bad))
-    bad.write_text("YQ== 0\n")  # one token, no single bytes
+def test_bpe_tokens_without_every_single_byte_are_refused():
     with pytest.raises(FastGPTError, match="256 single bytes"):
-        BPETokenizer.load(str(bad))
+        tokenizer_from_state({"kind": "bpe", "tokens": [b"a"]})
 
 
 # ---- gpt2
