@@ -9,6 +9,7 @@ gradients summed over many rows (a LayerNorm's dweight) are judged on the same f
 import torch
 
 from fastgpt.ops import dispatch
+from fastgpt.ops.contract import NAMESPACE, kernel_name
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -20,6 +21,13 @@ def runnable_kernel_backends():
     """The kernel backends that can run on DEVICE here (triton without a GPU: through its interpreter)."""
     return [name for name in dispatch.BACKENDS
             if name in ("cpp", "triton") and dispatch.unavailable_reason(name, DEVICE) is None]
+
+
+def has_kernels(op, backend, dispatch_key):
+    """Whether `backend` has registered implementations of both of `op`'s kernels for `dispatch_key`."""
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"{NAMESPACE}::{kernel_name(backend, op.name, direction)}", dispatch_key)
+        for direction in ("forward", "backward"))
 
 
 def backend_dtypes(backend):

@@ -17,7 +17,7 @@ import torch
 
 from fastgpt import ops
 from fastgpt.ops import contract, dispatch
-from op_checks import DEVICE, backend_dtypes, compare_with_reference, leaves, runnable_kernel_backends
+from op_checks import DEVICE, backend_dtypes, compare_with_reference, has_kernels, leaves, runnable_kernel_backends
 
 BACKENDS = runnable_kernel_backends()
 OP_BACKENDS = [pytest.param(op, backend, id=f"{op.name}-{backend}")
@@ -36,14 +36,14 @@ def test_some_backend_with_kernels_runs_here():
 @pytest.mark.parametrize("op,backend", OP_BACKENDS)
 def test_a_backend_that_claims_an_op_registers_both_kernels(op, backend):
     dispatch.resolve_backend(backend, DEVICE)  # loads the backend and supplies its ops
-    assert contract.has_kernels(op, backend, DISPATCH_KEY)
+    assert has_kernels(op, backend, DISPATCH_KEY)
 
 
 def test_a_claimed_op_without_kernels_is_caught():
     """The check above can fail: an op declared for the C++ backend that csrc/ never implements."""
     missing = dataclasses.replace(ops.OPS[0], name="op_without_kernels")
     contract.declare(missing, "cpp")
-    assert not contract.has_kernels(missing, "cpp", "CPU")
+    assert not has_kernels(missing, "cpp", "CPU")
 
 
 @pytest.mark.parametrize("op,backend,dtype", OP_BACKEND_DTYPES)

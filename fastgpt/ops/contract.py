@@ -18,7 +18,7 @@ their fake and autograd versions, the same way for every backend.
 """
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -60,7 +60,7 @@ class FusedOp:
     reference: Callable
     builtin: Callable
     samples: Callable
-    kernels: tuple = field(default=("cpp", "triton"))
+    kernels: tuple  # the backends with kernels for the op
 
 
 # The parts of an elementwise op whose backward kernel takes (grad_y, x) and whose kernels return
@@ -116,10 +116,3 @@ def kernel_implementation(op, backend):
     forward = declare(op, backend)
     result = op.result
     return lambda *arguments: result(forward(*arguments))
-
-
-def has_kernels(op, backend, dispatch_key):
-    """Whether `backend` has registered implementations of both of `op`'s kernels for `dispatch_key`."""
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"{NAMESPACE}::{kernel_name(backend, op.name, direction)}", dispatch_key)
-        for direction in ("forward", "backward"))

@@ -57,5 +57,4 @@ RELU_SQUARED = register(define_op(
     # The output and grad_x are contiguous, in x's dtype.
     forward_schema="(Tensor x) -> Tensor",
     backward_schema="(Tensor grad_y, Tensor x) -> Tensor",
-    kernels=("cpp", "triton"),
 ))

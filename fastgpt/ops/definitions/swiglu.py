@@ -65,5 +65,4 @@ SWIGLU = register(define_op(
     # The output (..., N) and grad_x (..., 2N) are contiguous, in x's dtype.
     forward_schema="(Tensor x) -> Tensor",
     backward_schema="(Tensor grad_y, Tensor x) -> Tensor",
-    kernels=("cpp", "triton"),
 ))
