@@ -155,8 +155,8 @@ def model_entries(model_config, model_state, tokenizer):
     return {"model": model_state, "model_config": model_config.to_dict(), "tokenizer": tokenizer.state_dict()}
 
 
-# Settings that checkpoints' model configs once held and that are no longer part of a model: the
-# backend became a run-time choice (fastgpt.ops.use_backend).
+# Keys an older checkpoint's model config may hold that are not model settings, ignored when loading:
+# the backend is chosen at run time (fastgpt.ops.use_backend).
 _RETIRED_MODEL_SETTINGS = ("backend",)
 
 

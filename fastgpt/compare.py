@@ -5,9 +5,8 @@ side by side, and prints a table: final and best validation loss and bits per by
 second, training time, and the settings that differ between the runs (from each run's config.json).
 Runs may still be training: a metrics line being written is left out.
 
-Tokens seen are a record's `tokens` (all processes' together), or where a metrics file lacks them
-(written before the trainer recorded them), step x batch_size x block_size x grad_accum_steps, which
-counts one process.
+Tokens seen are a record's `tokens` (all processes' together), or where a record has none (an older
+metrics file), step x batch_size x block_size x grad_accum_steps, which counts one process.
 Training time adds up the `elapsed_s` of each resumed stretch of a run (it restarts at every resume).
 """
 
