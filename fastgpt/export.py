@@ -46,7 +46,8 @@ def export(config):
 def main(argv=None):
     return run_cli(lambda: export(parse_config(sys.argv[1:] if argv is None else argv, ExportConfig,
                                                prog="python -m fastgpt.export",
-                                               description=__doc__.splitlines()[0])))
+                                               description="Export a trained fastgpt run as a GPT-2 or Llama "
+                                                           "checkpoint in the Hugging Face layout.")))
 
 
 if __name__ == "__main__":
