@@ -20,8 +20,6 @@
 
 #include "common.h"
 
-#include <torch/library.h>
-
 namespace fastgpt {
 namespace {
 

@@ -153,11 +153,11 @@ void attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at
         const int64_t keys_seen = offset + q0 + rows;
         for (int64_t k0 = 0; k0 < keys_seen; k0 += kForwardBlockK) {
           const int64_t cols = std::min(kForwardBlockK, keys_seen - k0);
-          // S = scale * Q K^T, for each group of rows only up to the keys its last row sees.
+          // S = scale * Q K^T, for each tile of rows only up to the keys its last row sees.
           for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
-            const int64_t group = std::min<int64_t>(kTileRows, rows - r0);
-            const int64_t needed = visible_keys(offset + q0 + r0 + group - 1, k0, cols);
-            matmul<T>(group, needed, dim, scale, Qb.row(r0), Qb.row_stride, 1, keys_t.data() + k0,
+            const int64_t tile = std::min<int64_t>(kTileRows, rows - r0);
+            const int64_t needed = visible_keys(offset + q0 + r0 + tile - 1, k0, cols);
+            matmul<T>(tile, needed, dim, scale, Qb.row(r0), Qb.row_stride, 1, keys_t.data() + k0,
                       keys_t_stride, scores.data() + r0 * kForwardBlockK, kForwardBlockK, false);
           }
           for (int64_t i = 0; i < rows; ++i) {
@@ -173,11 +173,11 @@ void attention_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at
             if (correction != T(1)) scale_row(acc.data() + i * dim, dim, correction);
             row_max[i] = new_max;
           }
-          // acc += P V, again leaving out the keys in the future of a whole group of rows.
+          // acc += P V, again leaving out the keys in the future of a whole tile of rows.
           for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
-            const int64_t group = std::min<int64_t>(kTileRows, rows - r0);
-            const int64_t needed = visible_keys(offset + q0 + r0 + group - 1, k0, cols);
-            matmul<T>(group, dim, needed, T(1), scores.data() + r0 * kForwardBlockK, kForwardBlockK, 1, Vh.row(k0),
+            const int64_t tile = std::min<int64_t>(kTileRows, rows - r0);
+            const int64_t needed = visible_keys(offset + q0 + r0 + tile - 1, k0, cols);
+            matmul<T>(tile, dim, needed, T(1), scores.data() + r0 * kForwardBlockK, kForwardBlockK, 1, Vh.row(k0),
                       Vh.row_stride, acc.data() + r0 * dim, dim, true);
           }
         }
@@ -317,12 +317,10 @@ at::Tensor prepared(const at::Tensor& t, at::ScalarType dtype) {
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  for (const at::Tensor* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->device().is_cpu(), "fastgpt::causal_attention: expects CPU tensors");
-    TORCH_CHECK(t->dim() == 4, "fastgpt::causal_attention: expects (B, H, T, D) tensors");
-    const auto dtype = t->scalar_type();
-    TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kDouble,
-                "fastgpt::causal_attention: supports float32, bfloat16 and float64, got ", dtype);
+  for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    check_input(*t, "causal_attention", name);
+    TORCH_CHECK(t->dim() == 4, "fastgpt::causal_attention: expects (B, H, T, D) tensors, got ", name, " of shape ",
+                t->sizes());
   }
   TORCH_CHECK(k.sizes() == v.sizes(), "fastgpt::causal_attention: k and v must have one shape, got ", k.sizes(),
               " and ", v.sizes());

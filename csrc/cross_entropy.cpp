@@ -13,8 +13,6 @@
 #include "layer_norm.h"  // for_each_row, row_sums
 #include "row_ops.h"     // max_of
 
-#include <torch/library.h>
-
 #include <cmath>
 #include <tuple>
 
@@ -79,30 +77,29 @@ void cross_entropy_backward_kernel(const at::Tensor& grad_loss, const at::Tensor
   });
 }
 
-void check_shapes(const at::Tensor& logits, const at::Tensor& targets) {
-  TORCH_CHECK(logits.device().is_cpu() && targets.device().is_cpu(),
-              "fastgpt::cross_entropy: expects CPU tensors, got logits on ", logits.device(), " and targets on ",
+void check_inputs(const at::Tensor& logits, const at::Tensor& targets) {
+  check_input(logits, "cross_entropy", "logits");
+  TORCH_CHECK(targets.device().is_cpu(), "fastgpt::cross_entropy: expects CPU tensors, got targets on ",
               targets.device());
   TORCH_CHECK(logits.dim() == 2 && targets.dim() == 1 && targets.size(0) == logits.size(0),
               "fastgpt::cross_entropy: expects logits (N, V) and targets (N,), got ", logits.sizes(), " and ",
               targets.sizes());
   TORCH_CHECK(targets.scalar_type() == at::kLong, "fastgpt::cross_entropy: targets must be int64, got ",
               targets.scalar_type());
-  const auto dtype = logits.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kDouble,
-              "fastgpt::cross_entropy: supports float32, bfloat16 and float64 logits, got ", dtype);
+  // A target outside [0, V) would index outside its row, forward and backward.
+  if (targets.numel() > 0) {
+    const auto [min_target, max_target] = at::aminmax(targets);
+    const int64_t lowest = min_target.item<int64_t>(), highest = max_target.item<int64_t>();
+    TORCH_CHECK(lowest >= 0 && highest < logits.size(1),
+                "fastgpt::cross_entropy: targets must be class indices in [0, ", logits.size(1), "), got values from ",
+                lowest, " to ", highest);
+  }
 }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logits, const at::Tensor& targets) {
-  check_shapes(logits, targets);
-  if (targets.numel() > 0) {
-    const auto [min_target, max_target] = at::aminmax(targets);
-    const int64_t lowest = min_target.item<int64_t>(), highest = max_target.item<int64_t>();
-    TORCH_CHECK(lowest >= 0 && highest < logits.size(1), "fastgpt::cross_entropy: targets must be class indices in [0, ",
-                logits.size(1), "), got values from ", lowest, " to ", highest);
-  }
+  check_inputs(logits, targets);
   const at::Tensor x = logits.contiguous(), t = targets.contiguous();
   const auto acc_options = logits.options().dtype(accumulate_type(logits));
   at::Tensor loss = at::empty({logits.size(0)}, acc_options), lse = at::empty({logits.size(0)}, acc_options);
@@ -114,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward(const at::Tensor& logit
 
 at::Tensor cross_entropy_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& targets,
                                   const at::Tensor& lse) {
-  check_shapes(logits, targets);
+  check_inputs(logits, targets);
   TORCH_CHECK(grad_loss.sizes() == targets.sizes() && lse.sizes() == targets.sizes(),
               "fastgpt::cross_entropy_backward: grad_loss ", grad_loss.sizes(), " and lse ", lse.sizes(),
               " must have one value per row (", targets.size(0), ")");

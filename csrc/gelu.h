@@ -23,7 +23,7 @@
 
 namespace fastgpt {
 // Internal linkage, as if each file that includes this had written it: the compiler inlines these
-// as freely as when they lived in gelu.cpp alone, and no build's copy can stand in for another's
+// as freely as a file's own functions, and no build's copy can stand in for another's
 // (each instruction set's build holds its own).
 namespace {
 

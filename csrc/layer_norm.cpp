@@ -81,17 +81,9 @@ void layer_norm_backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, c
   });
 }
 
-// Weight and bias in the accumulation type; a missing one is the identity (ones, zeros).
-at::Tensor parameter(const c10::optional<at::Tensor>& p, int64_t n, double fill, const at::TensorOptions& options) {
-  return p.has_value() ? p->to(options.dtype()).contiguous() : at::full({n}, fill, options);
-}
-
-void check_input(const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu(), "fastgpt::layer_norm: expects CPU tensors");
+void check_rows(const at::Tensor& x) {
+  check_input(x, "layer_norm", "x");
   TORCH_CHECK(x.dim() >= 1, "fastgpt::layer_norm: expects at least one dimension");
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kDouble,
-              "fastgpt::layer_norm: supports float32, bfloat16 and float64, got ", dtype);
 }
 
 }  // namespace
@@ -99,11 +91,12 @@ void check_input(const at::Tensor& x) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     double eps, c10::optional<at::ScalarType> out_dtype) {
-  check_input(x);
+  check_rows(x);
   const at::Tensor xc = x.contiguous();
   const int64_t n = x.size(-1);
   const auto stats_options = x.options().dtype(accumulate_type(x));
-  const at::Tensor w = parameter(weight, n, 1.0, stats_options), b = parameter(bias, n, 0.0, stats_options);
+  const at::Tensor w = affine_parameter(weight, n, 1.0, stats_options);
+  const at::Tensor b = affine_parameter(bias, n, 0.0, stats_options);
   const auto wanted = out_dtype.value_or(x.scalar_type());
   at::Tensor y = at::empty(x.sizes(), x.options().dtype(paired_dtype(x.scalar_type(), wanted)));
   const auto row_shape = x.sizes().slice(0, x.dim() - 1);
@@ -117,12 +110,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& rstd) {
-  check_input(x);
+  check_rows(x);
   const at::Tensor xc = x.contiguous();
   const at::Tensor dyc = grad_y.to(paired_dtype(x.scalar_type(), grad_y.scalar_type())).contiguous();
   const int64_t n = x.size(-1);
   const auto acc_options = x.options().dtype(accumulate_type(x));
-  const at::Tensor w = parameter(weight, n, 1.0, acc_options);
+  const at::Tensor w = affine_parameter(weight, n, 1.0, acc_options);
   at::Tensor dx = at::empty(x.sizes(), x.options());
   at::Tensor dweight_partials = at::zeros({at::get_num_threads(), n}, acc_options);
   at::Tensor dbias_partials = at::zeros({at::get_num_threads(), n}, acc_options);

@@ -10,7 +10,7 @@
 
 namespace fastgpt {
 // Internal linkage, as if each file that includes this had written it: the compiler inlines these
-// as freely as when they lived in layer_norm.cpp alone, and no build's copy can stand in for another's
+// as freely as a file's own functions, and no build's copy can stand in for another's
 // (each instruction set's build holds its own).
 namespace {
 
@@ -34,6 +34,12 @@ void dispatch_pair(at::ScalarType x_dtype, at::ScalarType other, const char* nam
   if (x_dtype == at::kBFloat16 && other == at::kFloat) return body(at::BFloat16{}, float{});
   TORCH_CHECK(other == x_dtype, name, ": no kernel for ", other, " beside ", x_dtype);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x_dtype, "fastgpt::norm", [&] { body(scalar_t{}, scalar_t{}); });
+}
+
+// A norm's weight or bias in the accumulation type; a missing one is the identity (fill: ones, zeros).
+inline at::Tensor affine_parameter(const c10::optional<at::Tensor>& p, int64_t n, double fill,
+                                   const at::TensorOptions& options) {
+  return p.has_value() ? p->to(options.dtype()).contiguous() : at::full({n}, fill, options);
 }
 
 // Rows per task: enough to amortise scheduling, few enough to balance two threads on small inputs.

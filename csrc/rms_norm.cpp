@@ -18,7 +18,6 @@
 
 #include "layer_norm.h"
 
-#include <torch/library.h>
 #include <tuple>
 
 namespace fastgpt {
@@ -92,30 +91,22 @@ void rms_norm_backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, con
   });
 }
 
-void check_input(const at::Tensor& x, const std::optional<at::Tensor>& weight) {
-  TORCH_CHECK(x.device().is_cpu(), "fastgpt::rms_norm: expects CPU tensors, got x on ", x.device());
+void check_rows(const at::Tensor& x, const std::optional<at::Tensor>& weight) {
+  check_input(x, "rms_norm", "x");
   TORCH_CHECK(x.dim() >= 1, "fastgpt::rms_norm: expects at least one dimension");
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kDouble,
-              "fastgpt::rms_norm: supports float32, bfloat16 and float64, got ", dtype);
   TORCH_CHECK(!weight.has_value() || (weight->dim() == 1 && weight->size(0) == x.size(-1)),
               "fastgpt::rms_norm: weight must have shape (", x.size(-1), "), the size of x's last dimension");
-}
-
-// The weight in the accumulation type; a missing one is ones.
-at::Tensor weight_or_ones(const std::optional<at::Tensor>& weight, int64_t n, const at::TensorOptions& options) {
-  return weight.has_value() ? weight->to(options.dtype()).contiguous() : at::ones({n}, options);
 }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                                     double eps, std::optional<at::ScalarType> out_dtype) {
-  check_input(x, weight);
+  check_rows(x, weight);
   const at::Tensor xc = x.contiguous();
   const int64_t n = x.size(-1);
   const auto acc_options = x.options().dtype(accumulate_type(x));
-  const at::Tensor w = weight_or_ones(weight, n, acc_options);
+  const at::Tensor w = affine_parameter(weight, n, 1.0, acc_options);
   const auto wanted = out_dtype.value_or(x.scalar_type());
   at::Tensor y = at::empty(x.sizes(), x.options().dtype(paired_dtype(x.scalar_type(), wanted)));
   at::Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), acc_options);
@@ -128,14 +119,14 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const s
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad_y, const at::Tensor& x,
                                                      const std::optional<at::Tensor>& weight,
                                                      const at::Tensor& rstd) {
-  check_input(x, weight);
+  check_rows(x, weight);
   TORCH_CHECK(grad_y.sizes() == x.sizes(), "fastgpt::rms_norm_backward: grad_y has shape ", grad_y.sizes(),
               ", x has ", x.sizes());
   const at::Tensor xc = x.contiguous();
   const at::Tensor dyc = grad_y.to(paired_dtype(x.scalar_type(), grad_y.scalar_type())).contiguous();
   const int64_t n = x.size(-1);
   const auto acc_options = x.options().dtype(accumulate_type(x));
-  const at::Tensor w = weight_or_ones(weight, n, acc_options);
+  const at::Tensor w = affine_parameter(weight, n, 1.0, acc_options);
   at::Tensor dx = at::empty(x.sizes(), x.options());
   // Without a weight there is no dweight to sum (and an empty one is returned).
   at::Tensor dweight_partials = weight.has_value() ? at::zeros({at::get_num_threads(), n}, acc_options) : at::Tensor();

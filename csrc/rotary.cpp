@@ -11,8 +11,8 @@
 //
 // The angles: each call builds a table of cos and sin for its T positions and D/2 frequencies. The
 // angle p * theta_i is formed in fp64 (in fp32 it would be off by up to p * 2^-24 radians, 0.5 mrad at
-// position 8192) and its cos and sin taken in fp64 with ATen's vectorised (SLEEF) functions, then
-// rounded to the accumulation type. The table costs T * D/2 of those, against B * H * T * D/2 pair
+// position 8192) and its cos and sin taken in fp64 with ATen's vectorised functions (SLEEF's in the
+// AVX builds), then rounded to the accumulation type. The table costs T * D/2 of those, against B * H * T * D/2 pair
 // rotations that use it, and it stays in cache while every (batch, head) reads it. It is built per
 // call, not kept between calls: it is a small fraction of the work (1 / (B * H)), and a kept table would
 // need a key (positions, D, base) and a lock for the threads of several callers.
@@ -23,9 +23,7 @@
 
 #include "common.h"
 
-#include <torch/library.h>
 #include <cmath>
-#include <tuple>
 
 namespace fastgpt {
 namespace {
@@ -94,12 +92,9 @@ void rotate_kernel(const at::Tensor& x, at::Tensor& y, const at::Tensor& table) 
 }
 
 at::Tensor rotate(const at::Tensor& x, int64_t offset, double base, double sign, const char* op) {
-  TORCH_CHECK(x.device().is_cpu(), "fastgpt::", op, ": expects CPU tensors, got ", x.device());
+  check_input(x, op, "x");
   TORCH_CHECK(x.dim() == 4, "fastgpt::", op, ": expects a (B, H, T, D) tensor, got shape ", x.sizes());
   TORCH_CHECK(x.size(3) % 2 == 0, "fastgpt::", op, ": the head dimension must be even, got ", x.size(3));
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kDouble,
-              "fastgpt::", op, ": supports float32, bfloat16 and float64, got ", dtype);
   TORCH_CHECK(base > 0, "fastgpt::", op, ": base must be positive, got ", base);
   // The kernel's vector loads need a row's channels adjacent; any other strides are read in place.
   const at::Tensor xc = x.stride(3) == 1 ? x : x.contiguous();
@@ -107,7 +102,8 @@ at::Tensor rotate(const at::Tensor& x, int64_t offset, double base, double sign,
   if (x.numel() == 0) return y;
   const at::Tensor table = rotation_table(offset, x.size(2), x.size(3) / 2, base, sign,
                                           x.options().dtype(accumulate_type(x)));
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "fastgpt::rotary", [&] { rotate_kernel<scalar_t>(xc, y, table); });
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fastgpt::rotary",
+                                 [&] { rotate_kernel<scalar_t>(xc, y, table); });
   return y;
 }
 

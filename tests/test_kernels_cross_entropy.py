@@ -87,6 +87,11 @@ def test_targets_outside_the_classes_are_refused_in_one_line():
         torch.ops.fastgpt.cpp_cross_entropy_forward(torch.randn(3, 5), torch.tensor([0, 5, 2]))
     with pytest.raises(RuntimeError, match=r"from -1 to 2"):
         torch.ops.fastgpt.cpp_cross_entropy_forward(torch.randn(3, 5), torch.tensor([0, -1, 2]))
+    logits, targets = torch.randn(3, 5), torch.tensor([0, 1, 2])
+    _, lse = torch.ops.fastgpt.cpp_cross_entropy_forward(logits, targets)
+    # The backward checks too: a direct call's bad target would write past its row.
+    with pytest.raises(RuntimeError, match=r"class indices in \[0, 5\), got values from 0 to 7"):
+        torch.ops.fastgpt.cpp_cross_entropy_backward(torch.ones(3), logits, torch.tensor([0, 7, 2]), lse)
 
 
 @needs_triton
