@@ -8,11 +8,24 @@ Each holds the math in its docstring, the kernels, and the two launchers `forwar
 operators. Importing this package does not import Triton; importing one of its modules does.
 """
 
+import math
 import os
 
 import torch
 
 from fastgpt.compile_constant import assume_constant_result
+
+
+def unit_stride_rows(x):
+    """x itself when each row of its last dimension is contiguous (any other strides), else a copy:
+    the kernels load a row's elements as adjacent."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def as_rows(x):
+    """x as a (rows, N) matrix whose rows are contiguous (a view when possible)."""
+    # Not reshape(-1, N): a tensor of rows with no columns has no inferable row count.
+    return unit_stride_rows(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]))
 
 
 @assume_constant_result  # read once while torch.compile traces, like torch's own matmuls

@@ -65,7 +65,7 @@ import triton.language as tl
 
 from fastgpt.ops.definitions.causal_attention import empty_heads
 
-from . import autotuning, dot_precision, interpreting, mend_interpreter
+from . import autotuning, dot_precision, interpreting, mend_interpreter, unit_stride_rows
 
 mend_interpreter()
 
@@ -537,11 +537,6 @@ def check_offsets_within_a_head(name, x):
                          f"more than the Triton attention kernels index (2^31): use a shorter sequence")
 
 
-def _rows_contiguous(x):
-    """x itself when each row of its last dimension is contiguous (any B, H, T strides), else a copy."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _shape_args(q, k):
     """The launch arguments that describe q's and k's shapes, shared by all attention kernels."""
     batch, n_heads, seq_len_q, head_dim = q.shape
@@ -560,7 +555,7 @@ def _prepare(named):
     """Each (B, H, T, D) input with contiguous rows, its within-head offsets checked."""
     prepared = []
     for name, x in named.items():
-        x = _rows_contiguous(x)
+        x = unit_stride_rows(x)
         check_offsets_within_a_head(name, x)
         prepared.append(x)
     return prepared

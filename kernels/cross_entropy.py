@@ -21,7 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .layer_norm import _rows
+from . import as_rows, mend_interpreter
+
+mend_interpreter()  # the loops over a row's blocks
+
 
 # Logits per block: a whole row up to this width, else blocks of it.
 MAX_BLOCK_V = 4096
@@ -74,7 +77,7 @@ def num_warps(block):
 
 def forward(logits, targets):
     """(loss, lse) of each row of logits (N, V) against targets (N,), both (N,) fp32."""
-    logits = _rows(logits)
+    logits = as_rows(logits)
     n_rows, n_cols = logits.shape
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(loss)
@@ -87,7 +90,7 @@ def forward(logits, targets):
 
 def backward(grad_loss, logits, targets, lse):
     """The gradient of the logits (N, V), contiguous in their dtype, for grad_loss (N,) of the rows' losses."""
-    logits = _rows(logits)
+    logits = as_rows(logits)
     n_rows, n_cols = logits.shape
     dlogits = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
     if n_rows:

@@ -21,13 +21,11 @@ sums as one row of a (programs, N) buffer, and a single reduction over that buff
 no atomics, so the result is deterministic.
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from . import autotuning, interpreting, mend_interpreter
+from . import as_rows, autotuning, interpreting, mend_interpreter
 
 mend_interpreter()
 
@@ -150,12 +148,6 @@ def _layer_norm_backward_kernel(
     tl.store(DB_PARTIAL + tl.program_id(0) * n_cols + cols, db, mask=cols < n_cols)
 
 
-def _rows(x):
-    """x as a (rows, N) matrix whose rows are contiguous (a view when possible)."""
-    x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: rows of no columns have no inferable count
-    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
-
-
 def _block_n(n_cols, op="LayerNorm"):
     """The columns a program's tile spans: the row's length rounded up to a power of two."""
     if n_cols > MAX_COLUMNS:
@@ -166,7 +158,7 @@ def _block_n(n_cols, op="LayerNorm"):
 def forward(x, weight, bias, eps, out_dtype):
     """y (x's shape, in out_dtype, default x's) and the per-row mean and rstd (x.shape[:-1], fp32) of
     LayerNorm over x's last dim."""
-    x2d = _rows(x)
+    x2d = as_rows(x)
     n_rows, n_cols = x2d.shape
     y = torch.empty((n_rows, n_cols), dtype=out_dtype or x.dtype, device=x.device)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
@@ -190,9 +182,9 @@ def backward(grad_y, x, weight, mean, rstd):
     """(dx, dweight, dbias) of LayerNorm: dx in x's dtype whatever grad_y's (the forward's output may
     have been in another), dweight and dbias in fp32 (the op's autograd formula casts them to the
     parameters' dtypes, and drops those of absent parameters). grad_y is read through its row stride."""
-    x2d = _rows(x)
+    x2d = as_rows(x)
     n_rows, n_cols = x2d.shape
-    grad_y = _rows(grad_y)
+    grad_y = as_rows(grad_y)
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     n_programs = _backward_programs(x.device, n_rows)
     dw_partial, db_partial = (torch.empty((n_programs, n_cols), dtype=torch.float32, device=x.device)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import autotuning
+from . import autotuning, unit_stride_rows
 
 # One warp for one position at a time (decoding: a warp covers up to 64 channel pairs twice over), four
 # or eight for blocks of positions. (Compiled for sm_90, one warp over eight positions spilled registers.)
@@ -102,8 +102,7 @@ def _rotate(x, offset, base, sign):
         raise ValueError(f"rotary embeddings take a (B, H, T, D) tensor with D even, got shape {tuple(x.shape)}")
     if base <= 0:
         raise ValueError(f"rotary embeddings need a positive base, got {base}")
-    # The kernel reads a row's channels as adjacent; any other strides are read in place.
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    x = unit_stride_rows(x)  # any other strides are read in place
     y = torch.empty_like(x)
     batch, n_heads, seq_len, head_dim = x.shape
     if y.numel() == 0:

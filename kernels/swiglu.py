@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layer_norm import _rows
+from . import as_rows
 
 # Columns per program: 4 warps of 32 threads, 8 values of each half per thread.
 BLOCK = 1024
@@ -69,7 +69,7 @@ def _grid(n_rows, n_cols):
 
 def forward(x):
     """y = silu(a) * b, (..., N) contiguous in x's dtype, for x = [a, b] (..., 2N)."""
-    x2d = _rows(x)
+    x2d = as_rows(x)
     n_rows, n_cols = x2d.shape[0], x2d.shape[1] // 2
     y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     if y.numel():
@@ -79,7 +79,7 @@ def forward(x):
 
 def backward(grad_y, x):
     """[da, db], x's shape, contiguous in x's dtype."""
-    x2d, dy2d = _rows(x), _rows(grad_y)
+    x2d, dy2d = as_rows(x), as_rows(grad_y)
     n_rows, n_cols = dy2d.shape
     dx = torch.empty((n_rows, 2 * n_cols), dtype=x.dtype, device=x.device)
     if dx.numel():
