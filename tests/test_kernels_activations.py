@@ -1,5 +1,5 @@
-"""The MLP activation kernels (ReLU^2 and SwiGLU: csrc/activations.cpp, kernels/relu_squared.py and
-kernels/swiglu.py) against plain PyTorch and float64.
+"""The MLP activation kernels (ReLU^2 and SwiGLU: csrc/relu_squared.cpp, csrc/swiglu.cpp,
+kernels/relu_squared.py and kernels/swiglu.py) against plain PyTorch and float64.
 
 The C++ kernels are called as the ops `torch.ops.fastgpt.cpp_relu_squared_forward` / `_backward` and
 `cpp_swiglu_forward` / `_backward`, the Triton ones through their launchers, on the GPU (or under
