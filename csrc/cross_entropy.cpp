@@ -10,8 +10,7 @@
 // sum of exponentials (by then the row is in L1), and writes two numbers per row; the backward reads
 // the row once more and writes dx in the logits' dtype. Rows are split over threads.
 
-#include "layer_norm.h"  // for_each_row, row_sums
-#include "row_ops.h"     // max_of
+#include "row_ops.h"
 
 #include <cmath>
 #include <tuple>

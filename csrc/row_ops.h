@@ -1,5 +1,6 @@
-// Vectorised operations on rows of numbers, shared by the attention kernels (on rows of a tile) and
-// the fused decoding step (on one query's scores and on weight rows).
+// Vectorised operations on rows of numbers, shared by the kernels: the rows of a tensor split over
+// threads, sums over a row, and the softmax pieces of the attention kernels (on rows of a tile), the
+// cross-entropy (on rows of logits) and the fused decoding step (on one query's scores and weight rows).
 #pragma once
 
 #include "common.h"
@@ -13,6 +14,54 @@ namespace fastgpt {
 // as freely as a file's own functions, and no build's copy can stand in for another's (each
 // instruction set's build holds its own).
 namespace {
+
+// Rows per task: enough to amortise scheduling, few enough to balance two threads on small inputs.
+constexpr int64_t kRowsPerTask = 16;
+
+// Calls row_body(row, thread) for each row of x (a row: x's last dimension), the rows split over
+// threads; `thread` (at::get_thread_num) lets a backward add each row's terms of the parameters'
+// gradients to its own thread's partial sums, which are added once at the end (deterministic for
+// a given number of threads).
+template <typename RowBody>
+inline void for_each_row(const at::Tensor& x, const RowBody& row_body) {
+  const int64_t n = x.size(-1), rows = x.numel() / std::max<int64_t>(n, 1);
+  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    const int64_t thread = at::get_thread_num();
+    for (int64_t row = begin; row < end; ++row) row_body(row, thread);
+  });
+}
+
+// The sums over a row of n elements of the K vectors term(j, count) returns (an array of K vectors
+// for elements j .. j + count - 1, which must be 0 in the lanes past the row's end). Each sum is kept
+// as two running sums over alternating vectors: a vector add waits for the one before it to finish
+// (3-4 cycles), and with a single running sum per statistic these passes, not memory, bounded the
+// speed of the kernels. The order of additions changes only the rounding.
+template <typename scalar_t, size_t K, typename Term>
+inline std::array<acc_t<scalar_t>, K> row_sums(int64_t n, const Term& term) {
+  using A = acc_t<scalar_t>;
+  using V = Vec<scalar_t>;
+  constexpr int64_t W = V::size();
+  std::array<V, K> even, odd;
+  even.fill(V(A(0)));
+  odd.fill(V(A(0)));
+  int64_t j = 0;
+  for (; j + 2 * W <= n; j += 2 * W) {
+    const std::array<V, K> a = term(j, W), b = term(j + W, W);
+    for (size_t k = 0; k < K; ++k) {
+      even[k] += a[k];
+      odd[k] += b[k];
+    }
+  }
+  for (; j < n; j += W) {  // at most two vectors left, the last one partial
+    const std::array<V, K> a = term(j, std::min<int64_t>(W, n - j));
+    for (size_t k = 0; k < K; ++k) even[k] += a[k];
+  }
+  std::array<A, K> sums;
+  for (size_t k = 0; k < K; ++k) {
+    sums[k] = at::vec::vec_reduce_all<A>([](auto& x, auto& y) { return x + y; }, even[k] + odd[k]);
+  }
+  return sums;
+}
 
 // The largest of x's n elements, in the accumulation type (x may be stored in bf16).
 template <typename scalar_t>
