@@ -12,8 +12,8 @@
 Each op is one module in `fastgpt/ops/definitions/` holding its public function, its contract (`fastgpt.ops.contract.FusedOp`:
 kernel schemas, fake versions, the autograd formula, sample inputs), its plain-PyTorch reference and
 PyTorch's built-in. Its kernels live beside each other by name: `csrc/<op>.cpp` for CPUs and
-`kernels/<op>.py` for NVIDIA GPUs. Importing the op
-modules below registers them with the dispatcher; `OPS` lists them.
+`kernels/<op>.py` for NVIDIA GPUs. Importing the op modules below registers them with the
+dispatcher; `OPS` lists them.
 
 How to add an op (say `softcap`), on every backend, in six files:
 

@@ -12,8 +12,9 @@ a `FusedOp`, states:
 
 A backend supplies an op's kernels as two torch ops, `fastgpt::<backend>_<op>_forward` and
 `fastgpt::<backend>_<op>_backward`: the C++ backend registers their CPU implementations in
-`csrc/<op>.cpp`, the Triton backend registers the launchers of `kernels/<op>.py`. `declare` defines those ops with the contract's schemas and registers
-their fake and autograd versions, the same way for every backend.
+`csrc/<op>.cpp`, the Triton backend registers the launchers of `kernels/<op>.py`. `declare` defines
+those ops with the contract's schemas and registers their fake and autograd versions, the same way
+for every backend.
 """
 
 import sys
