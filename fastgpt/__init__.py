@@ -1,6 +1,15 @@
 """fastgpt: a GPT you can read in an afternoon, trained with fused kernels."""
 
+import sys
+
 __version__ = "0.1.0"
+
+# `python -m fastgpt.<command>` imports this package first, with sys.argv[0] "-m" until the
+# command's module is found (Python's documented behaviour for -m): the command is starting.
+if sys.argv[:1] == ["-m"]:
+    from fastgpt.startup import quiet_interrupts_while_starting
+
+    quiet_interrupts_while_starting()
 
 
 def __getattr__(name):

@@ -8,11 +8,13 @@ import torch
 
 from fastgpt.errors import FastGPTError
 from fastgpt.ops import BackendUnavailable
+from fastgpt.startup import interrupted, restore_interrupts
 
 
 def run_cli(command):
     """Run command(); turn user mistakes, running out of memory and Ctrl-C into a one-line message and
     an exit status."""
+    restore_interrupts()
     try:
         command()
     except (FastGPTError, BackendUnavailable) as error:
@@ -25,8 +27,7 @@ def run_cli(command):
               "(block_size) or the model smaller", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fastgpt: interrupted", file=sys.stderr)
-        return 130
+        return interrupted()
     return 0
 
 

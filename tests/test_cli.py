@@ -216,6 +216,27 @@ def test_the_trainers_help_waits_for_no_module_that_only_training_uses(python):
     assert result.stdout.strip() == "[]"
 
 
+def test_ctrl_c_while_a_command_starts_is_one_line_and_status_130(python):
+    """A command spends a second or two importing torch before run_cli can catch a Ctrl-C; one then
+    must not print a traceback. The child stands where `python -m fastgpt.<command>` stands after
+    importing the package (sys.argv[0] is "-m" then) and interrupts itself."""
+    starting = "import os, signal, sys, time; sys.argv[0] = '-m'; import fastgpt; "
+    interrupt = "os.kill(os.getpid(), signal.SIGINT); time.sleep(60)"
+    result = python("-c", starting + interrupt)
+    assert (result.returncode, result.stderr) == (130, "fastgpt: interrupted\n")
+
+    # Once the command runs, Ctrl-C is Python's KeyboardInterrupt again, which lets it save its work.
+    handler_inside = ("from fastgpt.cli import run_cli; "
+                      "run_cli(lambda: print(signal.getsignal(signal.SIGINT) is signal.default_int_handler))")
+    result = python("-c", starting + handler_inside)
+    assert (result.returncode, result.stdout) == (0, "True\n"), result.stderr
+
+    # Imported as a library, fastgpt leaves Ctrl-C alone.
+    result = python("-c", "import signal, fastgpt; "
+                           "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)")
+    assert result.stdout == "True\n", result.stderr
+
+
 def test_running_out_of_memory_is_one_clear_line(capsys):
     def allocate_too_much():
         torch.empty(2**62, dtype=torch.uint8)
