@@ -16,7 +16,6 @@ weights it trains, which only --resume reads, as "trained_model".
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 
@@ -24,14 +23,14 @@ import torch
 
 from fastgpt.errors import FastGPTError
 from fastgpt.model import GPT, GPTConfig
-from fastgpt.run_files import CHECKPOINT_FILES
+from fastgpt.run_files import CHECKPOINT_FILES, new_temporary_file
 from fastgpt.tokenizers import tokenizer_from_state
 
 
 def atomic_write(path, write):
     """Call write(file_object) on a temporary file next to `path`, then move it into place."""
     path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    descriptor, temporary = new_temporary_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(descriptor, "wb") as handle:
             write(handle)

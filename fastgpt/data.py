@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from fastgpt.errors import FastGPTError
+from fastgpt.run_files import new_temporary_file
 from fastgpt.tokenizers import train_tokenizer
 
 CHUNK_BYTES = 1 << 20  # bytes of a file read and encoded at a time
@@ -171,7 +171,7 @@ def encode_corpus(files, tokenizer, cache_dir, progress=True):
         if {k: cached.get(k) for k in meta} == meta and cached.get("tokens") == tokens_path.stat().st_size // np.dtype(dtype).itemsize:
             return np.memmap(tokens_path, dtype=dtype, mode="r")
     # A private partial file: several machines of one run may encode into a shared cache at once.
-    descriptor, partial = tempfile.mkstemp(dir=cache_dir, prefix="tokens.", suffix=".partial")
+    descriptor, partial = new_temporary_file(cache_dir, prefix="tokens.", suffix=".partial")
     encode = chunk_encoder(tokenizer)
     count = 0
     bar = tqdm(total=sum(file.stat().st_size for file in files), desc="encoding the corpus", unit="B",

@@ -1,5 +1,5 @@
-"""A training run's files: the checkpoints' names, and reading metrics.jsonl and config.json safely
-while the run may still be writing.
+"""A training run's files: the checkpoints' names, new files with the permissions a user expects, and
+reading metrics.jsonl and config.json safely while the run may still be writing.
 
 The trainer appends one JSON object per line. A reader (compare, eval, the plot) can look at the file
 between the moment a line's first bytes land and the moment its newline does: that last line is
@@ -8,6 +8,8 @@ the file is damaged, which is an error naming the line.
 """
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 from fastgpt.errors import FastGPTError
@@ -15,6 +17,21 @@ from fastgpt.errors import FastGPTError
 # A run's checkpoints: the newest and the one with the lowest validation loss (as eval's --checkpoint
 # names them); fastgpt.checkpoint keeps older ones as ckpt-<step>.pt.
 CHECKPOINT_FILES = {"latest": "ckpt.pt", "best": "best.pt"}
+
+
+def new_temporary_file(directory, prefix, suffix):
+    """A new file of a unique name in `directory`, as tempfile.mkstemp makes one (its descriptor and
+    path), but with the permissions open() would give it.
+
+    mkstemp makes its files readable by their owner only. The temporary files here are renamed into
+    a run's checkpoints, token cache and exports, which others on a shared machine should be able to
+    read wherever the user's umask lets them, as with every other file a program writes.
+    """
+    descriptor, path = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=suffix)
+    umask = os.umask(0o022)  # the only way to read the umask is to set it
+    os.umask(umask)
+    os.fchmod(descriptor, 0o666 & ~umask)
+    return descriptor, path
 
 
 def read_metrics(path):

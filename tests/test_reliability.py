@@ -91,6 +91,17 @@ def test_keep_last_rotates_checkpoints_and_best_has_the_lowest_val_loss(straight
     assert (saved["step"], saved["best_val_loss"]) == (best["step"], best["val_loss"])
 
 
+def test_a_runs_files_are_as_readable_as_the_umask_allows(straight_run):
+    """Others on a shared machine can read a run's checkpoints, token cache and plot wherever the
+    user's umask lets them, as with any file a program writes (mkstemp alone makes them private)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    files = [path for path in straight_run.rglob("*") if path.is_file()]
+    assert {"ckpt.pt", "best.pt", "config.json", "tokens.bin", "loss.png"} <= {path.name for path in files}
+    modes = {str(path.relative_to(straight_run)): oct(path.stat().st_mode & 0o777) for path in files}
+    assert modes == dict.fromkeys(modes, oct(0o666 & ~umask))
+
+
 def start_training(args, script=None):
     command = ["-c", script, *args] if script else ["-m", "fastgpt.train", *args]
     return subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
