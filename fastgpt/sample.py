@@ -117,7 +117,7 @@ class SampleConfig:
     init_from: str = setting("", "sample from the GPT-2 or Llama checkpoint in this directory (Hugging Face "
                                  "layout: config.json, model.safetensors, and vocab.json with merges.txt or "
                                  "tokenizer.json) instead of out_dir")
-    prompt: str = setting("\n", "text to continue")
+    prompt: str = setting("", "text to continue (empty: a new line, or the first token of a tokenizer without one)")
     interactive: bool = setting(False, "read prompts from standard input, one per line")
     max_new_tokens: int = setting(500, "tokens to generate", minimum=0)
     num_samples: int = setting(1, "samples to generate at once, for each prompt", minimum=1)
@@ -177,7 +177,7 @@ def sample(config, out=None, prompts=None):
         write_samples(pieces, prompt, config.num_samples, out)
 
     if not config.interactive:
-        run(config.prompt)
+        run(config.prompt or tokenizer.start_text())
         return
     for line in prompts or sys.stdin:
         prompt = line.rstrip("\n")

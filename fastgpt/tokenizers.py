@@ -67,6 +67,16 @@ class Tokenizer:
         """The UTF-8 bytes of the text each token id spells, in id order."""
         raise NotImplementedError
 
+    def start_text(self) -> str:
+        """What a sample continues when given no prompt: a new line, the start of a line, where the
+        tokenizer has one; else its first token (a char tokenizer of text on a single line)."""
+        try:
+            if self.encode("\n"):
+                return "\n"
+        except FastGPTError:  # a character the tokenizer never saw
+            pass
+        return self.decode([0])
+
 
 # ---------------------------------------------------------------------------------------------
 # char

@@ -433,7 +433,7 @@ class Trainer:
     def print_sample(self, n_tokens):
         # Every process generates (under FSDP each forward gathers the shards); rank 0 prints.
         self.raw_model.eval()
-        prompt = torch.tensor([[self.tokenizer.encode("\n")[0]]], device=self.device)
+        prompt = torch.tensor([self.tokenizer.encode(self.tokenizer.start_text())[:1]], device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         pieces = [self.tokenizer.decode(token[0].tolist())
                   for token in self.raw_model.generate(prompt, n_tokens, temperature=0.8, top_k=200, generator=generator)]

@@ -34,6 +34,18 @@ def test_train_then_sample_end_to_end(corpus, train_args, python, tmp_path):
     assert sampled[0].stdout == sampled[1].stdout, "the same seed must give the same text"
 
 
+def test_text_on_a_single_line_trains_and_samples_without_a_prompt(train_args, tmp_path, capsys):
+    """With no prompt a sample starts a new line; a char tokenizer of text without one starts from its
+    first character instead, both for the sample that ends training and for fastgpt.sample."""
+    one_line = tmp_path / "one_line.txt"
+    one_line.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    assert train.main(train_args(one_line, tmp_path / "run", sample_tokens=10)) == 0
+    assert "-" * 40 + " sample " in capsys.readouterr().out
+    assert sample.main(["--out-dir", str(tmp_path / "run"), "--max-new-tokens", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(" ") and len(printed) >= 6  # " ", the first of its sorted characters, and 5 more
+
+
 def test_resume_continues_from_the_checkpoint(corpus, train_args, tmp_path):
     args = train_args(corpus, tmp_path / "run")
     assert train.main(args) == 0
