@@ -57,13 +57,15 @@ def requested_model_config(config, vocab_size):
 
 def fixed_setting_differences(saved_settings, config):
     """The settings besides the model's that differ from a checkpoint's and that a run cannot change
-    when it resumes: the tokenizer's kind, what bpe is trained to, the optimizer (its state), and the
-    validation split (moved, it would hold text already trained on). A checkpoint older than a setting
-    had the setting's default."""
-    names = ["tokenizer", "optimizer", "val_fraction"] + (["vocab_size"] if config.tokenizer == "bpe" else [])
+    when it resumes: the corpus and its validation split (another would hold text already trained on,
+    and the checkpoint's data order is over this one), the tokenizer's kind, what bpe is trained to,
+    and the optimizer (its state). A checkpoint older than a setting had the setting's default."""
+    names = ["data", "val_fraction", "tokenizer", "optimizer"] + (["vocab_size"] if config.tokenizer == "bpe" else [])
     requested, defaults = config.to_dict(), TrainConfig().to_dict()
     saved = {name: saved_settings.get(name, defaults[name]) for name in names}
-    return [f"{name} {saved[name]} vs {requested[name]}" for name in names if saved[name] != requested[name]]
+    shown = {"": "the bundled corpus"}  # data's default
+    return [f"{name} {shown.get(saved[name], saved[name])} vs {shown.get(requested[name], requested[name])}"
+            for name in names if saved[name] != requested[name]]
 
 
 def resume_command(config, world):
@@ -169,8 +171,8 @@ class Trainer:
         requested = requested_model_config(self.config, tokenizer_from_state(checkpoint["tokenizer"]).vocab_size)
         differences = fixed_setting_differences(checkpoint["config"], self.config) + saved.architecture_differences(requested)
         if differences:
-            raise FastGPTError(f"the checkpoint in {self.out_dir} was made with another vocabulary, model, optimizer "
-                               "or validation split "
+            raise FastGPTError(f"the checkpoint in {self.out_dir} was made with another corpus, validation split, "
+                               "vocabulary, model or optimizer "
                                f"(checkpoint vs requested: {', '.join(differences)}); "
                                "resume with the same settings or use another --out-dir")
         if checkpoint["step"] >= self.config.max_iters:

@@ -210,6 +210,17 @@ def test_resume_refuses_a_checkpoint_with_another_vocabulary(corpus, args_for, s
     assert (tmp_path / "ckpt.pt").read_bytes() == before
 
 
+def test_resume_refuses_another_corpus(corpus, args_for, straight_run, tmp_path, error_line):
+    """Left out, --data is the bundled corpus: resuming without it must not quietly train on that."""
+    shutil.copy(straight_run / "ckpt.pt", tmp_path / "ckpt.pt")
+    other = tmp_path / "other.txt"
+    other.write_text(corpus.read_text().upper())
+    assert train.main(args_for(other, tmp_path, "--resume")) == 2
+    assert f"data {corpus} vs {other}" in error_line()
+    assert train.main([*args_for(corpus, tmp_path, "--resume"), "--data", ""]) == 2
+    assert f"data {corpus} vs the bundled corpus);" in error_line()
+
+
 # Encodes a corpus into the token cache and draws a few batches, then prints its peak RSS in bytes.
 DATA_PIPELINE = textwrap.dedent("""
     import resource, sys, torch
