@@ -27,18 +27,47 @@ from fastgpt.run_files import CHECKPOINT_FILES, new_temporary_file
 from fastgpt.tokenizers import tokenizer_from_state
 
 
+class _WriteErrors:
+    """A binary file that remembers the OSError its write() raised: torch.save replaces that error
+    (a full disk, say) with one of its own that does not say what happened."""
+
+    def __init__(self, handle):
+        self.handle, self.error = handle, None
+
+    def write(self, data):
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+
 def atomic_write(path, write):
-    """Call write(file_object) on a temporary file next to `path`, then move it into place."""
+    """Call write(file_object) on a temporary file next to `path`, then move it into place.
+
+    If it fails, the temporary file is removed and whatever was at `path` before stays as it was; an
+    OSError (a full disk, say) then names `path`."""
     path = Path(path)
     descriptor, temporary = new_temporary_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(descriptor, "wb") as handle:
-            write(handle)
+            recorder = _WriteErrors(handle)
+            try:
+                write(recorder)
+            except Exception as error:
+                if recorder.error is not None and recorder.error is not error:
+                    raise recorder.error from error
+                raise
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:
+            raise OSError(error.errno, error.strerror, str(path)) from error
         raise
 
 

@@ -1,6 +1,7 @@
 """How command-line entry points report mistakes: one line, a non-zero exit, no traceback."""
 
 import argparse
+import errno
 import re
 import sys
 
@@ -12,8 +13,8 @@ from fastgpt.startup import interrupted, restore_interrupts
 
 
 def run_cli(command):
-    """Run command(); turn user mistakes, running out of memory and Ctrl-C into a one-line message and
-    an exit status."""
+    """Run command(); turn user mistakes, running out of memory or disk space, and Ctrl-C into a
+    one-line message and an exit status."""
     restore_interrupts()
     try:
         command()
@@ -25,6 +26,13 @@ def run_cli(command):
             raise
         print(f"fastgpt: error: out of memory ({allocation_detail(error)}); make the batch, the context "
               "(block_size) or the model smaller", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" to write {error.filename}" if error.filename else ""
+        print(f"fastgpt: error: no room left on the disk{where} ({error.strerror}); free some space, then run "
+              "again (a training run continues from its last checkpoint with --resume)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return interrupted()

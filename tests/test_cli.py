@@ -1,11 +1,12 @@
 """The command-line programs end to end, and every bad input they must refuse cleanly."""
 
 import json
+import os
 
 import pytest
 import torch
 
-from fastgpt import sample, train
+from fastgpt import checkpoint, sample, train
 from fastgpt.checkpoint import load_checkpoint, save_checkpoint
 from fastgpt.cli import run_cli
 from fastgpt.config import PRESETS, TrainConfig, parse_config
@@ -263,6 +264,24 @@ def test_running_out_of_memory_is_one_clear_line(capsys):
 
     with pytest.raises(RuntimeError, match="a bug"):  # anything else stays a traceback
         run_cli(fail)
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "file.write"])
+def test_a_full_disk_is_one_clear_line_and_keeps_what_was_saved(writer, tmp_path, monkeypatch, capsys):
+    """torch.save turns the OSError of a full disk into a RuntimeError that does not say so: the
+    error must still name the disk and the file, and the last checkpoint must stay as it was."""
+    target = tmp_path / "ckpt.pt"
+    target.write_bytes(b"the last checkpoint")
+    # Writes to /dev/full fail as they would on a full disk.
+    monkeypatch.setattr(checkpoint, "new_temporary_file",
+                        lambda directory, prefix, suffix: (os.open("/dev/full", os.O_WRONLY), str(tmp_path / "tmp")))
+    write = {"torch.save": lambda handle: torch.save({"weights": torch.zeros(1 << 18)}, handle),
+             "file.write": lambda handle: handle.write(bytes(1 << 20))}[writer]
+    assert run_cli(lambda: checkpoint.atomic_write(target, write)) == 2
+    assert capsys.readouterr().err == (f"fastgpt: error: no room left on the disk to write {target} (No space left "
+                                       "on device); free some space, then run again (a training run continues from "
+                                       "its last checkpoint with --resume)\n")
+    assert target.read_bytes() == b"the last checkpoint"
 
 
 def test_a_finished_run_is_neither_resumed_without_steps_left_nor_taken_for_a_hugging_face_one(

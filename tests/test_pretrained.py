@@ -1,7 +1,10 @@
 """GPT-2 checkpoints in the Hugging Face layout: loaded faithfully, exported exactly, refused clearly."""
 
+import errno
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,6 +123,25 @@ def test_export_command_writes_a_checkpoint_that_sampling_loads(tokenizer, saved
     assert capsys.readouterr().err.startswith(f"fastgpt: error: cannot write the export to {tmp_path / 'a-file'}")
     assert export.main(["--out-dir", str(tmp_path)]) != 0
     assert "--to DIR" in capsys.readouterr().err
+
+
+def test_an_export_that_runs_out_of_disk_leaves_nothing_behind(tokenizer, saved_run, tmp_path, monkeypatch, capsys):
+    """A half-written export would block the retry ("already holds config.json")."""
+    saved_run(tokenizer)
+
+    write_bytes = Path.write_bytes
+
+    def disk_full_at_the_weights(path, data):  # config.json is written first
+        if path.suffix == ".safetensors":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_bytes(path, data)
+    monkeypatch.setattr(Path, "write_bytes", disk_full_at_the_weights)
+    assert export.main(["--out-dir", str(tmp_path), "--to", str(tmp_path / "gpt2")]) == 2
+    assert capsys.readouterr().err == (f"fastgpt: error: cannot write the export to {tmp_path / 'gpt2'} (No space "
+                                       "left on device); choose another --to\n")
+    assert list((tmp_path / "gpt2").iterdir()) == []
+    monkeypatch.undo()
+    assert export.main(["--out-dir", str(tmp_path), "--to", str(tmp_path / "gpt2")]) == 0
 
 
 def test_a_char_tokenizer_cannot_be_exported(tmp_path):

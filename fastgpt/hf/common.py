@@ -155,14 +155,19 @@ def json_text(settings):
 
 
 def write_files(directory, contents):
-    """Write each file of `contents` (name -> text, or name -> tensors for a safetensors file)."""
-    from safetensors.torch import save_file
+    """Write each file of `contents` (name -> text, or name -> tensors for a safetensors file). If one
+    cannot be written (a full disk, say), none is left behind, and the OSError says why."""
+    from safetensors.torch import save
 
-    for name, content in contents.items():
-        if isinstance(content, str):
-            (directory / name).write_text(content, encoding="utf-8")
-        else:
-            save_file(content, directory / name, metadata={"format": "pt"})
+    try:
+        for name, content in contents.items():
+            # safetensors' own save_file reports a failed write as its own error, not an OSError.
+            data = content.encode() if isinstance(content, str) else save(content, metadata={"format": "pt"})
+            (directory / name).write_bytes(data)
+    except BaseException:
+        for name in contents:
+            (directory / name).unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
