@@ -71,13 +71,13 @@ def test_eval_of_the_validation_split_equals_a_direct_computation(run, capsys):
 def test_eval_of_a_run_folder_it_may_not_write_to_encodes_privately(run, capsys, monkeypatch):
     expected = evaluate(capsys, "--out-dir", str(run / "run"))
     cache = run / "run" / "cache"
-    real_mkstemp = fastgpt_data.tempfile.mkstemp
+    real_new_temporary_file = fastgpt_data.new_temporary_file
 
-    def mkstemp(dir, **names):  # root may write anywhere, so the refusal is the file system's, staged
-        if Path(dir) == cache:
-            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
-        return real_mkstemp(dir=dir, **names)
-    monkeypatch.setattr(fastgpt_data.tempfile, "mkstemp", mkstemp)
+    def new_temporary_file(directory, prefix, suffix):  # root may write anywhere: the refusal is staged
+        if Path(directory) == cache:
+            raise PermissionError(errno.EACCES, "Permission denied", str(directory))
+        return real_new_temporary_file(directory, prefix, suffix)
+    monkeypatch.setattr(fastgpt_data, "new_temporary_file", new_temporary_file)
     (cache / "tokens.json").rename(cache / "tokens.json.aside")  # so the cache must be rebuilt
     try:
         assert evaluate(capsys, "--out-dir", str(run / "run")) == expected
