@@ -386,19 +386,30 @@ class Trainer:
                 self.print_sample(config.sample_tokens)
         return {"best_val_loss": self.best_val_loss, "elapsed_s": elapsed, "step": self.step, "stopped_by": stopped_by}
 
+    def settings_used(self):
+        """The settings as the run follows them (config.json): those given, except where the run
+        trains something else. The model is --init-from's when there is one, its vocabulary is the
+        tokenizer's (a char tokenizer's, or a bpe one that ran out of merges), its blocks are no
+        longer than its positions, and its tokenizer is the checkpoint's with --init-from."""
+        return {**self.config.to_dict(), **dataclasses.asdict(self.model_config),
+                "block_size": self.blocks.block_size, "tokenizer": self.tokenizer.kind}
+
     def _announce(self):
         """config.json, and a line on what is about to be trained (rank 0)."""
         if not self.world.is_main:
             return
         config = self.config
         # Whole or not at all: compare and eval may read it while this run starts.
-        atomic_write_text(self.out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+        atomic_write_text(self.out_dir / "config.json", json.dumps(self.settings_used(), indent=2) + "\n")
         say(f"fastgpt: {self.raw_model.num_parameters() / 1e6:.2f}M parameters, {self.tokenizer.kind} tokenizer "
             f"({self.tokenizer.vocab_size} tokens), {self.blocks.size('train'):,} training tokens, "
             f"device {self.device}, kernels: {self.backend}"
             + (f", {self.world.size} processes ({config.parallel})" if self.world.is_distributed else ""),
             file=sys.stderr)
         say(startup_line(self.device, self.precision, self.backend), file=sys.stderr)
+        if self.blocks.block_size < config.model.block_size:
+            say(f"fastgpt: the model has {self.model_config.block_size} positions, so it trains on blocks of that many "
+                f"tokens, not --block-size {config.model.block_size}", file=sys.stderr)
         if self.precision.warning:
             say(self.precision.warning, file=sys.stderr)
 

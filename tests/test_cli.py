@@ -25,7 +25,9 @@ def test_train_then_sample_end_to_end(corpus, train_args, python, tmp_path):
     assert all({"step", "train_loss", "lr", "tokens", "tokens_per_sec", "elapsed_s"} <= r.keys() for r in records)
     assert [r["tokens"] for r in records] == [r["step"] * 4 * 16 for r in records]  # TINY_RUN: batch 4 x block 16
     assert "val_loss" in records[1] and "val_loss" in records[-1]
-    assert json.loads((out / "config.json").read_text())["n_layer"] == 1
+    used = json.loads((out / "config.json").read_text())
+    assert used["n_layer"] == 1
+    assert used["vocab_size"] == len(set(corpus.read_text())), "the char tokenizer's, not the setting's 1024"
     assert "sample" in trained.stdout
 
     sampled = [python("-m", "fastgpt.sample", "--out-dir", "run", "--prompt", "the fox", "--max-new-tokens", "30",

@@ -198,7 +198,15 @@ def test_training_with_init_from_fine_tunes_the_pretrained_weights(hf_dir, fine_
 
 def test_init_from_a_model_with_fewer_positions_than_block_size_trains_and_counts_its_blocks(hf_dir,
                                                                                             fine_tune_at_lr_0,
-                                                                                            tmp_path):
-    fine_tune_at_lr_0(hf_dir, TEXT, block_size=64)  # the model has 24 positions
+                                                                                            tmp_path, capsys):
+    checkpoint = fine_tune_at_lr_0(hf_dir, TEXT, block_size=64)  # the model has 24 positions
+    assert "the model has 24 positions, so it trains on blocks of that many tokens, not --block-size 64" in \
+        capsys.readouterr().err
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["tokens"] for r in records] == [r["step"] * 2 * 24 for r in records]  # batch 2 x 24 positions
+    # config.json records the model trained (GPT-2's, not the default settings' 4 layers of 128), on
+    # blocks of its 24 positions, and its tokenizer, so that compare and eval read what happened.
+    used = json.loads((tmp_path / "run" / "config.json").read_text())
+    model = checkpoint["model_config"]
+    assert {name: used[name] for name in model} == model and model["block_size"] == 24
+    assert used["tokenizer"] == checkpoint["tokenizer"]["kind"] != "char"  # char: the setting's default
