@@ -36,6 +36,7 @@ from fastgpt.device import pick_device, use_backend
 from fastgpt.errors import FastGPTError
 from fastgpt.hardware import choose_precision, startup_line
 from fastgpt.lr_schedules import learning_rate_at
+from fastgpt.memory_check import check_memory_room
 from fastgpt.model import GPT, GPTConfig
 from fastgpt.optim import build_optimizer
 from fastgpt.pretrained import load_pretrained
@@ -133,6 +134,8 @@ class Trainer:
             self.tokenizer = tokenizer_from_state(distributed.from_main(state, self.world))
         torch.manual_seed(config.seed)
         self.model_config = requested_model_config(config, self.tokenizer.vocab_size)
+        check_memory_room(self.model_config, config.batch_size, config.optimizer, self.device,
+                          shards=self.world.size if config.parallel == "fsdp" else 1)
         self.raw_model = GPT(self.model_config)
         if pretrained is not None:
             self.raw_model.load_state_dict(pretrained.state_dict())

@@ -11,6 +11,8 @@ from fastgpt.checkpoint import load_checkpoint, save_checkpoint
 from fastgpt.cli import run_cli
 from fastgpt.config import PRESETS, TrainConfig, parse_config
 from fastgpt.errors import FastGPTError
+from fastgpt.memory_check import parameter_count
+from fastgpt.model import GPT, GPTConfig
 from fastgpt.settings import leaves
 
 
@@ -266,6 +268,22 @@ def test_running_out_of_memory_is_one_clear_line(capsys):
 
     with pytest.raises(RuntimeError, match="a bug"):  # anything else stays a traceback
         run_cli(fail)
+
+
+def test_a_model_far_too_large_for_the_machine_is_refused_before_it_is_built(corpus, train_args, tmp_path,
+                                                                              error_line):
+    """It would otherwise allocate until the system swaps to a standstill or kills the process."""
+    args = train_args(corpus, tmp_path / "run", n_layer=10000, n_embd=4096, n_head=32)  # 2e12 parameters
+    assert train.main(args) == 2
+    assert "this model and batch need at least" in error_line()
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("switches", [{}, dict(norm="rmsnorm", position="rope", mlp="swiglu", n_kv_head=1,
+                                               bias=False, tie_embeddings=False, qk_norm=True)])
+def test_the_parameter_count_of_the_memory_check_is_exact(switches):
+    config = GPTConfig(n_layer=3, n_head=2, n_embd=32, vocab_size=50, block_size=20, **switches)
+    assert parameter_count(config) == sum(p.numel() for p in GPT(config).parameters())
 
 
 @pytest.mark.parametrize("writer", ["torch.save", "file.write"])
