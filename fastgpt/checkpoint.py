@@ -13,6 +13,7 @@ that keeps an average of its weights (--weight-average) saves the average as the
 weights it trains, which only --resume reads, as "trained_model".
 """
 
+import json
 import os
 import re
 import shutil
@@ -161,9 +162,21 @@ class CheckpointFiles:
         return [steps[step] for step in sorted(steps)]
 
 
+def holds_hugging_face_checkpoint(directory):
+    """Whether `directory` has a Hugging Face config.json (a fastgpt run's names no model_type)."""
+    try:
+        return "model_type" in json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def load_checkpoint(path):
     """The payload saved at `path`, or a FastGPTError saying what is wrong with the file."""
     path = Path(path)
+    if not path.is_file() and holds_hugging_face_checkpoint(path.parent):
+        raise FastGPTError(f"{path.parent} holds a Hugging Face checkpoint, not a fastgpt run: sample from it with "
+                           f"--init-from {path.parent}, or fine-tune it with `python -m fastgpt.train --init-from "
+                           f"{path.parent}`")
     if not path.is_file():
         raise FastGPTError(f"no checkpoint at {path}; train one first with `python -m fastgpt.train`, "
                            "or point --out-dir at the directory that holds ckpt.pt")

@@ -51,7 +51,7 @@ def corpus_files(data):
         if not os.access(file, os.R_OK):
             raise FastGPTError(f"the corpus file {file} is not readable; check its permissions")
     if all(file.stat().st_size == 0 for file in files):
-        raise FastGPTError(f"the corpus {path} is empty; give it some text to learn from")
+        raise FastGPTError(f"the corpus {path} is empty; point --data at a file or directory with text in it")
     return files
 
 
@@ -191,7 +191,7 @@ def encode_corpus(files, tokenizer, cache_dir, progress=True):
     os.replace(partial, tokens_path)
     meta_path.write_text(json.dumps({**meta, "tokens": count}))
     if count == 0:
-        raise FastGPTError("the corpus encodes to no tokens; give it some text to learn from")
+        raise FastGPTError("the corpus encodes to no tokens; point --data at a file or directory with text in it")
     return np.memmap(tokens_path, dtype=dtype, mode="r")
 
 

@@ -34,6 +34,8 @@ class RunLock:
 
     def acquire(self):
         """Take the lock, creating out_dir if needed; a FastGPTError naming the holder if it is taken."""
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise FastGPTError(f"the output directory {self.out_dir} is a file; choose another --out-dir")
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -144,6 +144,12 @@ def test_an_export_that_runs_out_of_disk_leaves_nothing_behind(tokenizer, saved_
     assert export.main(["--out-dir", str(tmp_path), "--to", str(tmp_path / "gpt2")]) == 0
 
 
+def test_a_hugging_face_checkpoint_given_as_a_run_says_to_use_init_from(hf_dir, capsys):
+    assert sample.main(["--out-dir", str(hf_dir)]) == 2
+    assert capsys.readouterr().err.startswith(f"fastgpt: error: {hf_dir} holds a Hugging Face checkpoint, not a "
+                                              f"fastgpt run: sample from it with --init-from {hf_dir}")
+
+
 def test_a_char_tokenizer_cannot_be_exported(tmp_path):
     char = train_tokenizer("char", "abc")
     with pytest.raises(FastGPTError, match="no GPT-2"):

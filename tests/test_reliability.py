@@ -200,6 +200,8 @@ def test_an_unwritable_output_directory_is_refused(corpus, args_for, tmp_path, e
     (tmp_path / "a-file").write_text("")
     assert train.main(args_for(corpus, tmp_path / "a-file" / "out")) == 2
     assert "cannot write to the output directory" in error_line()
+    assert train.main(args_for(corpus, tmp_path / "a-file")) == 2
+    assert error_line() == f"fastgpt: error: the output directory {tmp_path / 'a-file'} is a file; choose another --out-dir"
 
 
 def test_resume_refuses_a_checkpoint_with_another_vocabulary(corpus, args_for, straight_run, tmp_path, error_line):
