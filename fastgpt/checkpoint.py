@@ -184,8 +184,10 @@ def load_checkpoint(path):
         # Checkpoints hold only tensors and plain Python values, so the safe loader suffices.
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a damaged file
+        others = sorted(other.name for other in path.parent.glob("*.pt") if other.name != path.name)
+        beside = f", or copy one of {', '.join(others)} beside it in its place" if others else ""
         raise FastGPTError(f"the checkpoint {path} is damaged or not a fastgpt checkpoint ({type(error).__name__}); "
-                           "train again or restore it from a backup") from None
+                           f"train again or restore it from a backup{beside}") from None
     if not isinstance(payload, dict) or "model" not in payload or "model_config" not in payload:
         raise FastGPTError(f"{path} is not a fastgpt checkpoint (it has no model or model_config)")
     return payload

@@ -239,6 +239,9 @@ def _read_toml(path, config_class):
     settings = {}
     for key, value in values.items():
         name = key.replace("-", "_")
+        if isinstance(value, dict) and name not in known:
+            raise FastGPTError(f"{path} has a table [{key}]; settings are not grouped in tables: write each of its "
+                               "keys at the top of the file, before any [table]")
         if name not in known:
             close = closest_setting(name, list(known))
             raise FastGPTError(f"unknown setting {key!r} in {path}" + (f"; did you mean {close!r}?" if close else ""))

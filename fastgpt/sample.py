@@ -26,6 +26,13 @@ from fastgpt.pretrained import load_pretrained
 from fastgpt.settings import setting
 
 
+def check_stop_strings(stop):
+    """The stop strings as a list, refused if one is empty (it would end every sample at once)."""
+    if "" in stop:
+        raise FastGPTError("an empty stop string would end every sample before it starts; give the text to stop at")
+    return list(stop)
+
+
 class TextStream:
     """One sample's text as its tokens arrive: what is final and not yet shown, cut at a stop string.
 
@@ -35,7 +42,7 @@ class TextStream:
 
     def __init__(self, tokenizer, stop=()):
         self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
+        self.stop = check_stop_strings(stop)
         self.ids, self.shown, self.done = [], 0, False
 
     def add(self, token):
@@ -138,6 +145,7 @@ class SampleConfig:
 
     def validate(self):
         Sampler(**self.sampling())
+        check_stop_strings(self.stop)
 
 
 def parse_sample_config(argv):

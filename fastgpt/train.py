@@ -410,6 +410,9 @@ class Trainer:
             + (f", {self.world.size} processes ({config.parallel})" if self.world.is_distributed else ""),
             file=sys.stderr)
         say(startup_line(self.device, self.precision, self.backend), file=sys.stderr)
+        if config.warmup_iters >= config.max_iters:
+            say(f"fastgpt: --warmup-iters {config.warmup_iters} is not less than --max-iters {config.max_iters}, so "
+                "the learning rate never reaches its peak and never decays", file=sys.stderr)
         if self.blocks.block_size < config.model.block_size:
             say(f"fastgpt: the model has {self.model_config.block_size} positions, so it trains on blocks of that many "
                 f"tokens, not --block-size {config.model.block_size}", file=sys.stderr)

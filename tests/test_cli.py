@@ -51,6 +51,12 @@ def test_text_on_a_single_line_trains_and_samples_without_a_prompt(train_args, t
     assert printed.startswith(" ") and len(printed) >= 6  # " ", the first of its sorted characters, and 5 more
 
 
+def test_a_warmup_as_long_as_the_run_is_pointed_out(corpus, train_args, tmp_path, capsys):
+    assert train.main(train_args(corpus, tmp_path / "run", warmup_iters=6)) == 0  # TINY_RUN: 6 steps
+    assert ("--warmup-iters 6 is not less than --max-iters 6, so the learning rate never reaches its peak"
+            in capsys.readouterr().err)
+
+
 def test_resume_continues_from_the_checkpoint(corpus, train_args, tmp_path):
     args = train_args(corpus, tmp_path / "run")
     assert train.main(args) == 0
@@ -157,6 +163,9 @@ def test_config_file_and_flags_combine_with_flags_winning(tmp_path):
     config = parse_config(["--config", str(tmp_path / "c.toml"), "--n-layer", "5"])
     assert (config.model.n_layer, config.model.n_embd, config.tokenizer, config.lr_schedule) == (5, 96, "bpe", "wsd")
     assert config.to_dict()["n_layer"] == 5 and "model" not in config.to_dict()
+    (tmp_path / "tables.toml").write_text('[model]\nn_layer = 3\n')  # as other projects group them
+    with pytest.raises(FastGPTError, match=r"has a table \[model\]; settings are not grouped in tables"):
+        parse_config(["--config", str(tmp_path / "tables.toml")])
 
 
 @pytest.mark.parametrize("typed, meant", [
@@ -202,13 +211,17 @@ def test_an_unknown_preset_is_one_clear_line(corpus, train_args, tmp_path, error
 
 @pytest.mark.parametrize("args, expected", [
     pytest.param(["--out-dir", "{tmp}/nowhere"], "no checkpoint", id="missing checkpoint"),
-    pytest.param(["--out-dir", "{tmp}/corrupt"], "damaged", id="corrupt checkpoint"),
+    pytest.param(["--out-dir", "{tmp}/corrupt"], "damaged or not a fastgpt checkpoint (UnpicklingError); train again "
+                 "or restore it from a backup, or copy one of best.pt, ckpt-4.pt beside it in its place",
+                 id="corrupt checkpoint"),
     pytest.param(["--temperature", "-1"], "temperature", id="negative temperature"),
     pytest.param(["--stop", "\\x"], "argument --stop: '\\\\x' has a broken escape", id="broken escape in a stop"),
+    pytest.param(["--stop", ""], "an empty stop string would end every sample", id="empty stop"),
 ])
 def test_bad_sampling_input_is_one_clear_line(args, expected, tmp_path, error_line):
     (tmp_path / "corrupt").mkdir()
-    (tmp_path / "corrupt" / "ckpt.pt").write_bytes(b"not a checkpoint at all")
+    for name in ("ckpt.pt", "best.pt", "ckpt-4.pt"):
+        (tmp_path / "corrupt" / name).write_bytes(b"not a checkpoint at all")
     assert sample.main([a.format(tmp=tmp_path) for a in args]) != 0
     assert expected in error_line()
 
