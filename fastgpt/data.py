@@ -62,7 +62,8 @@ def read_chunks(files):
     """
     for file in files:
         # An incremental decoder carries a multi-byte character cut by a chunk boundary over to the next.
-        decoder = codecs.getincrementaldecoder("utf-8")()
+        # utf-8-sig drops the byte order mark some editors put at the start of a file: it is not text.
+        decoder = codecs.getincrementaldecoder("utf-8-sig")()
         carry, offset = "", 0
         with open(file, "rb") as handle:
             while True:

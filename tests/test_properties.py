@@ -1,6 +1,8 @@
 """Property tests (hypothesis): the ops over drawn shapes and dtypes on every backend that runs here,
 the tokenizers over drawn texts, and the data pipeline's chunks and fast char path against the tokenizers."""
 
+import codecs
+
 import numpy as np
 import pytest
 import regex
@@ -109,6 +111,14 @@ def test_corpus_chunks_split_into_the_pieces_of_the_whole_text(tmp_path_factory,
     assert "".join(chunks) == text
     for pattern in (GPT2_SPLIT_PATTERN, LLAMA3_SPLIT_PATTERN):
         assert [piece for chunk in chunks for piece in regex.findall(pattern, chunk)] == regex.findall(pattern, text)
+
+
+def test_a_byte_order_mark_at_the_start_of_a_file_is_not_text(tmp_path):
+    """Windows editors start UTF-8 files with one; a char tokenizer would learn it as a character."""
+    files = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    for file in files:
+        file.write_bytes(codecs.BOM_UTF8 + "héllo\n\ufeff".encode())  # later, U+FEFF is a character
+    assert "".join(data.read_chunks(files)) == "héllo\n\ufeff" * 2
 
 
 def test_the_encoding_bar_counts_every_byte_of_the_corpus_once(tmp_path, monkeypatch):
