@@ -152,18 +152,32 @@ def parse_sample_config(argv):
     return parse_config(argv, SampleConfig, prog="python -m fastgpt.sample", description=__doc__.splitlines()[0])
 
 
+# Control characters other than line breaks and tabs, as escapes: a model that has not yet learnt its
+# text can emit any byte, and an escape sequence printed raw would change the terminal's state.
+TERMINAL_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(32), 127] if chr(code) not in "\n\r\t"}
+
+
+def shown_on(out):
+    """A function that makes text safe to print on `out`: on a terminal, control characters become
+    escapes; a file or pipe gets the text itself."""
+    if getattr(out, "isatty", lambda: False)():
+        return lambda text: text.translate(TERMINAL_ESCAPES)
+    return lambda text: text
+
+
 def write_samples(pieces, prompt, num_samples, out):
     """Print sample 0 as it is generated, then the others, each after the prompt and a rule."""
+    show = shown_on(out)
     held = [""] * num_samples
-    out.write(prompt)
+    out.write(show(prompt))
     for i, piece in pieces:
         if i == 0:
-            out.write(piece)
+            out.write(show(piece))
             out.flush()
         else:
             held[i] += piece
     for text in held[1:]:
-        out.write("\n" + "-" * 40 + "\n" + prompt + text)
+        out.write("\n" + "-" * 40 + "\n" + show(prompt + text))
     out.write("\n")
     out.flush()
 

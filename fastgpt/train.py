@@ -41,6 +41,7 @@ from fastgpt.model import GPT, GPTConfig
 from fastgpt.optim import build_optimizer
 from fastgpt.pretrained import load_pretrained
 from fastgpt.run_lock import RunLock
+from fastgpt.sample import shown_on
 from fastgpt.sinks import LossPlot, MetricsFile, ProgressBar
 from fastgpt.stopping import StopRequests
 from fastgpt.tensorboard_sink import TensorBoardSink
@@ -458,7 +459,7 @@ class Trainer:
                   for token in self.raw_model.generate(prompt, n_tokens, temperature=0.8, top_k=200, generator=generator)]
         if self.world.is_main:
             print("-" * 40 + " sample " + "-" * 40)
-            print("".join(pieces))
+            print(shown_on(sys.stdout)("".join(pieces)))
 
 
 def train(config):

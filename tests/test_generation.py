@@ -142,6 +142,19 @@ def test_text_stream_cuts_at_a_stop_string_and_never_shows_part_of_one():
     assert unfinished.finish() == "xy"
 
 
+def test_samples_print_control_characters_as_escapes_on_a_terminal_only():
+    """An undertrained byte-level model can emit ESC, which a terminal would take as a command."""
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    pieces = [(0, "a\x1b[2Jb\n\tc\r\x00"), (1, "\x7fd")]
+    terminal, pipe = Terminal(), io.StringIO()
+    for out in (terminal, pipe):
+        sample.write_samples(iter(pieces), ">", 2, out)
+    assert terminal.getvalue() == ">a\\x1b[2Jb\n\tc\r\\x00\n" + "-" * 40 + "\n>\\x7fd\n"
+    assert pipe.getvalue() == ">a\x1b[2Jb\n\tc\r\x00\n" + "-" * 40 + "\n>\x7fd\n"
+
+
 def test_generate_text_gives_several_reproducible_samples_each_cut_at_its_stop(tiny_model):
     model = tiny_model(vocab_size=26)
     options = dict(max_new_tokens=30, num_samples=4, temperature=1.0, seed=5)
