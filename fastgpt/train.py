@@ -414,11 +414,23 @@ class Trainer:
         if config.warmup_iters >= config.max_iters:
             say(f"fastgpt: --warmup-iters {config.warmup_iters} is not less than --max-iters {config.max_iters}, so "
                 "the learning rate never reaches its peak and never decays", file=sys.stderr)
+        if config.init_from:
+            self._say_what_init_from_overrides()
         if self.blocks.block_size < config.model.block_size:
             say(f"fastgpt: the model has {self.model_config.block_size} positions, so it trains on blocks of that many "
                 f"tokens, not --block-size {config.model.block_size}", file=sys.stderr)
         if self.precision.warning:
             say(self.precision.warning, file=sys.stderr)
+
+    def _say_what_init_from_overrides(self):
+        """Name the model and tokenizer settings given that --init-from's model replaces."""
+        given, defaults, used = self.config.to_dict(), TrainConfig().to_dict(), self.settings_used()
+        names = [f.name for f in dataclasses.fields(GPTConfig) if f.name not in ("block_size", "dropout")]
+        replaced = [f"--{name.replace('_', '-')} {given[name]}" for name in [*names, "tokenizer"]
+                    if given[name] != defaults[name] and given[name] != used[name]]
+        if replaced:
+            say(f"fastgpt: --init-from {self.config.init_from} brings its own model and tokenizer, so it trains "
+                f"without {', '.join(replaced)}", file=sys.stderr)
 
     def _farewell(self, stopped_by, elapsed):
         """How the run ended, and for a stopped one, how to continue it (rank 0)."""

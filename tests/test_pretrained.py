@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
-from fastgpt import GPT, export, sample
+from fastgpt import GPT, export, sample, train
 from fastgpt.errors import FastGPTError
 from fastgpt.model import GPTConfig
 from fastgpt.pretrained import export_pretrained, load_pretrained
@@ -200,6 +200,17 @@ def test_training_with_init_from_fine_tunes_the_pretrained_weights(hf_dir, fine_
     """--init-from starts from GPT-2's weights and tokenizer, on blocks shorter than its 24 positions."""
     checkpoint = fine_tune_at_lr_0(hf_dir, TEXT)
     assert checkpoint["model_config"]["n_embd"] == 32 and checkpoint["model_config"]["block_size"] == 24
+
+
+def test_init_from_names_the_settings_given_that_its_model_replaces(hf_dir, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    args = ["--data", str(corpus), "--init-from", str(hf_dir), "--out-dir", str(tmp_path / "run"), "--block-size", "16",
+            "--batch-size", "2", "--max-iters", "1", "--eval-iters", "1", "--sample-tokens", "0",
+            "--n-layer", "8", "--tokenizer", "gpt2", "--n-embd", "32"]  # this GPT-2 is 32 wide: that one holds
+    assert train.main(args) == 0
+    assert (f"--init-from {hf_dir} brings its own model and tokenizer, so it trains without --n-layer 8, --tokenizer "
+            "gpt2\n") in capsys.readouterr().err
 
 
 def test_init_from_a_model_with_fewer_positions_than_block_size_trains_and_counts_its_blocks(hf_dir,
