@@ -173,11 +173,11 @@ def holds_hugging_face_checkpoint(directory):
 def load_checkpoint(path):
     """The payload saved at `path`, or a FastGPTError saying what is wrong with the file."""
     path = Path(path)
-    if not path.is_file() and holds_hugging_face_checkpoint(path.parent):
-        raise FastGPTError(f"{path.parent} holds a Hugging Face checkpoint, not a fastgpt run: sample from it with "
-                           f"--init-from {path.parent}, or fine-tune it with `python -m fastgpt.train --init-from "
-                           f"{path.parent}`")
     if not path.is_file():
+        if holds_hugging_face_checkpoint(path.parent):
+            raise FastGPTError(f"{path.parent} holds a Hugging Face checkpoint, not a fastgpt run: sample from it "
+                               f"with --init-from {path.parent}, or fine-tune it with `python -m fastgpt.train "
+                               f"--init-from {path.parent}`")
         raise FastGPTError(f"no checkpoint at {path}; train one first with `python -m fastgpt.train`, "
                            "or point --out-dir at the directory that holds ckpt.pt")
     try:

@@ -24,7 +24,7 @@ def new_temporary_file(directory, prefix, suffix):
     path), but with the permissions open() would give it.
 
     mkstemp makes its files readable by their owner only. The temporary files here are renamed into
-    a run's checkpoints, token cache and exports, which others on a shared machine should be able to
+    a run's checkpoints, token cache and plots, which others on a shared machine should be able to
     read wherever the user's umask lets them, as with every other file a program writes.
     """
     descriptor, path = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=suffix)

@@ -402,9 +402,9 @@ class Trainer:
         """config.json, and a line on what is about to be trained (rank 0)."""
         if not self.world.is_main:
             return
-        config = self.config
+        config, used = self.config, self.settings_used()
         # Whole or not at all: compare and eval may read it while this run starts.
-        atomic_write_text(self.out_dir / "config.json", json.dumps(self.settings_used(), indent=2) + "\n")
+        atomic_write_text(self.out_dir / "config.json", json.dumps(used, indent=2) + "\n")
         say(f"fastgpt: {self.raw_model.num_parameters() / 1e6:.2f}M parameters, {self.tokenizer.kind} tokenizer "
             f"({self.tokenizer.vocab_size} tokens), {self.blocks.size('train'):,} training tokens, "
             f"device {self.device}, kernels: {self.backend}"
@@ -415,16 +415,17 @@ class Trainer:
             say(f"fastgpt: --warmup-iters {config.warmup_iters} is not less than --max-iters {config.max_iters}, so "
                 "the learning rate never reaches its peak and never decays", file=sys.stderr)
         if config.init_from:
-            self._say_what_init_from_overrides()
+            self._say_what_init_from_overrides(used)
         if self.blocks.block_size < config.model.block_size:
             say(f"fastgpt: the model has {self.model_config.block_size} positions, so it trains on blocks of that many "
                 f"tokens, not --block-size {config.model.block_size}", file=sys.stderr)
         if self.precision.warning:
             say(self.precision.warning, file=sys.stderr)
 
-    def _say_what_init_from_overrides(self):
-        """Name the model and tokenizer settings given that --init-from's model replaces."""
-        given, defaults, used = self.config.to_dict(), TrainConfig().to_dict(), self.settings_used()
+    def _say_what_init_from_overrides(self, used):
+        """Name the model and tokenizer settings given that --init-from's model replaces (`used`: the
+        settings as the run follows them)."""
+        given, defaults = self.config.to_dict(), TrainConfig().to_dict()
         names = [f.name for f in dataclasses.fields(GPTConfig) if f.name not in ("block_size", "dropout")]
         replaced = [f"--{name.replace('_', '-')} {given[name]}" for name in [*names, "tokenizer"]
                     if given[name] != defaults[name] and given[name] != used[name]]
