@@ -12,28 +12,31 @@ Runs offline and installs nothing. In order:
    Triton numerics in tests/test_op_contract.py and tests/test_kernels_*.py, and test_ops.py,
    test_triton_kernels.py, test_choice.py), with one block-size config per kernel
    (FASTGPT_TRITON_AUTOTUNE=0) so that they do not spend minutes autotuning, and without the tests
-   that compile every config for Hopper (CI runs those without a GPU); stopped after
-   GPU_TESTS_TIMEOUT_S (4 minutes), skipped where pytest is not installed, and either said so in the
-   report; the rehearsal only collects them, which checks the list and selection;
-2. causal attention, bf16, head dims 64 and 128, T from 1024 to 8192 (B*T = 16k tokens, H*D = 2048),
+   that compile every config for Hopper (CI runs those without a GPU); in GPU_TEST_WORKERS processes
+   where pytest-xdist is installed; stopped after GPU_TESTS_TIMEOUT_S (4 minutes), skipped where
+   pytest is not installed, and either said so in the report; the rehearsal only collects them, which
+   checks the list and selection;
+2. LayerNorm (16k rows of 768 to 8192) and RMSNorm (16k rows of 768 and 4096), bf16: Triton,
+   torch's F.layer_norm / F.rms_norm and `auto`, in GB/s against a device copy;
+3. rotary positions, bf16, on queries laid out as the model's projection makes them, at a GPT-2
+   small-like and a Llama-like shape: Triton, the reference path (PyTorch has no built-in) and
+   `auto`, in GB/s against a device copy;
+4. the MLP activations SwiGLU (16k rows of 2 x 4096) and ReLU^2 (16k rows of 4096), bf16: Triton,
+   PyTorch's `F.silu(a) * b` and `F.relu(x).square()`, and `auto`, in GB/s against a device copy;
+5. cross-entropy, bf16 logits of 16k rows of GPT-2's vocabulary (50304): Triton, PyTorch's
+   F.cross_entropy on the logits in fp32 (the usual way to take a bf16 model's loss) and `auto`, in GB/s
+   against a device copy;
+6. GPT-2 small training steps (bf16 autocast, fused AdamW) with the Triton kernels, with torch's
+   built-ins and with `auto`: tokens/s and model FLOPs utilisation against a bf16 matmul measured here;
+7. causal attention, bf16, head dims 64 and 128, T from 1024 to 8192 (B*T = 16k tokens, H*D = 2048),
    and grouped-query attention (fewer key/value heads than query heads) at a GPT-2 small-like and a
    Llama-3-8B-like shape: forward and forward+backward TFLOP/s of the Triton kernels (autotuned)
    beside SDPA (enable_gqa where the heads differ) forced onto each of its flash, cuDNN and
    memory-efficient backends, and `auto`; the Triton output and gradients are checked against
-   SDPA's on the same inputs;
-3. LayerNorm (16k rows of 768 to 8192) and RMSNorm (16k rows of 768 and 4096), bf16: Triton,
-   torch's F.layer_norm / F.rms_norm and `auto`, in GB/s against a device copy;
-4. rotary positions, bf16, on queries laid out as the model's projection makes them, at a GPT-2
-   small-like and a Llama-like shape: Triton, the reference path (PyTorch has no built-in) and
-   `auto`, in GB/s against a device copy;
-5. the MLP activations SwiGLU (16k rows of 2 x 4096) and ReLU^2 (16k rows of 4096), bf16: Triton,
-   PyTorch's `F.silu(a) * b` and `F.relu(x).square()`, and `auto`, in GB/s against a device copy;
-6. cross-entropy, bf16 logits of 16k rows of GPT-2's vocabulary (50304): Triton, PyTorch's
-   F.cross_entropy on the logits in fp32 (the usual way to take a bf16 model's loss) and `auto`, in GB/s
-   against a device copy;
-7. GPT-2 small training steps (bf16 autocast, fused AdamW) with the Triton kernels, with torch's
-   built-ins and with `auto`: tokens/s and model FLOPs utilisation against a bf16 matmul measured here;
+   SDPA's on the same inputs; last, because autotuning compiles dozens of kernels;
 8. the choices `auto` made, with the times it measured.
+
+A section that fails is reported (its error in the .json) and the next one runs.
 
 Implementations are timed in turns with CUDA events and reported as medians (benchmarks/harness.py,
 fastgpt/timing.py). Counting: attention forward 4*B*H*T*T*D / 2 (causal; as many with fewer key/value
@@ -50,10 +53,12 @@ measured.
 """
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,6 +99,7 @@ GPU_TEST_SELECTION = "(triton or choice or auto or chosen or turns or clock) and
 # The tests' share of a run that must end well within 10 minutes: past it they are stopped, said so,
 # and the benchmarks still run.
 GPU_TESTS_TIMEOUT_S = 240
+GPU_TEST_WORKERS = 6
 
 
 def attention_flops(batch, heads, seq_len, head_dim, backward):
@@ -372,8 +378,11 @@ def run_gpu_tests(collect_only=False):
         return "skipped: pytest is not installed here"
     env = dict(os.environ, FASTGPT_TRITON_AUTOTUNE="0")
     # --durations: where the tests' time goes, for keeping them within GPU_TESTS_TIMEOUT_S.
-    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--durations=15", *GPU_TESTS,
-               "-k", GPU_TEST_SELECTION, *(["--collect-only"] if collect_only else [])]
+    # Most of the tests' time is Triton compiling kernels on the host's CPU: several pytest workers
+    # (pytest-xdist, where installed) compile side by side. Every failure is reported, up to a point.
+    workers = ["-n", str(GPU_TEST_WORKERS)] if importlib.util.find_spec("xdist") and not collect_only else []
+    command = [sys.executable, "-m", "pytest", "-q", "--maxfail=25", "-p", "no:cacheprovider", "--durations=15",
+               *workers, *GPU_TESTS, "-k", GPU_TEST_SELECTION, *(["--collect-only"] if collect_only else [])]
     try:
         result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                                 timeout=GPU_TESTS_TIMEOUT_S)
@@ -417,7 +426,9 @@ def main(argv=None):
     from fastgpt import ops
     from fastgpt.ops import choice
 
-    reason = ops.available_backends()["triton"]
+    # Asked of the Triton backend alone: asking every backend would load (or first compile) the C++
+    # one, which the GPU runs do not use.
+    reason = ops.backend_module("triton").unavailable_reason()
     if reason is not None:
         sys.exit(f"gpu_benchmark: error: the Triton backend cannot run: {reason}")
     if args.dry_run:  # `auto` on CPU tensors picks the CPU kernels: rehearse the GPU's choice instead
@@ -439,19 +450,29 @@ def main(argv=None):
         report.facts.setdefault("section_seconds", {})["gpu_tests"] = round(time.perf_counter() - started)
         print(f"GPU tests: {report.facts['gpu_tests']} ({time.perf_counter() - started:.0f} s)", flush=True)
 
-    timer = make_timer(sizes, device)
+    timed = make_timer(sizes, device)
+
+    def timer(steps, **kwargs):
+        report.save(prefix)  # what is measured so far, before each measurement: a run cut short keeps it
+        return timed(steps, **kwargs)
     bench_matmul(sizes, device, timer, report)
     bench_copy(sizes, device, timer, report)
-    for section in (bench_attention, bench_layer_norm, bench_rms_norm, bench_rotary, bench_activations,
-                    bench_cross_entropy, bench_training):
+    # Attention last: autotuning it compiles dozens of kernels, the longest section by far, and a run
+    # cut short should keep the rest.
+    for section in (bench_layer_norm, bench_rms_norm, bench_rotary, bench_activations, bench_cross_entropy,
+                    bench_training, bench_attention):
         section_started = time.perf_counter()
-        section(sizes, device, timer, report)
+        try:
+            section(sizes, device, timer, report)
+        except Exception as error:  # one section's failure (a kernel that fails on this GPU) spares the others
+            traceback.print_exc()
+            report.facts.setdefault("section_errors", {})[section.__name__] = f"{type(error).__name__}: {error}"[:400]
         # Each section's share of the run, to keep the whole within its few minutes.
         name = section.__name__.removeprefix("bench_")
         report.facts.setdefault("section_seconds", {})[name] = round(time.perf_counter() - section_started)
         report.facts["auto_choices"] = choice.CHOOSER.chosen()
         report.facts["seconds"] = round(time.perf_counter() - started)
-        report.save(prefix)  # after every section: a run cut short keeps what it measured
+        report.save(prefix)
     print(report.markdown())
     print(f"wrote {prefix}.md and .json in {report.facts['seconds']} s")
 
