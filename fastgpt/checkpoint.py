@@ -170,8 +170,9 @@ def holds_hugging_face_checkpoint(directory):
         return False
 
 
-def load_checkpoint(path):
-    """The payload saved at `path`, or a FastGPTError saying what is wrong with the file."""
+def load_checkpoint(path, mmap=False):
+    """The payload saved at `path`, or a FastGPTError saying what is wrong with the file. `mmap`: map
+    the tensors from the file, read only where used (for a caller that wants the settings alone)."""
     path = Path(path)
     if not path.is_file():
         if holds_hugging_face_checkpoint(path.parent):
@@ -182,7 +183,7 @@ def load_checkpoint(path):
                            "or point --out-dir at the directory that holds ckpt.pt")
     try:
         # Checkpoints hold only tensors and plain Python values, so the safe loader suffices.
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises many types for a damaged file
         others = sorted(other.name for other in path.parent.glob("*.pt") if other.name != path.name)
         beside = f", or copy one of {', '.join(others)} beside it in its place" if others else ""

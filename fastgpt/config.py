@@ -1,7 +1,8 @@
 """Every training setting in one place, and how any program's settings are read.
 
-A setting comes from, in increasing priority: its default, a bundled `--preset NAME` (training:
-fastgpt/presets/NAME.toml), a `--config file.toml`, and a `--name value` flag.
+A setting comes from, in increasing priority: its default, (with --resume) the checkpoint of the run
+it continues, a bundled `--preset NAME` (training: fastgpt/presets/NAME.toml), a `--config
+file.toml`, and a `--name value` flag.
 `python -m fastgpt.train --help` lists them all. The model's own settings are
 GPTConfig's (fastgpt.model); TrainConfig holds them as its `model` group, and they are given like any
 other setting (`--n-layer 6`, or `n_layer = 6` in the TOML file).
@@ -68,7 +69,8 @@ class TrainConfig:
     log: tuple[str, ...] = setting((), "also send metrics to: tensorboard (event files in out_dir/tensorboard; "
                                        "needs the tensorboard package); repeatable", ["tensorboard"])
     out_dir: str = setting("out", "directory for the checkpoint, metrics, loss plot and token cache")
-    resume: bool = setting(False, "continue from out_dir/ckpt.pt instead of starting afresh")
+    resume: bool = setting(False, "continue from out_dir/ckpt.pt instead of starting afresh, with the settings "
+                                  "the run was trained with; a setting given changes them where a run may")
     sample_tokens: int = setting(200, "tokens sampled at the end of training (0: none)", minimum=0)
     keep_last: int = setting(2, "newest checkpoints also kept as ckpt-<step>.pt (0: none); ckpt.pt is always "
                                 "the newest and best.pt the one with the lowest val loss", minimum=0)
@@ -253,9 +255,11 @@ def _read_toml(path, config_class):
 
 
 def parse_config(argv, config_class=TrainConfig, prog="python -m fastgpt.train",
-                 description="Train a GPT on a text corpus.", presets=None):
+                 description="Train a GPT on a text corpus.", presets=None, beneath=None):
     """The settings from defaults, an optional preset (one of `presets`, {name: TOML file}), an optional
-    TOML file and flags, checked by the class's validate()."""
+    TOML file and flags, checked by the class's validate(). `beneath`, a function of the settings
+    given ({name: value}), returns settings that lie between them and the defaults (those of the run
+    that --resume continues)."""
     parser = build_parser(config_class, prog, description, presets)
     namespace, unknown = parser.parse_known_args(argv)
     names = [f.name for f in leaves(config_class)]
@@ -267,10 +271,10 @@ def parse_config(argv, config_class=TrainConfig, prog="python -m fastgpt.train",
         raise FastGPTError(f"unknown setting {flag!r}{hint}")
     values = vars(namespace)
     preset, toml_file = values.pop("preset", None), values.pop("config", None)
-    settings = _read_toml(presets[preset], config_class) if preset else {}
-    settings.update(_read_toml(toml_file, config_class) if toml_file else {})
-    settings.update({name: tuple(value) if isinstance(value, list) else value for name, value in values.items()})
-    config = from_flat_values(config_class, settings)
+    given = _read_toml(presets[preset], config_class) if preset else {}
+    given.update(_read_toml(toml_file, config_class) if toml_file else {})
+    given.update({name: tuple(value) if isinstance(value, list) else value for name, value in values.items()})
+    config = from_flat_values(config_class, {**(beneath(given) if beneath else {}), **given})
     check_values(config)
     config.validate()
     return config

@@ -70,13 +70,25 @@ def fixed_setting_differences(saved_settings, config):
             for name in names if saved[name] != requested[name]]
 
 
+def resumed_run_settings(given):
+    """With --resume among the settings `given`, those the run it continues was trained with (its newest
+    checkpoint's), to lie beneath the ones given: `--resume` alone continues the run as it started, and
+    a setting given changes it where a resumed run may (--max-iters, say) and is refused where it may
+    not (the corpus, the model). The run stays in the out_dir it was found in, wherever it began."""
+    if not given.get("resume"):
+        return {}
+    latest = CheckpointFiles(given.get("out_dir", TrainConfig().out_dir), keep_last=0).latest
+    if not latest.is_file():
+        return {}  # the trainer says that there is nothing to resume
+    settings = load_checkpoint(latest, mmap=True)["config"]  # the settings alone: the tensors stay on disk
+    return {name: value for name, value in settings.items() if name != "out_dir"}
+
+
 def resume_command(config, world):
-    """The command that continues this run: the settings that differ from their defaults, plus --resume."""
-    defaults = TrainConfig().to_dict()
-    flags = [f"--{name.replace('_', '-')} {shlex.quote(str(value))}" for name, value in config.to_dict().items()
-             if name != "resume" and value != defaults[name]]
+    """The command that continues this run: its out_dir and --resume (the checkpoint holds the rest)."""
+    out_dir = [] if config.out_dir == TrainConfig().out_dir else [f"--out-dir {shlex.quote(config.out_dir)}"]
     launcher = "torchrun <the same torchrun options> -m fastgpt.train" if world.is_distributed else "python -m fastgpt.train"
-    return " ".join([launcher, *flags, "--resume"])
+    return " ".join([launcher, *out_dir, "--resume"])
 
 
 def say(message, file=sys.stdout):
@@ -178,7 +190,7 @@ class Trainer:
             raise FastGPTError(f"the checkpoint in {self.out_dir} was made with another corpus, validation split, "
                                "vocabulary, model or optimizer "
                                f"(checkpoint vs requested: {', '.join(differences)}); "
-                               "resume with the same settings or use another --out-dir")
+                               "resume without them (the checkpoint holds the run's own) or use another --out-dir")
         if checkpoint["step"] >= self.config.max_iters:
             raise FastGPTError(f"the checkpoint in {self.out_dir} is at step {checkpoint['step']}, so --max-iters "
                                f"{self.config.max_iters} leaves nothing to train; raise --max-iters to train on")
@@ -491,7 +503,8 @@ def main(argv=None):
     outcome = {}
 
     def command():
-        outcome.update(train(parse_config(sys.argv[1:] if argv is None else argv, presets=PRESETS)))
+        outcome.update(train(parse_config(sys.argv[1:] if argv is None else argv, presets=PRESETS,
+                                          beneath=resumed_run_settings)))
     status = run_cli(command)
     if status == 0 and outcome.get("stopped_by"):
         return 128 + outcome["stopped_by"]

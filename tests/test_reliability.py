@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -64,10 +65,12 @@ def test_a_run_stopped_by_a_signal_and_resumed_equals_the_straight_run(corpus, a
     monkeypatch.setattr(train.Trainer, "train_step", step_interrupted_at_5)
     assert train.main(args_for(corpus, tmp_path)) == 128 + signal.SIGTERM
     assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 5
-    assert "--resume" in capsys.readouterr().err
+    command = capsys.readouterr().err.strip().splitlines()[-1]
     monkeypatch.setattr(train.Trainer, "train_step", original_step)
 
-    assert train.main(args_for(corpus, tmp_path, "--resume")) == 0
+    # The command it printed continues it: the checkpoint holds every setting but the folder.
+    assert shlex.split(command) == ["python", "-m", "fastgpt.train", "--out-dir", str(tmp_path), "--resume"]
+    assert train.main(shlex.split(command)[3:]) == 0
     assert_same_run(tmp_path, straight_run)
 
 
@@ -213,7 +216,7 @@ def test_resume_refuses_a_checkpoint_with_another_vocabulary(corpus, args_for, s
 
 
 def test_resume_refuses_another_corpus(corpus, args_for, straight_run, tmp_path, error_line):
-    """Left out, --data is the bundled corpus: resuming without it must not quietly train on that."""
+    """A corpus given, even the bundled one (--data ''), must be the run's own."""
     shutil.copy(straight_run / "ckpt.pt", tmp_path / "ckpt.pt")
     other = tmp_path / "other.txt"
     other.write_text(corpus.read_text().upper())
