@@ -31,12 +31,14 @@ class RunLock:
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / LOCK_NAME
         self._descriptor = None
+        self._made_out_dir = False
 
     def acquire(self):
         """Take the lock, creating out_dir if needed; a FastGPTError naming the holder if it is taken."""
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise FastGPTError(f"the output directory {self.out_dir} is a file; choose another --out-dir")
         try:
+            self._made_out_dir = not self.out_dir.exists()
             self.out_dir.mkdir(parents=True, exist_ok=True)
             descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as error:
@@ -56,8 +58,15 @@ class RunLock:
         return self
 
     def release(self):
-        """Let the directory go (closing the file releases the lock); safe to call twice."""
+        """Let the directory go (closing the file releases the lock); safe to call twice. A directory
+        this lock made and nothing else wrote to (a run refused at start) goes too."""
         if self._descriptor is not None:
+            if self._made_out_dir and os.listdir(self.out_dir) == [LOCK_NAME]:
+                try:  # while the lock is held, so that no other run can be using the file
+                    self.path.unlink()
+                    self.out_dir.rmdir()
+                except OSError:
+                    pass  # another run has just made its own lock there: the directory is its
             os.ftruncate(self._descriptor, 0)  # the next reader of the file sees no stale holder
             os.close(self._descriptor)
             self._descriptor = None

@@ -59,6 +59,19 @@ def test_the_lock_excludes_a_second_holder_in_the_same_process_until_released(tm
         pass
 
 
+def test_a_directory_made_for_a_run_that_wrote_nothing_goes_with_its_lock(tmp_path):
+    """A run refused once it holds the lock (a model too large, say) leaves no empty folder behind;
+    a folder that was there before, or that the run wrote to, stays."""
+    RunLock(tmp_path / "new" / "run").acquire().release()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["new"]
+    RunLock(tmp_path / "new").acquire().release()
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [".lock"]
+    written = RunLock(tmp_path / "written").acquire()
+    (tmp_path / "written" / "config.json").write_text("{}")
+    written.release()
+    assert (tmp_path / "written" / "config.json").exists()
+
+
 def test_a_holder_still_starting_is_named_as_such(tmp_path):
     import fcntl
 
