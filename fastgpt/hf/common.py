@@ -27,8 +27,9 @@ def checkpoint_directory(directory):
     """`directory` as a Path, or a FastGPTError if it is not a directory."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise FastGPTError(f"{directory} is not a directory; point --init-from at a directory holding a GPT-2 "
-                           "or Llama checkpoint in the Hugging Face layout (config.json, model.safetensors, ...)")
+        # Said to the command line's --init-from and to GPT.from_pretrained alike.
+        raise FastGPTError(f"{directory} is not a directory; a GPT-2 or Llama checkpoint in the Hugging Face layout "
+                           "is a directory holding config.json, model.safetensors, ...")
     if (directory / CHECKPOINT_FILES["latest"]).is_file():
         raise FastGPTError(f"{directory} is a fastgpt run, not a Hugging Face checkpoint; continue it with --resume "
                            f"--out-dir {directory}, sample from it with --out-dir {directory}, or convert it with "
