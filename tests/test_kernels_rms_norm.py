@@ -90,6 +90,11 @@ def test_on_non_contiguous_inputs_batched_shapes_and_mixed_dtypes(kernel, dtype)
     check(kernel, f"{name} transposed", x, weight, grad_y)
     rows_apart = torch.randn(ROWS, 2, 48, dtype=dtype)[:, 0]  # rows 96 values apart: read in place
     check(kernel, f"{name} strided rows", rows_apart, torch.randn(48, dtype=dtype), torch.randn(ROWS, 48, dtype=dtype))
+    # Keys as the model normalises them: the (B, H, T, D) view of their share of a (B, T, 3 * H * D)
+    # projection, and a gradient in the (B, T, H, D) memory that attention writes.
+    keys = torch.randn(2, 5, 3 * 4 * 16, dtype=dtype)[..., 64:128].view(2, 5, 4, 16).transpose(1, 2)
+    grad_keys = torch.randn(2, 5, 4, 16, dtype=dtype).transpose(1, 2)
+    check(kernel, f"{name} keys of a projection", keys, None, grad_keys)
     x, weight, grad_y = torch.randn(2, 3, 5, 48, dtype=dtype), torch.randn(48, dtype=dtype), torch.randn(2, 3, 5, 48)
     check(kernel, f"{name} (2, 3, 5, 48)", x, weight, grad_y.to(dtype))
     x, weight, grad_y = inputs(ROWS, 768, torch.bfloat16, torch.float32)  # autocast: bf16 rows, fp32 weight
