@@ -1,7 +1,7 @@
 """Every training setting in one place, and how any program's settings are read.
 
-A setting comes from, in increasing priority: its default, (with --resume) the checkpoint of the run
-it continues, a bundled `--preset NAME` (training: fastgpt/presets/NAME.toml), a `--config
+A setting comes from, in increasing priority: its default, a bundled `--preset NAME` (training:
+fastgpt/presets/NAME.toml), (with --resume) the checkpoint of the run it continues, a `--config
 file.toml`, and a `--name value` flag.
 `python -m fastgpt.train --help` lists them all. The model's own settings are
 GPTConfig's (fastgpt.model); TrainConfig holds them as its `model` group, and they are given like any
@@ -255,11 +255,11 @@ def _read_toml(path, config_class):
 
 
 def parse_config(argv, config_class=TrainConfig, prog="python -m fastgpt.train",
-                 description="Train a GPT on a text corpus.", presets=None, beneath=None):
+                 description="Train a GPT on a text corpus.", presets=None, resumed_settings=None):
     """The settings from defaults, an optional preset (one of `presets`, {name: TOML file}), an optional
-    TOML file and flags, checked by the class's validate(). `beneath`, a function of the settings
-    given ({name: value}), returns settings that lie between them and the defaults (those of the run
-    that --resume continues)."""
+    TOML file and flags, checked by the class's validate(). `resumed_settings`, a function of those
+    settings ({name: value}), returns those of the run that --resume continues, which lie over the
+    preset's and under the file's and the flags' (a preset starts a run; a resumed run has started)."""
     parser = build_parser(config_class, prog, description, presets)
     namespace, unknown = parser.parse_known_args(argv)
     names = [f.name for f in leaves(config_class)]
@@ -271,10 +271,11 @@ def parse_config(argv, config_class=TrainConfig, prog="python -m fastgpt.train",
         raise FastGPTError(f"unknown setting {flag!r}{hint}")
     values = vars(namespace)
     preset, toml_file = values.pop("preset", None), values.pop("config", None)
-    given = _read_toml(presets[preset], config_class) if preset else {}
-    given.update(_read_toml(toml_file, config_class) if toml_file else {})
+    bundled = _read_toml(presets[preset], config_class) if preset else {}
+    given = _read_toml(toml_file, config_class) if toml_file else {}
     given.update({name: tuple(value) if isinstance(value, list) else value for name, value in values.items()})
-    config = from_flat_values(config_class, {**(beneath(given) if beneath else {}), **given})
+    recorded = resumed_settings({**bundled, **given}) if resumed_settings else {}
+    config = from_flat_values(config_class, {**bundled, **recorded, **given})
     check_values(config)
     config.validate()
     return config

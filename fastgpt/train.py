@@ -72,9 +72,10 @@ def fixed_setting_differences(saved_settings, config):
 
 def resumed_run_settings(given):
     """With --resume among the settings `given`, those the run it continues was trained with (its newest
-    checkpoint's), to lie beneath the ones given: `--resume` alone continues the run as it started, and
-    a setting given changes it where a resumed run may (--max-iters, say) and is refused where it may
-    not (the corpus, the model). The run stays in the out_dir it was found in, wherever it began."""
+    checkpoint's), to lie over a preset's and under a config file's and the flags': `--resume` alone
+    continues the run as it started, and a setting given changes it where a resumed run may
+    (--max-iters, say) and is refused where it may not (the corpus, the model). The run stays in the
+    out_dir it was found in, wherever it began."""
     if not given.get("resume"):
         return {}
     latest = CheckpointFiles(given.get("out_dir", TrainConfig().out_dir), keep_last=0).latest
@@ -504,7 +505,7 @@ def main(argv=None):
 
     def command():
         outcome.update(train(parse_config(sys.argv[1:] if argv is None else argv, presets=PRESETS,
-                                          beneath=resumed_run_settings)))
+                                          resumed_settings=resumed_run_settings)))
     status = run_cli(command)
     if status == 0 and outcome.get("stopped_by"):
         return 128 + outcome["stopped_by"]

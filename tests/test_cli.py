@@ -195,13 +195,16 @@ def test_a_preset_is_overridden_by_a_config_file_and_flags(tmp_path, capsys):
 
 def test_the_modern_preset_trains_resumes_and_samples(corpus, train_args, tmp_path, capsys):
     """Its settings together: a BPE tokenizer, Muon with weight decay, the embedding rate, the weight average."""
-    tiny = train_args(corpus, tmp_path, max_iters=4, eval_interval=2, sample_tokens=8)
+    tiny = train_args(corpus, tmp_path, max_iters=4, eval_interval=2, sample_tokens=8, muon_lr=0.05)
     assert train.main(["--preset", "modern", *tiny]) == 0
     checkpoint = load_checkpoint(tmp_path / "ckpt.pt")
     assert checkpoint["tokenizer"]["kind"] == "bpe" and "trained_model" in checkpoint
     assert "sample" in capsys.readouterr().out
-    assert train.main(["--preset", "modern", *train_args(corpus, tmp_path, max_iters=6), "--resume"]) == 0
-    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 6
+    # Resumed, the run keeps its own settings (the corpus, the tiny model, its Muon rate over the
+    # preset's): only what is given changes.
+    assert train.main(["--preset", "modern", "--out-dir", str(tmp_path), "--max-iters", "6", "--resume"]) == 0
+    checkpoint = load_checkpoint(tmp_path / "ckpt.pt")
+    assert checkpoint["step"] == 6 and checkpoint["config"]["muon_lr"] == 0.05
 
 
 def test_an_unknown_preset_is_one_clear_line(corpus, train_args, tmp_path, error_line):
