@@ -36,7 +36,8 @@ Runs offline and installs nothing. In order:
    SDPA's on the same inputs; last, because autotuning compiles dozens of kernels;
 8. the choices `auto` made, with the times it measured.
 
-A section that fails is reported (its error in the .json) and the next one runs.
+A section that fails, or failing GPU tests, are named at the top of the report (Report.failures),
+the next section still runs, and the script exits with an error at the end.
 
 Implementations are timed in turns with CUDA events and reported as medians (benchmarks/harness.py,
 fastgpt/timing.py). Counting: attention forward 4*B*H*T*T*D / 2 (causal; as many with fewer key/value
@@ -55,6 +56,7 @@ measured.
 import argparse
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -383,17 +385,21 @@ def run_gpu_tests(collect_only=False):
     workers = ["-n", str(GPU_TEST_WORKERS)] if importlib.util.find_spec("xdist") and not collect_only else []
     command = [sys.executable, "-m", "pytest", "-q", "--maxfail=25", "-p", "no:cacheprovider", "--durations=15",
                *workers, *GPU_TESTS, "-k", GPU_TEST_SELECTION, *(["--collect-only"] if collect_only else [])]
+    # A session of its own, so that a timeout ends pytest's workers too, not only pytest: they would
+    # go on compiling and running kernels while the benchmarks are timed.
+    tests = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
     try:
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                                timeout=GPU_TESTS_TIMEOUT_S)
-    except subprocess.TimeoutExpired as expired:
-        output = (expired.stdout or b"").decode(errors="replace")  # bytes even with text=True
-        print(output[-4000:], flush=True)
-        progress = (output.strip().splitlines() or ["(no output)"])[-1]
+        stdout, stderr = tests.communicate(timeout=GPU_TESTS_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(tests.pid, signal.SIGKILL)
+        stdout, _ = tests.communicate()
+        print(stdout[-4000:], flush=True)
+        progress = (stdout.strip().splitlines() or ["(no output)"])[-1]
         return f"TIMED OUT after {GPU_TESTS_TIMEOUT_S} s: {progress}"
-    print(result.stdout[-4000:] + result.stderr[-2000:], flush=True)
-    last = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
-    outcome = "FAILED" if result.returncode != 0 else "collected" if collect_only else "passed"
+    print(stdout[-4000:] + stderr[-2000:], flush=True)
+    last = (stdout.strip().splitlines() or ["(no output)"])[-1]
+    outcome = "FAILED" if tests.returncode != 0 else "collected" if collect_only else "passed"
     return f"{outcome}: {last}"
 
 
@@ -428,7 +434,7 @@ def main(argv=None):
 
     # Asked of the Triton backend alone: asking every backend would load (or first compile) the C++
     # one, which the GPU runs do not use.
-    reason = ops.backend_module("triton").unavailable_reason()
+    reason = choice.unavailable_reason()
     if reason is not None:
         sys.exit(f"gpu_benchmark: error: the Triton backend cannot run: {reason}")
     if args.dry_run:  # `auto` on CPU tensors picks the CPU kernels: rehearse the GPU's choice instead
@@ -447,6 +453,8 @@ def main(argv=None):
     prefix = unused_prefix(args.out, "dry-run" if args.dry_run else "gpu", report.facts["date"])
     if not args.skip_tests:
         report.facts["gpu_tests"] = run_gpu_tests(collect_only=args.dry_run)
+        if report.facts["gpu_tests"].startswith(("FAILED", "TIMED OUT")):
+            report.failures.append(f"the GPU tests: {report.facts['gpu_tests']}")
         report.facts.setdefault("section_seconds", {})["gpu_tests"] = round(time.perf_counter() - started)
         print(f"GPU tests: {report.facts['gpu_tests']} ({time.perf_counter() - started:.0f} s)", flush=True)
 
@@ -466,7 +474,7 @@ def main(argv=None):
             section(sizes, device, timer, report)
         except Exception as error:  # one section's failure (a kernel that fails on this GPU) spares the others
             traceback.print_exc()
-            report.facts.setdefault("section_errors", {})[section.__name__] = f"{type(error).__name__}: {error}"[:400]
+            report.failures.append(f"{section.__name__}: {type(error).__name__}: {str(error)[:400]}")
         # Each section's share of the run, to keep the whole within its few minutes.
         name = section.__name__.removeprefix("bench_")
         report.facts.setdefault("section_seconds", {})[name] = round(time.perf_counter() - section_started)
@@ -475,6 +483,8 @@ def main(argv=None):
         report.save(prefix)
     print(report.markdown())
     print(f"wrote {prefix}.md and .json in {report.facts['seconds']} s")
+    if report.failures:
+        sys.exit("gpu_benchmark: error: some sections failed: " + "; ".join(report.failures))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ class Report:
         self.ratios = {}  # table -> [(name, column, baseline column)]: the baseline's time over the column's
         self.notes = {}  # table -> text printed under its heading
         self.facts = {}  # what the report's numbers were measured on, and anything else to keep
+        self.failures = []  # what failed during the run, said at the top of the report
 
     def declare_ratios(self, table, ratios):
         self.ratios[table] = ratios
@@ -74,10 +75,12 @@ class Report:
         lines = [f"# {self.title}", "",
                  "Medians of alternating measurements. Ratios are speed-ups: the second column's median time "
                  "over the first's (higher is better).", "", f"measured on: {facts}"]
+        if self.failures:
+            lines += ["", "**Failed:**", *(f"- {failure}" for failure in self.failures)]
         return "\n".join(lines + self.markdown_tables()) + "\n"
 
     def to_json(self):
-        return {"title": self.title, **self.facts, "results": self.tables}
+        return {"title": self.title, **self.facts, "failures": self.failures, "results": self.tables}
 
     def save(self, prefix):
         """Write <prefix>.md and <prefix>.json; returns their paths."""

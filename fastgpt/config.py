@@ -167,7 +167,7 @@ def build_parser(config_class, prog, description, presets):
     if presets:
         parser.add_argument("--preset", choices=list(presets), metavar="NAME",
                             help=f"start from a bundled set of settings: {', '.join(presets)} (fastgpt/presets/); "
-                                 "--config and flags override it")
+                                 "--config and flags override it, and so do a resumed run's own settings")
     parser.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file (flags win)")
     sections = {config_class: parser}
     for f in fields(config_class):
@@ -254,6 +254,12 @@ def _read_toml(path, config_class):
     return settings
 
 
+def _as_settings(values):
+    """{name: value} with lists (argparse's repeated flags, a checkpoint's saved settings) as the
+    tuples that list settings hold."""
+    return {name: tuple(value) if isinstance(value, list) else value for name, value in values.items()}
+
+
 def parse_config(argv, config_class=TrainConfig, prog="python -m fastgpt.train",
                  description="Train a GPT on a text corpus.", presets=None, resumed_settings=None):
     """The settings from defaults, an optional preset (one of `presets`, {name: TOML file}), an optional
@@ -273,8 +279,8 @@ def parse_config(argv, config_class=TrainConfig, prog="python -m fastgpt.train",
     preset, toml_file = values.pop("preset", None), values.pop("config", None)
     bundled = _read_toml(presets[preset], config_class) if preset else {}
     given = _read_toml(toml_file, config_class) if toml_file else {}
-    given.update({name: tuple(value) if isinstance(value, list) else value for name, value in values.items()})
-    recorded = resumed_settings({**bundled, **given}) if resumed_settings else {}
+    given.update(_as_settings(values))
+    recorded = _as_settings(resumed_settings({**bundled, **given})) if resumed_settings else {}
     config = from_flat_values(config_class, {**bundled, **recorded, **given})
     check_values(config)
     config.validate()

@@ -22,6 +22,9 @@ from pathlib import Path
 from fastgpt.errors import FastGPTError
 
 LOCK_NAME = ".lock"
+# How often a starting run tries again when the lock file it locked was removed meanwhile (a
+# refused run taking away the folder it made); once is almost always enough.
+LOCK_ATTEMPTS = 5
 
 
 class RunLock:
@@ -37,10 +40,32 @@ class RunLock:
         """Take the lock, creating out_dir if needed; a FastGPTError naming the holder if it is taken."""
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise FastGPTError(f"the output directory {self.out_dir} is a file; choose another --out-dir")
+        self._made_out_dir = not self.out_dir.exists()
+        for _ in range(LOCK_ATTEMPTS):
+            # A run refused at start may take its folder and lock file away (release) between our
+            # making the folder and opening the file, or opening and locking it: then try again.
+            descriptor = self._open_and_lock()
+            if descriptor is not None and self._is_at_path(descriptor):
+                break
+            if descriptor is not None:
+                os.close(descriptor)
+        else:
+            raise FastGPTError(f"the output directory {self.out_dir} keeps being removed while this run starts; "
+                               "choose another --out-dir")
+        os.ftruncate(descriptor, 0)
+        holder = {"pid": os.getpid(), "command": shlex.join(sys.orig_argv)}
+        os.pwrite(descriptor, (json.dumps(holder) + "\n").encode(), 0)
+        self._descriptor = descriptor
+        return self
+
+    def _open_and_lock(self):
+        """A descriptor of the lock file, created (with out_dir) where missing, and locked; None when
+        out_dir was removed before the file could be opened."""
         try:
-            self._made_out_dir = not self.out_dir.exists()
             self.out_dir.mkdir(parents=True, exist_ok=True)
             descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            return None
         except OSError as error:
             raise FastGPTError(f"cannot write to the output directory {self.out_dir} ({error.strerror}); "
                                "choose another --out-dir") from None
@@ -51,22 +76,28 @@ class RunLock:
             os.close(descriptor)
             raise FastGPTError(f"another training run is using {self.out_dir} ({holder}); wait for it to end "
                                "or stop it, or choose another --out-dir") from None
-        os.ftruncate(descriptor, 0)
-        holder = {"pid": os.getpid(), "command": shlex.join(sys.orig_argv)}
-        os.pwrite(descriptor, (json.dumps(holder) + "\n").encode(), 0)
-        self._descriptor = descriptor
-        return self
+        return descriptor
+
+    def _is_at_path(self, descriptor):
+        """Whether the locked file is still the one at the lock's path."""
+        try:
+            at_path = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(descriptor)
+        return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)
 
     def release(self):
         """Let the directory go (closing the file releases the lock); safe to call twice. A directory
-        this lock made and nothing else wrote to (a run refused at start) goes too."""
+        this lock made and nothing else wrote to (a run refused at start) goes too, lock file and all:
+        a run that opened the file meanwhile finds it gone once it holds the lock, and makes another."""
         if self._descriptor is not None:
-            if self._made_out_dir and os.listdir(self.out_dir) == [LOCK_NAME]:
-                try:  # while the lock is held, so that no other run can be using the file
+            try:
+                if self._made_out_dir and os.listdir(self.out_dir) == [LOCK_NAME]:
                     self.path.unlink()
                     self.out_dir.rmdir()
-                except OSError:
-                    pass  # another run has just made its own lock there: the directory is its
+            except OSError:
+                pass  # the directory changed meanwhile (another run's files): it stays
             os.ftruncate(self._descriptor, 0)  # the next reader of the file sees no stale holder
             os.close(self._descriptor)
             self._descriptor = None

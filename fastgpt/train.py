@@ -81,7 +81,9 @@ def resumed_run_settings(given):
     latest = CheckpointFiles(given.get("out_dir", TrainConfig().out_dir), keep_last=0).latest
     if not latest.is_file():
         return {}  # the trainer says that there is nothing to resume
-    settings = load_checkpoint(latest, mmap=True)["config"]  # the settings alone: the tensors stay on disk
+    # The settings alone (the tensors stay on disk); a setting newer than the checkpoint has its default,
+    # as the checks of what a resumed run may change assume, not a preset's.
+    settings = {**TrainConfig().to_dict(), **load_checkpoint(latest, mmap=True)["config"]}
     return {name: value for name, value in settings.items() if name != "out_dir"}
 
 

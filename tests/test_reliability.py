@@ -215,6 +215,19 @@ def test_resume_refuses_a_checkpoint_with_another_vocabulary(corpus, args_for, s
     assert (tmp_path / "ckpt.pt").read_bytes() == before
 
 
+def test_a_setting_newer_than_the_checkpoint_resumes_at_its_default_not_a_presets(straight_run, tmp_path):
+    """A checkpoint saved before a setting existed trained without it: a preset given to resume it must
+    not switch it on mid-run."""
+    from fastgpt.config import PRESETS, parse_config
+
+    checkpoint = load_checkpoint(straight_run / "ckpt.pt")
+    del checkpoint["config"]["weight_average"]
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    config = parse_config(["--preset", "modern", "--out-dir", str(tmp_path), "--resume"], presets=PRESETS,
+                          resumed_settings=train.resumed_run_settings)
+    assert (config.weight_average, config.optimizer, config.max_iters) == (0, "adamw", 8)
+
+
 def test_resume_refuses_another_corpus(corpus, args_for, straight_run, tmp_path, error_line):
     """A corpus given, even the bundled one (--data ''), must be the run's own."""
     shutil.copy(straight_run / "ckpt.pt", tmp_path / "ckpt.pt")

@@ -72,6 +72,24 @@ def test_a_directory_made_for_a_run_that_wrote_nothing_goes_with_its_lock(tmp_pa
     assert (tmp_path / "written" / "config.json").exists()
 
 
+def test_a_lock_file_removed_before_it_was_locked_is_made_again(tmp_path, monkeypatch):
+    """A refused run taking its folder away (above) while another run opens the lock file must not leave
+    that run holding a lock nobody else can see."""
+    lock, removed = RunLock(tmp_path), []
+    open_and_lock = lock._open_and_lock
+
+    def removed_once_locked():
+        descriptor = open_and_lock()
+        if not removed:
+            removed.append((tmp_path / ".lock").unlink())
+        return descriptor
+    monkeypatch.setattr(lock, "_open_and_lock", removed_once_locked)
+    lock.acquire()
+    with pytest.raises(FastGPTError, match=f"PID {os.getpid()}: "):
+        RunLock(tmp_path).acquire()
+    lock.release()
+
+
 def test_a_holder_still_starting_is_named_as_such(tmp_path):
     import fcntl
 

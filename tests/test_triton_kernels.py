@@ -468,6 +468,7 @@ def test_gpu_benchmark_rehearsal(tmp_path):
     for fact in ("date", "torch", "triton", "numpy", "cpu", "bf16_matmul_tflops", "copy_gb_per_s", "auto_choices"):
         assert fact in results, fact
     assert results["dry_run"] is True and "DRY RUN" in table.read_text()
+    assert results["failures"] == []
     assert results["gpu_tests"].startswith("collected"), results["gpu_tests"]  # the GPU run's test files exist
     tables = results["results"]
     attention = tables["attention forward+backward (bf16, causal)"]
