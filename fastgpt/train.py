@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import shlex
 import signal
 import sys
@@ -65,9 +66,16 @@ def fixed_setting_differences(saved_settings, config):
     names = ["data", "val_fraction", "tokenizer", "optimizer"] + (["vocab_size"] if config.tokenizer == "bpe" else [])
     requested, defaults = config.to_dict(), TrainConfig().to_dict()
     saved = {name: saved_settings.get(name, defaults[name]) for name in names}
+    saved["data"] = absolute_corpus_path(saved["data"])  # an older checkpoint's may be relative to here
     shown = {"": "the bundled corpus"}  # data's default
     return [f"{name} {shown.get(saved[name], saved[name])} vs {shown.get(requested[name], requested[name])}"
             for name in names if saved[name] != requested[name]]
+
+
+def absolute_corpus_path(data):
+    """--data as an absolute path ("" stays the bundled corpus), which is how checkpoints and config.json
+    record it: --resume, eval and compare then find the corpus from any working directory."""
+    return os.path.abspath(data) if data else data
 
 
 def resumed_run_settings(given):
@@ -126,7 +134,7 @@ class Trainer:
     """
 
     def __init__(self, config, lock):
-        self.config = config
+        self.config = config = dataclasses.replace(config, data=absolute_corpus_path(config.data))
         self.world, self.device = distributed.join(pick_device(config.device))
         self.backend = use_backend(config.backend, self.device)
         self.precision = choose_precision(config.dtype, self.device)

@@ -228,6 +228,18 @@ def test_a_setting_newer_than_the_checkpoint_resumes_at_its_default_not_a_preset
     assert (config.weight_average, config.optimizer, config.max_iters) == (0, "adamw", 8)
 
 
+def test_a_run_on_a_relative_path_resumes_from_another_directory(corpus, train_args, tmp_path, monkeypatch):
+    """The corpus is recorded as an absolute path, so --resume alone finds it from anywhere."""
+    (tmp_path / "started_here").mkdir()
+    shutil.copy(corpus, tmp_path / "started_here" / "corpus.txt")
+    monkeypatch.chdir(tmp_path / "started_here")
+    assert train.main(train_args("corpus.txt", tmp_path / "run", max_iters=2)) == 0
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--out-dir", "run", "--max-iters", "4", "--resume"]) == 0
+    checkpoint = load_checkpoint(tmp_path / "run" / "ckpt.pt")
+    assert (checkpoint["step"], checkpoint["config"]["data"]) == (4, str(tmp_path / "started_here" / "corpus.txt"))
+
+
 def test_resume_refuses_another_corpus(corpus, args_for, straight_run, tmp_path, error_line):
     """A corpus given, even the bundled one (--data ''), must be the run's own."""
     shutil.copy(straight_run / "ckpt.pt", tmp_path / "ckpt.pt")
