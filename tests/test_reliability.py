@@ -228,6 +228,15 @@ def test_a_setting_newer_than_the_checkpoint_resumes_at_its_default_not_a_preset
     assert (config.weight_average, config.optimizer, config.max_iters) == (0, "adamw", 8)
 
 
+def test_resume_set_in_a_config_file_takes_the_runs_settings_too(straight_run, tmp_path):
+    from fastgpt.config import parse_config
+
+    shutil.copy(straight_run / "ckpt.pt", tmp_path / "ckpt.pt")
+    (tmp_path / "resume.toml").write_text(f'resume = true\nout_dir = "{tmp_path}"\n')
+    config = parse_config(["--config", str(tmp_path / "resume.toml")], resumed_settings=train.resumed_run_settings)
+    assert (config.max_iters, config.model.dropout, config.keep_last) == (8, 0.1, 2)
+
+
 def test_a_run_on_a_relative_path_resumes_from_another_directory(corpus, train_args, tmp_path, monkeypatch):
     """The corpus is recorded as an absolute path, so --resume alone finds it from anywhere."""
     (tmp_path / "started_here").mkdir()
