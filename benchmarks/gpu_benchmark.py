@@ -429,7 +429,6 @@ def main(argv=None):
     else:
         sys.exit("gpu_benchmark: error: no CUDA GPU here; run with --dry-run to rehearse the script on CPU")
     sys.path.insert(0, str(ROOT))  # run from a checkout even without installing
-    from fastgpt import ops
     from fastgpt.ops import choice
 
     # Asked of the Triton backend alone: asking every backend would load (or first compile) the C++

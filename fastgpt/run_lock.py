@@ -45,9 +45,9 @@ class RunLock:
             # A run refused at start may take its folder and lock file away (release) between our
             # making the folder and opening the file, or opening and locking it: then try again.
             descriptor = self._open_and_lock()
-            if descriptor is not None and self._is_at_path(descriptor):
-                break
             if descriptor is not None:
+                if self._is_at_path(descriptor):
+                    break
                 os.close(descriptor)
         else:
             raise FastGPTError(f"the output directory {self.out_dir} keeps being removed while this run starts; "
