@@ -22,7 +22,8 @@ either way. On a CPU, a 2048 x 2048 x 2048 matrix product in the runs' dtype is 
 first run and after the last: a snapshot of the machine's speed, which drifts on shared machines, to
 tell a slow pair from slow code. Writes <out>/recipe-<date>-<CPU capability or GPU>[-<tag>].md and
 .json (date, machine, versions, both runs' numbers, the verdicts) and the two runs' curves
-(`python -m fastgpt.compare`) as .png; a name already taken there gets -2, -3, ... after it.
+(`python -m fastgpt.compare`'s, each run named by its flags) as .png; a name already taken there gets
+-2, -3, ... after it.
 """
 
 import argparse
@@ -40,6 +41,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from fastgpt.cli import run_cli  # noqa: E402
+from fastgpt.compare import compare  # noqa: E402
 from fastgpt.config import PRESETS, parse_config  # noqa: E402
 from fastgpt.device import pick_device  # noqa: E402
 from fastgpt.hardware import choose_precision  # noqa: E402
@@ -145,7 +147,7 @@ def main(argv=None):
         args.out.mkdir(parents=True, exist_ok=True)
         machine = facts.get("cpu_capability") or facts["gpu"].replace(" ", "-")
         prefix = unused_prefix(args.out, "recipe", facts["date"], machine, args.tag)
-        fastgpt("compare", *map(str, directories.values()), "--to", f"{prefix}.png")
+        print(compare(list(directories.values()), f"{prefix}.png", names=list(directories)))
     targets = verdicts(runs["no arguments"], runs["--preset modern"])
     report = markdown(facts, runs, targets)
     Path(f"{prefix}.md").write_text(report)

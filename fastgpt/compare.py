@@ -59,12 +59,13 @@ def with_progress(records, config):
     return completed
 
 
-def load_run(directory):
+def load_run(directory, name):
+    """The run in `directory`, named `name` in the plot and tables."""
     records = read_metrics(Path(directory) / "metrics.jsonl")
     if not records:
         raise FastGPTError(f"{directory} has no metrics yet; wait for its first logged step")
     config = read_run_config(directory)
-    return Run(str(directory), config, with_progress(records, config))
+    return Run(name, config, with_progress(records, config))
 
 
 def summary(run):
@@ -96,11 +97,13 @@ def format_table(header, rows):
                      for row in [header, *rows])
 
 
-def compare(directories, to):
-    """Load the runs, draw their curves to `to`, and return the text of the tables."""
+def compare(directories, to, names=None):
+    """Load the runs, draw their curves to `to`, and return the text of the tables; `names` label the
+    runs there (default: their directories as given)."""
     if len(set(directories)) != len(directories):
         raise FastGPTError("a run is named twice; give each run directory once")
-    runs = [load_run(directory) for directory in directories]
+    names = names or [str(directory) for directory in directories]
+    runs = [load_run(directory, name) for directory, name in zip(directories, names)]
     try:
         plot_comparison({run.name: run.records for run in runs}, to)
     except OSError as error:

@@ -30,6 +30,9 @@ def test_recipe_script_runs_both_and_reports(tmp_path):
     assert (tmp_path / "runs" / "modern" / "ckpt.pt").exists()
     markdown = next(tmp_path.glob("recipe-*.md")).read_text()
     assert list(tmp_path.glob("recipe-*.png")) and "MISSED" in markdown and "GFLOP/s before the runs" in markdown
+    # The curves and the comparison table name the runs by their commands, not by their folders.
+    table_rows = [line.split("  ")[0] for line in result.stdout.splitlines()]
+    assert "no arguments" in table_rows and "--preset modern" in table_rows
 
 
 def test_verdicts_compare_each_target_the_right_way():
