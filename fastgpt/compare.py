@@ -103,7 +103,7 @@ def compare(directories, to, names=None):
     if len(set(directories)) != len(directories):
         raise FastGPTError("a run is named twice; give each run directory once")
     names = names or [str(directory) for directory in directories]
-    runs = [load_run(directory, name) for directory, name in zip(directories, names)]
+    runs = [load_run(directory, name) for directory, name in zip(directories, names, strict=True)]
     try:
         plot_comparison({run.name: run.records for run in runs}, to)
     except OSError as error:
