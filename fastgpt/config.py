@@ -35,7 +35,7 @@ class TrainConfig:
     # optimisation
     batch_size: int = setting(32, "sequences per micro-batch", minimum=1)
     grad_accum_steps: int = setting(1, "micro-batches accumulated into one optimizer step", minimum=1)
-    max_iters: int = setting(900, "optimizer steps to train for", minimum=1)
+    max_iters: int = setting(820, "optimizer steps to train for", minimum=1)
     optimizer: str = setting("adamw", "adamw on every parameter, or muon on the blocks' weight matrices with adamw on "
                                       "the rest (embeddings, head, gains and biases)", ["adamw", "muon"])
     learning_rate: float = setting(6e-3, "peak learning rate (of AdamW)", minimum=0)
