@@ -487,6 +487,25 @@ def test_gpu_benchmark_rehearsal(tmp_path):
     assert all(max(check.values()) < 0.1 for check in results["attention_check"].values())
 
 
+
+def test_gpu_benchmark_training_section_leaves_auto_the_default(monkeypatch):
+    """The training section sets each variant's backend for its steps; the sections after it time
+    `auto` as a call that names no backend, which must then still be the automatic choice."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_benchmark
+    from harness import Report
+
+    from fastgpt.ops import dispatch
+
+    def timer(steps, rounds):  # the built-ins' step last, as a round of turns may end
+        steps["builtins"]()
+        return {name: 1.0 for name in steps}
+    report = Report("test")
+    report.facts["bf16_matmul_tflops"] = 1.0
+    gpu_benchmark.bench_training(gpu_benchmark.SIZES["dry-run"], torch.device("cpu"), timer, report)
+    assert dispatch._default_backend is None
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--compile-for-hopper"]:
         found = check_hopper_compilation(int(sys.argv[2]), int(sys.argv[3]))
