@@ -32,10 +32,17 @@ def reference(x, weight, eps, out_dtype=None):
 
 
 def builtin(x, weight, eps, out_dtype=None):
-    """PyTorch's F.rms_norm, in fp32 for low-precision inputs as the kernels compute."""
-    compute_dtype = statistics_dtype(x.dtype)
-    return F.rms_norm(x.to(compute_dtype), x.shape[-1:], None if weight is None else weight.to(compute_dtype),
-                      eps).to(out_dtype or x.dtype)
+    """PyTorch's F.rms_norm, with the output in the contract's dtype.
+
+    F.rms_norm takes low-precision inputs as they are and keeps its statistics in fp32 itself (on a CPU, a
+    bf16 x gives the bits of casting it to fp32 first; on a GPU, one kernel instead of four), so x is
+    cast only to meet a weight of another dtype."""
+    if weight is not None and weight.dtype != x.dtype:
+        compute_dtype = statistics_dtype(x.dtype)
+        y = F.rms_norm(x.to(compute_dtype), x.shape[-1:], weight.to(compute_dtype), eps)
+    else:
+        y = F.rms_norm(x, x.shape[-1:], weight, eps)
+    return y.to(out_dtype or x.dtype)
 
 
 # ---- the kernels' contract ----
