@@ -78,7 +78,7 @@ class Chooser:
 
     def _choose(self, key, arguments, implementations):
         if torch.compiler.is_compiling():
-            return _remembered_choice(self, key)
+            return self._remembered_choice(key)
         name = self.choices.get(key)
         if name is None:
             times = self.timer({backend: _step(run, arguments) for backend, run in implementations.items()})
@@ -86,18 +86,19 @@ class Chooser:
             name = self.choices[key] = min(implementations, key=times.get)
         return name
 
+    @assume_constant_result
+    def _remembered_choice(self, key):
+        """Under torch.compile: the choice measured before for this class, else the Triton kernel (tracing
+        has fake tensors, nothing to time). A constant to the compiler, which calls it while tracing; a
+        method, because torch 2.11 gives a marked function only constants and tensors as arguments (a
+        Chooser it refuses), while a marked method gets its object."""
+        return self.choices.get(key, DEFAULT)
+
     def chosen(self):
         """What was chosen so far, one readable dict per shape class (for benchmark reports)."""
         return [dict(shape_class=[str(part) for part in key], backend=name,
                      **{f"{candidate}_ms": seconds * 1e3 for candidate, seconds in self.times.get(key, {}).items()})
                 for key, name in self.choices.items()]
-
-
-@assume_constant_result
-def _remembered_choice(chooser, key):
-    """Under torch.compile: the choice measured before for this class, else the Triton kernel (tracing
-    has fake tensors, nothing to time). A constant to the compiler, which calls it while tracing."""
-    return chooser.choices.get(key, DEFAULT)
 
 
 def _needs_grad(tensors):
