@@ -58,6 +58,20 @@ def autotuning():
     return not interpreting() and os.environ.get("FASTGPT_TRITON_AUTOTUNE", "1") != "0"
 
 
+def autotune(configs, key, pruner):
+    """`triton.autotune` as every kernel here uses it: over `configs`, retuned for each value of the
+    arguments named in `key`, after `pruner` drops the configs that would not fit (each kernel's own).
+
+    The timings are kept in Triton's cache on disk beside the compiled kernels (`cache_results`), so
+    that a later process on the same machine, with the same Triton and kernel source, runs the chosen
+    config at once instead of timing every config again.
+    """
+    import triton
+
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": pruner},
+                           cache_results=True)
+
+
 def interpreting():
     """Whether Triton runs kernels through its CPU interpreter (TRITON_INTERPRET set, read as Triton reads it).
 

@@ -65,7 +65,7 @@ import triton.language as tl
 
 from fastgpt.ops.definitions.causal_attention import empty_heads
 
-from . import autotuning, dot_precision, interpreting, mend_interpreter, unit_stride_rows
+from . import autotune, autotuning, dot_precision, interpreting, mend_interpreter, unit_stride_rows
 
 mend_interpreter()
 
@@ -326,8 +326,7 @@ def _forward_key_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_vt, queries, k
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=FORWARD_CONFIGS, key=TUNING_KEY,
-                 prune_configs_by={"early_config_prune": FORWARD_PRUNER})
+@autotune(FORWARD_CONFIGS, TUNING_KEY, FORWARD_PRUNER)
 @triton.jit
 def _attention_forward_kernel(
         Q, K, V, O, LSE,
@@ -490,13 +489,12 @@ def _attention_backward_kernel(
 
 
 # The same kernel twice, autotuned apart: the dK/dV programs keep a key block resident and stream
-# query blocks, the dQ programs the other way round, so their best tiles differ.
-_attention_backward_dkdv_kernel = triton.autotune(
-    configs=BACKWARD_DKDV_CONFIGS, key=TUNING_KEY,
-    prune_configs_by={"early_config_prune": BACKWARD_DKDV_PRUNER})(_attention_backward_kernel)
-_attention_backward_dq_kernel = triton.autotune(
-    configs=BACKWARD_DQ_CONFIGS, key=TUNING_KEY,
-    prune_configs_by={"early_config_prune": BACKWARD_DQ_PRUNER})(_attention_backward_kernel)
+# query blocks, the dQ programs the other way round, so their best tiles differ. KEY_BLOCKS in the
+# key keeps their timings apart in the cache on disk, which knows them by the kernel's source.
+_attention_backward_dkdv_kernel = autotune(BACKWARD_DKDV_CONFIGS, TUNING_KEY + ["KEY_BLOCKS"], BACKWARD_DKDV_PRUNER)(
+    _attention_backward_kernel)
+_attention_backward_dq_kernel = autotune(BACKWARD_DQ_CONFIGS, TUNING_KEY + ["KEY_BLOCKS"], BACKWARD_DQ_PRUNER)(
+    _attention_backward_kernel)
 
 
 # ---------------------------------------------------------------------------------------------

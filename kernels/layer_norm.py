@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import as_rows, autotuning, interpreting, mend_interpreter
+from . import as_rows, autotune, autotuning, interpreting, mend_interpreter
 
 mend_interpreter()
 
@@ -74,8 +74,7 @@ BACKWARD_PRUNER = ConfigPruner(max_values=32, max_warps=8)
 
 
 def _autotune(pruner):
-    return triton.autotune(configs=HOPPER_CONFIGS if autotuning() else [SINGLE_CONFIG], key=["n_cols"],
-                           prune_configs_by={"early_config_prune": pruner})
+    return autotune(HOPPER_CONFIGS if autotuning() else [SINGLE_CONFIG], ["n_cols"], pruner)
 
 
 @_autotune(FORWARD_PRUNER)

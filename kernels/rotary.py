@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import autotuning, unit_stride_rows
+from . import autotune, autotuning, unit_stride_rows
 
 # One warp for one position at a time (decoding: a warp covers up to 64 channel pairs twice over), four
 # or eight for blocks of positions. (Compiled for sm_90, one warp over eight positions spilled registers.)
@@ -63,8 +63,7 @@ def prune_configs(configs, named_args, **kwargs):
     return kept or [min(fits, key=lambda c: abs(math.log2(values_per_thread(c) / 8)))]
 
 
-@triton.autotune(configs=HOPPER_CONFIGS if autotuning() else [SINGLE_CONFIG], key=["seq_len", "HALF"],
-                 prune_configs_by={"early_config_prune": prune_configs})
+@autotune(HOPPER_CONFIGS if autotuning() else [SINGLE_CONFIG], ["seq_len", "HALF"], prune_configs)
 @triton.jit
 def _rotary_kernel(
         X, Y, stride_x_batch, stride_x_head, stride_x_pos, stride_y_batch, stride_y_head, stride_y_pos,
