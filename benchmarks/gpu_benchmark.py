@@ -26,8 +26,10 @@ Runs offline and installs nothing. In order:
 5. cross-entropy, bf16 logits of 16k rows of GPT-2's vocabulary (50304): Triton, PyTorch's
    F.cross_entropy on the logits in fp32 (the usual way to take a bf16 model's loss) and `auto`, in GB/s
    against a device copy;
-6. GPT-2 small training steps (bf16 autocast, fused AdamW) with the Triton kernels, with torch's
-   built-ins and with `auto`: tokens/s and model FLOPs utilisation against a bf16 matmul measured here;
+6. training steps (bf16 autocast) of GPT-2 small (fused AdamW) and of the recipe's two runs (the
+   no-argument run's model and optimizer, and --preset modern's, at their batches: models so small
+   that a GPU step is mostly launching kernels), each with the Triton kernels, with torch's built-ins
+   and with `auto`: tokens/s and model FLOPs utilisation against a bf16 matmul measured here;
 7. causal attention, bf16, head dims 64 and 128, T from 1024 to 8192 (B*T = 16k tokens, H*D = 2048),
    and grouped-query attention (fewer key/value heads than query heads) at a GPT-2 small-like and a
    Llama-3-8B-like shape: forward and forward+backward TFLOP/s of the Triton kernels (autotuned)
@@ -54,6 +56,7 @@ measured.
 """
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import signal
@@ -82,13 +85,13 @@ SIZES = {
         mlp_width=4096,  # the activations' N: GPT-2 small's MLP (4 x 768 = 3072) rounded up to a power of two
         copy_bytes=1 << 30, matmul_size=8192,
         model=dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, dropout=0.0, bias=True),
-        train_batch=16, rounds=7, train_rounds=5, warmup=2),
+        train_batch=16, recipe_tokens=None, rounds=7, train_rounds=5, warmup=2),
     "dry-run": dict(
         dtype=torch.bfloat16, head_dims=(16,), seq_lens=(40,), tokens=80, width=32, gqa_shapes=((1, 2, 1, 40, 16),),
         norm_rows=16, layer_norm_cols=(48,), rms_norm_cols=(48,), rotary_shapes=((2, 2, 40, 16),), mlp_width=40,
         copy_bytes=1 << 20, matmul_size=64,
         model=dict(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=128, dropout=0.0, bias=True),
-        train_batch=2, rounds=1, train_rounds=1, warmup=1),
+        train_batch=2, recipe_tokens=(1, 16), rounds=1, train_rounds=1, warmup=1),
 }
 # Every op's Triton numerics (the op contract and each kernel's own tests, a new kernel's file
 # included by its name), and the Triton backend's and `auto`'s own tests.
@@ -329,49 +332,73 @@ def bench_matmul(sizes, device, timer, report):
     report.facts["bf16_matmul_tflops"] = 2 * n ** 3 / seconds / 1e12
 
 
-def bench_training(sizes, device, timer, report):
-    from fastgpt import ops
-    from fastgpt.config import TrainConfig
-    from fastgpt.model import GPT, GPTConfig
-    from fastgpt.optim import build_optimizer
+# The recipe's two runs (benchmarks/recipe.py), whose models and optimizers the training table times too.
+RECIPE_RUNS = {"no arguments": [], "--preset modern": ["--preset", "modern"]}
+
+
+def training_cases(sizes):
+    """(row, model config, optimizer settings, batch size, sequence length) of each training row: GPT-2
+    small with AdamW; then the no-argument run's model and optimizer and `--preset modern`'s, with
+    their settings read as the trainer reads them and their vocabularies learnt from the bundled
+    corpus, at their own batches (the dry run's `recipe_tokens` instead)."""
+    from fastgpt.config import PRESETS, TrainConfig, parse_config
+    from fastgpt.data import corpus_files, fit_tokenizer
+    from fastgpt.model import GPTConfig
 
     shape = sizes["model"]
-    tokens = torch.randint(0, shape["vocab_size"], (sizes["train_batch"], shape["block_size"] + 1), device=device)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    steps, flops_per_token = {}, None
-    # "builtins" is the same model on fastgpt.ops' `torch` backend: SDPA, F.layer_norm, F.gelu.
-    for variant, backend in (("triton", "triton"), ("builtins", "torch"), ("auto", "auto")):
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(**shape)).to(device)
-        optimizer = build_optimizer(model, TrainConfig(optimizer="adamw", learning_rate=6e-4, beta2=0.95,
-                                                       weight_decay=0.1), device_type=device.type)
+    yield (f"GPT-2 small, {shape['n_layer']}L {shape['n_embd']}d", GPTConfig(**shape),
+           TrainConfig(optimizer="adamw", learning_rate=6e-4, beta2=0.95, weight_decay=0.1),
+           sizes["train_batch"], shape["block_size"])
+    for name, flags in RECIPE_RUNS.items():
+        settings = parse_config(flags, presets=PRESETS)
+        tokenizer = fit_tokenizer(settings.tokenizer, corpus_files(settings.data), settings.model.vocab_size,
+                                  settings.val_fraction)
+        model = dataclasses.replace(settings.model, vocab_size=tokenizer.vocab_size)
+        batch, seq_len = sizes["recipe_tokens"] or (settings.batch_size, model.block_size)
+        yield f"{name}, {model.n_layer}L {model.n_embd}d", model, settings, batch, seq_len
 
-        def step(model=model, optimizer=optimizer, backend=backend):
-            ops.use_backend(backend)  # the variants take turns: each sets its kernels for its step
-            with torch.autocast(device.type, dtype=sizes["dtype"]):
-                _, loss = model(inputs, targets)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        steps[variant] = step
-        head_dim = shape["n_embd"] // shape["n_head"]
-        flops_per_token = (6 * model.num_parameters()
-                           + 12 * shape["n_layer"] * shape["n_head"] * head_dim * shape["block_size"])
-    tokens_per_step = inputs.numel()
+
+def bench_training(sizes, device, timer, report):
+    from fastgpt import ops
+    from fastgpt.model import GPT
+    from fastgpt.optim import build_optimizer
+
+    table = "training step (bf16 autocast, eager)"
     ceiling = report.facts["bf16_matmul_tflops"] * 1e12
-    table = "GPT-2 small training step (bf16 autocast, eager)"
-    report.note(table, f"batch {sizes['train_batch']} x {shape['block_size']} tokens; MFU against the bf16 matmul "
-                       f"measured in this run ({report.facts['bf16_matmul_tflops']:.4g} TFLOP/s)")
-    report.declare_ratios(table, [("triton vs builtins", "triton", "builtins"), ("auto vs builtins", "auto", "builtins")])
-    try:
-        times = timer(steps, rounds=sizes["train_rounds"])
-    finally:  # the sections after this one time `auto` as a call with no backend named runs it
-        ops.use_backend(None)
-    for name, seconds in times.items():
-        report.add(table, f"{shape['n_layer']}L {shape['n_embd']}d", name, seconds,
-                   tokens_per_s=lambda s: tokens_per_step / s,
-                   mfu_percent=lambda s: 100 * tokens_per_step * flops_per_token / s / ceiling)
-    print("training done", flush=True)
+    report.note(table, f"GPT-2 small: batch {sizes['train_batch']} x {sizes['model']['block_size']} tokens, AdamW; "
+                       "the recipe's runs: their models, batches and optimizers (Muon's iteration in bf16, as the "
+                       "trainer runs it on a GPU), without the weight average. MFU against the bf16 matmul "
+                       f"measured in this run ({ceiling / 1e12:.4g} TFLOP/s)")
+    report.declare_ratios(table, [("triton vs builtins", "triton", "builtins"),
+                                  ("auto vs builtins", "auto", "builtins")])
+    for row, model_config, settings, batch, seq_len in training_cases(sizes):
+        tokens = torch.randint(0, model_config.vocab_size, (batch, seq_len + 1), device=device)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        steps = {}
+        # "builtins" is the same model on fastgpt.ops' `torch` backend: SDPA, F.layer_norm, F.gelu, ...
+        for variant, backend in (("triton", "triton"), ("builtins", "torch"), ("auto", "auto")):
+            torch.manual_seed(0)
+            model = GPT(model_config).to(device)
+            optimizer = build_optimizer(model, settings, device_type=device.type, ns_dtype=sizes["dtype"])
+
+            def step(model=model, optimizer=optimizer, backend=backend):
+                ops.use_backend(backend)  # the variants take turns: each sets its kernels for its step
+                with torch.autocast(device.type, dtype=sizes["dtype"]):
+                    _, loss = model(inputs, targets)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            steps[variant] = step
+        flops_per_token = 6 * model.num_parameters() + 12 * model_config.n_layer * model_config.n_embd * seq_len
+        tokens_per_step = inputs.numel()
+        try:
+            times = timer(steps, rounds=sizes["train_rounds"])
+        finally:  # the sections after this one time `auto` as a call with no backend named runs it
+            ops.use_backend(None)
+        for name, seconds in times.items():
+            report.add(table, row, name, seconds, tokens_per_s=lambda s: tokens_per_step / s,
+                       mfu_percent=lambda s: 100 * tokens_per_step * flops_per_token / s / ceiling)
+        print(f"training {row} done", flush=True)
 
 
 def run_gpu_tests(log_path, collect_only=False):

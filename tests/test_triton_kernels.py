@@ -481,8 +481,9 @@ def test_gpu_benchmark_rehearsal(tmp_path):
         for which in ("forward", "forward+backward"):
             for cells in tables[f"{op} {which} (bf16)"].values():
                 assert all(cells[name]["median_ms"] > 0 for name in ("triton", "auto", baseline)), (op, which)
-    training = tables["GPT-2 small training step (bf16 autocast, eager)"]
-    assert {name for cells in training.values() for name in cells} == {"triton", "builtins", "auto"}
+    training = tables["training step (bf16 autocast, eager)"]
+    assert [row.split(",")[0] for row in training] == ["GPT-2 small", "no arguments", "--preset modern"]
+    assert all(set(cells) == {"triton", "builtins", "auto"} for cells in training.values())
     assert {row["backend"] for row in results["auto_choices"]} <= {"triton", "torch"}
     assert all(max(check.values()) < 0.1 for check in results["attention_check"].values())
 
