@@ -488,7 +488,6 @@ def test_gpu_benchmark_rehearsal(tmp_path):
     assert all(max(check.values()) < 0.1 for check in results["attention_check"].values())
 
 
-
 def test_gpu_benchmark_training_section_leaves_auto_the_default(monkeypatch):
     """The training section sets each variant's backend for its steps; the sections after it time
     `auto` as a call that names no backend, which must then still be the automatic choice."""
