@@ -56,7 +56,6 @@ measured.
 """
 
 import argparse
-import dataclasses
 import importlib.util
 import os
 import signal
@@ -332,18 +331,17 @@ def bench_matmul(sizes, device, timer, report):
     report.facts["bf16_matmul_tflops"] = 2 * n ** 3 / seconds / 1e12
 
 
-# The recipe's two runs (benchmarks/recipe.py), whose models and optimizers the training table times too.
-RECIPE_RUNS = {"no arguments": [], "--preset modern": ["--preset", "modern"]}
-
-
 def training_cases(sizes):
     """(row, model config, optimizer settings, batch size, sequence length) of each training row: GPT-2
     small with AdamW; then the no-argument run's model and optimizer and `--preset modern`'s, with
     their settings read as the trainer reads them and their vocabularies learnt from the bundled
     corpus, at their own batches (the dry run's `recipe_tokens` instead)."""
+    from recipe import RUNS as RECIPE_RUNS
+
     from fastgpt.config import PRESETS, TrainConfig, parse_config
     from fastgpt.data import corpus_files, fit_tokenizer
     from fastgpt.model import GPTConfig
+    from fastgpt.train import requested_model_config
 
     shape = sizes["model"]
     yield (f"GPT-2 small, {shape['n_layer']}L {shape['n_embd']}d", GPTConfig(**shape),
@@ -353,7 +351,7 @@ def training_cases(sizes):
         settings = parse_config(flags, presets=PRESETS)
         tokenizer = fit_tokenizer(settings.tokenizer, corpus_files(settings.data), settings.model.vocab_size,
                                   settings.val_fraction)
-        model = dataclasses.replace(settings.model, vocab_size=tokenizer.vocab_size)
+        model = requested_model_config(settings, tokenizer.vocab_size)
         batch, seq_len = sizes["recipe_tokens"] or (settings.batch_size, model.block_size)
         yield f"{name}, {model.n_layer}L {model.n_embd}d", model, settings, batch, seq_len
 
