@@ -24,6 +24,7 @@ mistaken flag, answers without waiting for them.
 """
 
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -119,6 +120,13 @@ def fsdp_precision(compute_dtype, device):
     return MixedPrecisionPolicy()
 
 
+def fully_sharded(module):
+    """Whether `fully_shard` has sharded this module: its parameters are then whole only while it is
+    being called. (Without torch.distributed.fsdp imported, nothing can have been.)"""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(module, fsdp.FSDPModule)
+
+
 @contextmanager
 def gradient_sync(runner, model, enabled):
     """Skip the gradient all-reduce on accumulation micro-steps: only the last one's sum matters.
@@ -128,7 +136,7 @@ def gradient_sync(runner, model, enabled):
     elif isinstance(runner, DistributedDataParallel):
         with runner.no_sync():
             yield
-    elif hasattr(model, "set_requires_gradient_sync"):  # sharded by fully_shard (an FSDPModule)
+    elif fully_sharded(model):
         model.set_requires_gradient_sync(False)
         try:
             yield

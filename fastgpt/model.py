@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastgpt import hf, ops
+from fastgpt.distributed import fully_sharded
 from fastgpt.errors import FastGPTError
 from fastgpt.hf.gpt2 import MLP_RATIO
 from fastgpt.settings import check_values, setting
@@ -401,9 +402,10 @@ class GPT(nn.Module):
         x = dropout(x, self.config.dropout, self.training)
         # One new token per sequence, in inference: where the backend fuses this kind of block into
         # one op for this case (ops.block_decoder), each block is that op instead of about twenty.
-        # Not under autocast, whose choice of precision per op the fused op would not follow.
+        # Not under autocast, whose choice of precision per op the fused op would not follow, nor on
+        # blocks sharded by FSDP, whose weights are gathered only when a block itself is called.
         inference = (not torch.is_grad_enabled() and not (self.training and self.config.dropout > 0)
-                     and not torch.is_autocast_enabled(x.device.type))
+                     and not torch.is_autocast_enabled(x.device.type) and not fully_sharded(self.transformer.h[0]))
         decoder = ops.block_decoder(x, self.block_description) if cache and T == 1 and inference else None
         for block, layer_cache in zip(self.transformer.h, cache or [None] * len(self.transformer.h)):
             x = block.decode(x, layer_cache, decoder) if decoder else block(x, layer_cache)
