@@ -97,6 +97,12 @@ class Muon(torch.optim.Optimizer):
                 if p.dim() != 2:
                     raise ValueError(f"Muon updates 2-D weight matrices only, not a parameter of shape {tuple(p.shape)}")
 
+    def _momentum_buffer(self, p):
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        return state["momentum_buffer"]
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -105,24 +111,27 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            # Each arithmetic step goes over all matrices in one call (torch._foreach_*): on a GPU a step
+            # of a small model is bound by how many kernels it launches, not by their work.
+            grads = [p.grad for p in params]
+            buffers = [self._momentum_buffer(p) for p in params]
+            torch._foreach_lerp_(buffers, grads, 1 - momentum)
+            updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
+            if decay:
+                torch._foreach_mul_(params, 1 - lr * decay)
             # Matrices of one shape are orthogonalised together: one batched product instead of several.
             by_shape = defaultdict(list)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buffer = state["momentum_buffer"]
-                buffer.lerp_(p.grad, 1 - momentum)
-                by_shape[p.shape].append((p, p.grad.lerp(buffer, momentum) if group["nesterov"] else buffer))
+            for p, update in zip(params, updates):
+                by_shape[p.shape].append((p, update))
             for shape, pairs in by_shape.items():
-                updates = orthogonalize(torch.stack([update for _, update in pairs]), group["ns_steps"],
-                                        self.ns_dtype)
-                step_size = lr * update_scale(shape)
-                for (p, _), update in zip(pairs, updates):
-                    p.mul_(1 - lr * decay)
-                    p.add_(update, alpha=-step_size)
+                same_shape = [p for p, _ in pairs]
+                orthogonal = orthogonalize(torch.stack([update for _, update in pairs]), group["ns_steps"],
+                                           self.ns_dtype)
+                torch._foreach_add_(same_shape, orthogonal.to(same_shape[0].dtype).unbind(),
+                                    alpha=-lr * update_scale(shape))
         return loss
 
 

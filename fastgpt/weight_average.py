@@ -36,8 +36,7 @@ class WeightAverage:
     def update(self):
         """Move the average toward the model's weights; called after each optimizer step."""
         with torch.no_grad():
-            for average, weight in zip(self.average, self._parameters()):
-                average.lerp_(weight, 1 - self.decay)
+            torch._foreach_lerp_(self.average, self._parameters(), 1 - self.decay)
 
     @contextmanager
     def swapped_in(self):
