@@ -190,15 +190,16 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cache=None):
         B, T, C = x.shape
         D = self.head_dim
-        q, k, v = self.c_attn(x).split([self.n_head * D, self.n_kv_head * D, self.n_kv_head * D], dim=-1)
-        # (B, T, heads * D) -> (B, heads, T, D) views; the fused kernels read these strides directly.
-        q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in (q, k, v))
+        # (B, T, (H + 2 Hkv) * D) -> (B, H + 2 Hkv, T, D), a view: the fused kernels read its strides directly.
+        qkv = self.c_attn(x).view(B, T, -1, D).transpose(1, 2)
+        qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
+        # Queries and keys are normalised and rotated alike, so each op takes all their heads in one call.
         if self.qk_norm_eps is not None:
-            q, k = ops.rms_norm(q, None, self.qk_norm_eps), ops.rms_norm(k, None, self.qk_norm_eps)
+            qk = ops.rms_norm(qk, None, self.qk_norm_eps)
         if self.rope_base is not None:
             # The new tokens' positions follow the cached ones'.
-            start = cache.position if cache is not None else 0
-            q, k = (ops.rotary(t, offset=start, base=self.rope_base) for t in (q, k))
+            qk = ops.rotary(qk, offset=cache.position if cache is not None else 0, base=self.rope_base)
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
         if cache is not None:
             # The new queries attend over every cached key as well as the new ones; the op aligns
             # its causal mask to the end, so query i sees the cache and the new keys up to its own.
