@@ -5,7 +5,7 @@
     python benchmarks/profile_step.py --steps 20 -- --mlp swiglu --dtype float32
 
 Builds the run as `python -m fastgpt.train` would with those flags (its data, model, optimizer,
-dtype and kernels, in a temporary out_dir) on the CPU, trains --warmup steps, times --steps steps,
+dtype and kernels, in a temporary out_dir) on the CPU (`-- --device cuda`: on the GPU), trains --warmup steps, times --steps steps,
 then runs --steps more under torch.profiler. Each operation's own time (not counting the operations
 it calls) goes to a kind (matrix products, attention, norms, ...) and to the phase of the step it
 ran in, which the trainer labels: forward, backward, optimizer (gradient clipping and the weight
@@ -20,9 +20,14 @@ the same process: a step whose products run near that rate and take most of its 
 faster by doing fewer of them. The profiler adds a little to every operation: the shares are of a
 profiled step (the mean), beside which the mean unprofiled step is given.
 
-Profiles CPU steps (on a GPU the time is the kernels', which torch.profiler's trace shows). Writes
-<out>/profile-<date>-<CPU capability>[-<tag>].md and .json (a name already taken there gets -2, -3,
-... after it), and prints the tables.
+On a GPU the table's times are the host's: what issuing each kind of operation costs the CPU, and,
+in `aten::_local_scalar_dense`, waiting for the GPU where the step reads its loss. Beside them come
+the GPU's kernels (and copies) a step, and how long they kept it busy: a step far longer than that
+is bound by the host, by how many operations it launches rather than by their work, and fewer, fused
+operations are what make it faster. The products' rate is measured on CPUs only.
+
+Writes <out>/profile-<date>-<CPU capability or GPU>[-<tag>].md and .json (a name already taken there
+gets -2, -3, ... after it), and prints the tables.
 """
 
 import argparse
@@ -37,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from fastgpt.cli import run_cli  # noqa: E402
@@ -109,13 +115,24 @@ def operations(events):
 
 
 def breakdown(events, steps):
-    """{(kind, phase): seconds per step} and {operation name: seconds per step} of the operations' own times."""
+    """{(kind, phase): seconds per step} and {operation name: seconds per step} of the operations' own
+    times on the host (the CPU)."""
     seconds, by_name = defaultdict(float), defaultdict(float)
     for event in operations(events):
+        if event.device_type != DeviceType.CPU:
+            continue
         own = event.self_cpu_time_total / 1e6 / steps
         seconds[(kind_of(event.name), phase_of(event))] += own
         by_name[event.name] += own
     return seconds, by_name
+
+
+def gpu_work(events, steps):
+    """{"gpu_kernels_per_step", "gpu_busy_ms"}: the kernels and copies the GPU ran a step, and their
+    summed time (ms per step), from a profile that recorded CUDA activity."""
+    kernels = [event for event in events if event.device_type == DeviceType.CUDA]
+    return {"gpu_kernels_per_step": len(kernels) / steps,
+            "gpu_busy_ms": sum(event.device_time_total for event in kernels) / 1e3 / steps}
 
 
 def product_flops(trainer):
@@ -142,6 +159,11 @@ def markdown(facts, summary, seconds, by_name, listed=12):
                      + f" | {sum(cells):.2f} | {sum(cells) / 1e3 / step:.1%} |")
     outside = summary["outside_ms"]
     lines.append(f"| {OUTSIDE} | | | | | {outside:.2f} | {outside / 1e3 / step:.1%} |")
+    if "gpu_busy_ms" in summary:
+        lines += ["", f"On the GPU: {summary['gpu_kernels_per_step']:.0f} kernels and copies a step, busy for "
+                      f"{summary['gpu_busy_ms']:.2f} ms of the {summary['step_ms']:.1f} ms step "
+                      f"({summary['gpu_busy_ms'] / summary['step_ms']:.0%}). The times above are the host's "
+                      "(issuing the operations; waiting for the GPU in `aten::_local_scalar_dense`)."]
     lines += ["", f"The {listed} operations that took the most time of their own:", "",
               "| operation | kind | per step ms | share of the step |", "| --- | --- | --- | --- |"]
     for name, value in sorted(by_name.items(), key=lambda item: -item[1])[:listed]:
@@ -169,27 +191,32 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as out_dir:
         config = parse_config(["--device", "cpu", *args.flags, "--out-dir", out_dir], presets=PRESETS)
-        if pick_device(config.device).type != "cpu":
-            raise FastGPTError("profile_step.py sums the time operations take on the CPU: leave out --device (on "
-                               "a GPU, the kernels' own times are in torch.profiler's trace)")
+        device_type = pick_device(config.device).type
+        if device_type not in ("cpu", "cuda"):
+            raise FastGPTError(f"profile_step.py profiles steps on a CPU or a CUDA GPU, not on {device_type}")
+        on_gpu = device_type == "cuda"
         lock = RunLock(config.out_dir)
         try:
             trainer = Trainer(config, lock)
             mean_step(trainer, args.warmup)
+            # Each step reads its loss (.item()), which waits for the GPU: the steps' wall times are whole.
             unprofiled = mean_step(trainer, args.steps)
-            reference = product_rate(getattr(torch, trainer.precision.dtype))
-            with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            reference = None if on_gpu else product_rate(getattr(torch, trainer.precision.dtype))
+            activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
+            with profile(activities=activities) as profiler:
                 step = mean_step(trainer, args.steps)
-            flops = product_flops(trainer)
+            flops = None if on_gpu else product_flops(trainer)
         finally:
             lock.release()
     seconds, by_name = breakdown(profiler.events(), args.steps)
     product_seconds = sum(by_name.get(name, 0.0) for name in COUNTED_PRODUCTS)
     tokens = config.batch_size * config.grad_accum_steps * config.model.block_size
     summary = {"steps": args.steps, "step_ms": step * 1e3, "unprofiled_step_ms": unprofiled * 1e3,
-               "tokens_per_s": tokens / unprofiled, "outside_ms": (step - sum(seconds.values())) * 1e3,
-               "reference_gflops": reference / 1e9}
-    if flops and product_seconds > 0:
+               "tokens_per_s": tokens / unprofiled, "outside_ms": (step - sum(seconds.values())) * 1e3}
+    if on_gpu:
+        summary.update(gpu_work(profiler.events(), args.steps))
+    elif flops and product_seconds > 0:
+        summary["reference_gflops"] = reference / 1e9
         summary["products_gflops"] = flops / product_seconds / 1e9
         summary["products_share_of_reference"] = flops / product_seconds / reference
 
@@ -197,7 +224,8 @@ def main(argv=None):
              "kernels": trainer.backend, "flags": " ".join(args.flags) or "none"}
     report = markdown(facts, summary, seconds, by_name)
     args.out.mkdir(parents=True, exist_ok=True)
-    prefix = unused_prefix(args.out, "profile", facts["date"], facts["cpu_capability"], args.tag)
+    machine = facts.get("cpu_capability") or facts["gpu"].replace(" ", "-")
+    prefix = unused_prefix(args.out, "profile", facts["date"], machine, args.tag)
     Path(f"{prefix}.md").write_text(report)
     rows = [{"kind": kind, "phase": phase, "ms_per_step": value * 1e3} for (kind, phase), value in seconds.items()]
     names = {name: value * 1e3 for name, value in sorted(by_name.items(), key=lambda item: -item[1])}

@@ -1,13 +1,17 @@
 """benchmarks/profile_step.py, where a training step's time goes, on a tiny model: every phase and kind
 it reports is found, the operations' times fit in the step's, the kinds are read right from the
-profiler's names, a mistaken trainer flag is one line, and a second run of one name keeps the first's
-files."""
+profiler's names, a mistaken trainer flag is one line, a second run of one name keeps the first's
+files, and on a GPU its kernels are counted apart from the host's time."""
 
 import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from torch.autograd import DeviceType
 
 from conftest import TINY_RUN
 
@@ -77,3 +81,14 @@ def test_kinds_of_the_profilers_names():
              "autograd::engine::evaluate_function: AddmmBackward0": profile_step.BOOKKEEPING,
              "aten::cat": "copies and casts", "aten::scatter_add_": profile_step.OTHER}
     assert {name: profile_step.kind_of(name) for name in kinds} == kinds
+
+
+def test_on_a_gpu_the_kernels_are_counted_apart_from_the_hosts_time():
+    profile_step = load_profile_step()
+    host = SimpleNamespace(name="aten::mm", device_type=DeviceType.CPU, self_cpu_time_total=300.0, cpu_parent=None)
+    kernels = [SimpleNamespace(name="sm90_gemm", device_type=DeviceType.CUDA, self_cpu_time_total=0.0,
+                               device_time_total=50.0, cpu_parent=None) for _ in range(4)]
+    _, by_name = profile_step.breakdown([host, *kernels], steps=2)
+    assert by_name == {"aten::mm": pytest.approx(150e-6)}
+    work = profile_step.gpu_work([host, *kernels], steps=2)
+    assert work == {"gpu_kernels_per_step": 2.0, "gpu_busy_ms": pytest.approx(0.1)}
