@@ -3,6 +3,7 @@
     python benchmarks/profile_step.py                                   # the no-argument run's step
     python benchmarks/profile_step.py -- --preset modern                # flags after -- go to the trainer
     python benchmarks/profile_step.py --steps 20 -- --mlp swiglu --dtype float32
+    python benchmarks/profile_step.py -- --device cuda --preset modern   # a step on the GPU
 
 Builds the run as `python -m fastgpt.train` would with those flags (its data, model, optimizer,
 dtype and kernels, in a temporary out_dir) on the CPU (`-- --device cuda`: on the GPU), trains --warmup steps, times --steps steps,
