@@ -21,8 +21,8 @@ the same process: a step whose products run near that rate and take most of its 
 faster by doing fewer of them. The profiler adds a little to every operation: the shares are of a
 profiled step (the mean), beside which the mean unprofiled step is given.
 
-On a GPU the table's times are the host's: what issuing each kind of operation costs the CPU, and,
-in `aten::_local_scalar_dense`, waiting for the GPU where the step reads its loss. Beside them come
+On a GPU the table's times are the host's: what issuing each kind of operation costs the CPU, the
+CUDA calls that launch kernels, and the waiting for the GPU where the step reads its loss. Beside them come
 the GPU's kernels (and copies) a step, and how long they kept it busy: a step far longer than that
 is bound by the host, by how many operations it launches rather than by their work, and fewer, fused
 operations are what make it faster. The products' rate is measured on CPUs only.
@@ -66,6 +66,10 @@ MATRIX_PRODUCTS = "matrix products"
 # is no operation's: the time autograd's engine and the optimizers' step methods spend around the
 # operations they call ("Optimizer.step#AdamW.step" would otherwise read as an AdamW update).
 KINDS = [
+    # On a GPU, the CUDA runtime's and driver's calls, which the profiler records under the operations
+    # that make them: the launches, and the waits where the host reads a result (the step's loss).
+    ("launching GPU kernels", ("cudalaunchkernel", "culaunchkernel")),
+    ("waiting for the GPU", ("synchronize", "cudamemcpy")),
     (BOOKKEEPING, ("autograd::engine::evaluate_function", "optimizer.step#", "optimizer.zero_grad#")),
     (MATRIX_PRODUCTS, ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::matmul",
                        "aten::linear", "mmbackward", "bmmbackward", "linearbackward")),
@@ -131,7 +135,10 @@ def breakdown(events, steps):
 def gpu_work(events, steps):
     """{"gpu_kernels_per_step", "gpu_busy_ms"}: the kernels and copies the GPU ran a step, and their
     summed time (ms per step), from a profile that recorded CUDA activity."""
-    kernels = [event for event in events if event.device_type == DeviceType.CUDA]
+    # The profiler also draws each labelled range (the phases, the optimizers' steps) on the GPU's
+    # timeline, spanning kernels and the gaps between them: those are not work.
+    kernels = [event for event in events
+               if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)]
     return {"gpu_kernels_per_step": len(kernels) / steps,
             "gpu_busy_ms": sum(event.device_time_total for event in kernels) / 1e3 / steps}
 
@@ -163,8 +170,8 @@ def markdown(facts, summary, seconds, by_name, listed=12):
     if "gpu_busy_ms" in summary:
         lines += ["", f"On the GPU: {summary['gpu_kernels_per_step']:.0f} kernels and copies a step, busy for "
                       f"{summary['gpu_busy_ms']:.2f} ms of the {summary['step_ms']:.1f} ms step "
-                      f"({summary['gpu_busy_ms'] / summary['step_ms']:.0%}). The times above are the host's "
-                      "(issuing the operations; waiting for the GPU in `aten::_local_scalar_dense`)."]
+                      f"({summary['gpu_busy_ms'] / summary['step_ms']:.0%}). The times above are the host's: "
+                      "issuing the operations, launching their kernels, waiting for the GPU."]
     lines += ["", f"The {listed} operations that took the most time of their own:", "",
               "| operation | kind | per step ms | share of the step |", "| --- | --- | --- | --- |"]
     for name, value in sorted(by_name.items(), key=lambda item: -item[1])[:listed]:

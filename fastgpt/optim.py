@@ -119,7 +119,12 @@ class Muon(torch.optim.Optimizer):
             grads = [p.grad for p in params]
             buffers = [self._momentum_buffer(p) for p in params]
             torch._foreach_lerp_(buffers, grads, 1 - momentum)
-            updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
+            if group["nesterov"]:
+                # The look-ahead overwrites the gradients, as Muon's reference implementation does (they
+                # are not read again before they are zeroed); in-place foreach ops also serve FSDP's
+                # sharded tensors, as they do torch's own optimizers.
+                torch._foreach_lerp_(grads, buffers, momentum)
+            updates = grads if group["nesterov"] else buffers
             if decay:
                 torch._foreach_mul_(params, 1 - lr * decay)
             # Matrices of one shape are orthogonalised together: one batched product instead of several.
@@ -130,8 +135,10 @@ class Muon(torch.optim.Optimizer):
                 same_shape = [p for p, _ in pairs]
                 orthogonal = orthogonalize(torch.stack([update for _, update in pairs]), group["ns_steps"],
                                            self.ns_dtype)
-                torch._foreach_add_(same_shape, orthogonal.to(same_shape[0].dtype).unbind(),
-                                    alpha=-lr * update_scale(shape))
+                # In the weights' dtype where that is wider (an exact cast, which lets the add run as one
+                # kernel on a GPU), never narrower (which would round the update twice).
+                wider = torch.promote_types(orthogonal.dtype, same_shape[0].dtype)
+                torch._foreach_add_(same_shape, orthogonal.to(wider).unbind(), alpha=-lr * update_scale(shape))
         return loss
 
 

@@ -85,10 +85,18 @@ def test_kinds_of_the_profilers_names():
 
 def test_on_a_gpu_the_kernels_are_counted_apart_from_the_hosts_time():
     profile_step = load_profile_step()
-    host = SimpleNamespace(name="aten::mm", device_type=DeviceType.CPU, self_cpu_time_total=300.0, cpu_parent=None)
-    kernels = [SimpleNamespace(name="sm90_gemm", device_type=DeviceType.CUDA, self_cpu_time_total=0.0,
-                               device_time_total=50.0, cpu_parent=None) for _ in range(4)]
-    _, by_name = profile_step.breakdown([host, *kernels], steps=2)
-    assert by_name == {"aten::mm": pytest.approx(150e-6)}
-    work = profile_step.gpu_work([host, *kernels], steps=2)
+    def event(name, device_type, cpu_us=0.0, gpu_us=0.0, annotation=False):
+        return SimpleNamespace(name=name, device_type=device_type, self_cpu_time_total=cpu_us, device_time_total=gpu_us,
+                               is_user_annotation=annotation, cpu_parent=None)
+    host = [event("aten::mm", DeviceType.CPU, cpu_us=300.0), event("cudaLaunchKernel", DeviceType.CPU, cpu_us=40.0),
+            event("cudaStreamSynchronize", DeviceType.CPU, cpu_us=100.0)]
+    kernels = [event("sm90_gemm", DeviceType.CUDA, gpu_us=50.0) for _ in range(4)]
+    # The phases, as the profiler also draws them on the GPU's timeline: not kernels.
+    labels = [event("forward", DeviceType.CUDA, gpu_us=900.0, annotation=True)]
+    seconds, by_name = profile_step.breakdown([*host, *kernels, *labels], steps=2)
+    assert by_name == {"aten::mm": pytest.approx(150e-6), "cudaLaunchKernel": pytest.approx(20e-6),
+                       "cudaStreamSynchronize": pytest.approx(50e-6)}
+    assert set(seconds) == {("matrix products", "between phases"), ("launching GPU kernels", "between phases"),
+                            ("waiting for the GPU", "between phases")}
+    work = profile_step.gpu_work([*host, *kernels, *labels], steps=2)
     assert work == {"gpu_kernels_per_step": 2.0, "gpu_busy_ms": pytest.approx(0.1)}
