@@ -6,15 +6,15 @@
     python benchmarks/profile_step.py -- --device cuda --preset modern   # a step on the GPU
 
 Builds the run as `python -m fastgpt.train` would with those flags (its data, model, optimizer,
-dtype and kernels, in a temporary out_dir) on the CPU (`-- --device cuda`: on the GPU), trains --warmup steps, times --steps steps,
-then runs --steps more under torch.profiler. Each operation's own time (not counting the operations
-it calls) goes to a kind (matrix products, attention, norms, ...) and to the phase of the step it
-ran in, which the trainer labels: forward, backward, optimizer (gradient clipping and the weight
-average included), or between them (the batch, the loss's sum across processes, zeroing the
-gradients). The kinds are read from the names of fastgpt's fused ops and of PyTorch's own
-(`--backend torch`); the reference backend's plain operations count as what they are (products,
-elementwise arithmetic). Besides the operations: the bookkeeping of autograd and of the optimizers'
-Python loops, and Python's own time outside any operation.
+dtype and kernels, in a temporary out_dir) on the CPU (`-- --device cuda`: on the GPU), trains
+--warmup steps, times --steps steps, then runs --steps more under torch.profiler. Each operation's
+own time (not counting the operations it calls) goes to a kind (matrix products, attention, norms,
+...) and to the phase of the step it ran in, which the trainer labels: forward, backward, optimizer
+(gradient clipping and the weight average included), or between them (the batch, the loss's sum
+across processes, zeroing the gradients). The kinds are read from the names of fastgpt's fused ops
+and of PyTorch's own (`--backend torch`); the reference backend's plain operations count as what
+they are (products, elementwise arithmetic). Besides the operations: the bookkeeping of autograd and
+of the optimizers' Python loops, and Python's own time outside any operation.
 
 The matrix products' speed is set against a 2048 x 2048 x 2048 product in the same dtype, timed in
 the same process: a step whose products run near that rate and take most of its time can only get
@@ -22,10 +22,10 @@ faster by doing fewer of them. The profiler adds a little to every operation: th
 profiled step (the mean), beside which the mean unprofiled step is given.
 
 On a GPU the table's times are the host's: what issuing each kind of operation costs the CPU, the
-CUDA calls that launch kernels, and the waiting for the GPU where the step reads its loss. Beside them come
-the GPU's kernels (and copies) a step, and how long they kept it busy: a step far longer than that
-is bound by the host, by how many operations it launches rather than by their work, and fewer, fused
-operations are what make it faster. The products' rate is measured on CPUs only.
+CUDA calls that launch kernels, and the waiting for the GPU where the step reads its loss. Beside
+them come the GPU's kernels (and copies) a step, and how long they kept it busy: a step far longer
+than that is bound by the host, by how many operations it launches rather than by their work, and
+fewer, fused operations are what make it faster. The products' rate is measured on CPUs only.
 
 Writes <out>/profile-<date>-<CPU capability or GPU>[-<tag>].md and .json (a name already taken there
 gets -2, -3, ... after it), and prints the tables.
@@ -216,13 +216,14 @@ def main(argv=None):
             flops = None if on_gpu else product_flops(trainer)
         finally:
             lock.release()
-    seconds, by_name = breakdown(profiler.events(), args.steps)
+    events = profiler.events()
+    seconds, by_name = breakdown(events, args.steps)
     product_seconds = sum(by_name.get(name, 0.0) for name in COUNTED_PRODUCTS)
     tokens = config.batch_size * config.grad_accum_steps * config.model.block_size
     summary = {"steps": args.steps, "step_ms": step * 1e3, "unprofiled_step_ms": unprofiled * 1e3,
                "tokens_per_s": tokens / unprofiled, "outside_ms": (step - sum(seconds.values())) * 1e3}
     if on_gpu:
-        summary.update(gpu_work(profiler.events(), args.steps))
+        summary.update(gpu_work(events, args.steps))
     elif flops and product_seconds > 0:
         summary["reference_gflops"] = reference / 1e9
         summary["products_gflops"] = flops / product_seconds / 1e9
