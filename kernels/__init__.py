@@ -22,6 +22,12 @@ def unit_stride_rows(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def adjacent_elements(parameter):
+    """A norm's weight or bias (or None) with its elements adjacent, as the kernels load it: the
+    tensor itself, or a copy of a strided view (say, one column of a wider parameter)."""
+    return None if parameter is None else unit_stride_rows(parameter)
+
+
 def as_rows(x):
     """x as a (rows, N) matrix whose rows are contiguous (a view when possible)."""
     # Not reshape(-1, N): a tensor of rows with no columns has no inferable row count.

@@ -9,7 +9,8 @@ The math, for one row x of V logits and its target t, in fp32 whatever the logit
 One program per row, walking it in blocks of BLOCK_V logits. The forward keeps a running max and a
 running sum of exponentials taken against it; when a block raises the max, the sum so far is
 rescaled by exp(old max - new max) (the online softmax of flash attention), so a row of any width is
-read once and nothing of V's size is written. The backward reads the row once more and writes dx.
+read once and nothing of V's size is written. Blocks whose logits are all -inf so far (masked classes)
+add nothing to the sum. The backward reads the row once more and writes dx.
 
 A target outside [0, V) reads nothing and makes its row's loss and gradients NaN, so the mistake
 shows in the loss. The C++ kernels refuse such targets with an error; here that check would make the
@@ -40,7 +41,10 @@ def _cross_entropy_forward_kernel(LOGITS, TARGETS, LOSS, LSE, stride_row, n_cols
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(x_row + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(running_max, tl.max(x, 0))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), 0)
+        # Exponentials are taken against 0 while every logit so far is -inf (masked classes), as
+        # -inf - -inf would be NaN; the sum so far is then 0 whatever it is rescaled by.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), 0)
         running_max = new_max
     lse = running_max + tl.log(running_sum)
     target = tl.load(TARGETS + row)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import as_rows, autotune, autotuning, interpreting, mend_interpreter
+from . import adjacent_elements, as_rows, autotune, autotuning, interpreting, mend_interpreter
 
 mend_interpreter()
 
@@ -157,7 +157,7 @@ def _block_n(n_cols, op="LayerNorm"):
 def forward(x, weight, bias, eps, out_dtype):
     """y (x's shape, in out_dtype, default x's) and the per-row mean and rstd (x.shape[:-1], fp32) of
     LayerNorm over x's last dim."""
-    x2d = as_rows(x)
+    x2d, weight, bias = as_rows(x), adjacent_elements(weight), adjacent_elements(bias)
     n_rows, n_cols = x2d.shape
     y = torch.empty((n_rows, n_cols), dtype=out_dtype or x.dtype, device=x.device)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
@@ -181,7 +181,7 @@ def backward(grad_y, x, weight, mean, rstd):
     """(dx, dweight, dbias) of LayerNorm: dx in x's dtype whatever grad_y's (the forward's output may
     have been in another), dweight and dbias in fp32 (the op's autograd formula casts them to the
     parameters' dtypes, and drops those of absent parameters). grad_y is read through its row stride."""
-    x2d = as_rows(x)
+    x2d, weight = as_rows(x), adjacent_elements(weight)
     n_rows, n_cols = x2d.shape
     grad_y = as_rows(grad_y)
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import as_rows, mend_interpreter
+from . import adjacent_elements, as_rows, mend_interpreter
 from .layer_norm import BACKWARD_PRUNER, FORWARD_PRUNER, _autotune, _backward_programs, _backward_rows, _block_n
 
 mend_interpreter()
@@ -81,7 +81,7 @@ def _rms_norm_backward_kernel(
 def forward(x, weight, eps, out_dtype=None):
     """y (x's shape, in out_dtype, default x's) and the per-row rstd (x.shape[:-1], fp32) of RMSNorm over
     x's last dim."""
-    x2d = as_rows(x)
+    x2d, weight = as_rows(x), adjacent_elements(weight)
     n_rows, n_cols = x2d.shape
     y = torch.empty((n_rows, n_cols), dtype=out_dtype or x.dtype, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
@@ -94,7 +94,7 @@ def forward(x, weight, eps, out_dtype=None):
 
 def backward(grad_y, x, weight, rstd):
     """(dx in x's dtype, dweight in fp32) of RMSNorm; dweight is an empty tensor without a weight."""
-    x2d = as_rows(x)
+    x2d, weight = as_rows(x), adjacent_elements(weight)
     n_rows, n_cols = x2d.shape
     grad_y = as_rows(grad_y)
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)

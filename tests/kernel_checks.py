@@ -81,8 +81,9 @@ def check_against_references(what, kernel_results, reference, tensors, grad_out,
     """kernel_results (output, then the gradient of each tensor in `tensors`, None where there is none)
     against `reference` run in the tensors' own dtypes and in float64.
 
-    In float64 the kernel must agree with the float64 reference to rounding; otherwise it may be off the
-    float64 result by the dtype's tolerance or three times the same-dtype reference's own error.
+    In float64 the kernel must agree with the float64 reference to rounding; otherwise each result may be
+    off the float64 result by its own dtype's tolerance (an fp32 loss of bf16 logits: fp32's) or three
+    times the same-dtype reference's own error.
     """
     dtype = tensors[0].dtype
     exact = run_reference(reference, [t.double() if t is not None else None for t in tensors], grad_out.double())
@@ -95,7 +96,7 @@ def check_against_references(what, kernel_results, reference, tensors, grad_out,
         if dtype == torch.float64:
             torch.testing.assert_close(got, truth, rtol=1e-10, atol=1e-10, msg=lambda m: f"{what}: {name}: {m}")
         else:
-            assert_close_to_float64(got, ref, truth, dtype, f"{what}: {name}")
+            assert_close_to_float64(got, ref, truth, got.dtype, f"{what}: {name}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,8 +13,11 @@ from fastgpt.ops.contract import NAMESPACE, kernel_name
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-# Error allowed against the float64 result, per dtype: a few times what the reference itself shows.
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+# Error allowed against the float64 result, per dtype, where the reference path in the same dtype is
+# closer than a third of it: a few roundings of a result near the largest (bf16 keeps 8 significant
+# bits, rounding by up to 2e-3 of a value, fp16 11 bits, 2.4e-4). The fused kernels' largest errors on
+# the contract's samples were about 6e-3, 8e-4 and 1.4e-6 relative to the largest float64 value.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2.5e-3, torch.bfloat16: 1e-2}
 
 
 def runnable_kernel_backends():

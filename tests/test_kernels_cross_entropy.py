@@ -2,9 +2,9 @@
 
 The contract tests (tests/test_op_contract.py) already hold both backends to the reference and to
 float64 on the op's sample inputs. Here: many rows (split over threads), rows wider than a Triton
-block, rows that are slices of a wider tensor, extreme logits (far apart, -inf), targets outside the
-classes (refused by C++, NaN rows from Triton), the public op's argument checks, and the model's loss
-against F.cross_entropy.
+block, rows that are slices of a wider tensor, extreme logits (far apart, -inf, a whole block of
+-inf), targets outside the classes (refused by C++, NaN rows from Triton), the public op's argument
+checks, and the model's loss against F.cross_entropy.
 
 Run as a script, `python tests/test_kernels_cross_entropy.py --compile-for-hopper SHARD SHARDS`
 compiles the Triton kernels' variants for sm_90 and reports their register spills.
@@ -79,6 +79,19 @@ def test_extreme_logits(kernel, dtype):
     (expected_grad,) = torch.autograd.grad(F.cross_entropy(leaf, targets, reduction="sum"), leaf)
     torch.testing.assert_close(dlogits.double(), expected_grad, rtol=0, atol=grad_tolerance)
     assert dlogits[1, 3] == 0 and dlogits[2, 0] == 0 and dlogits[2, 2] == 0
+
+
+@pytest.mark.parametrize("kernel, dtype", backend_cases(cpp_cross_entropy, triton_cross_entropy, every_dtype=False))
+def test_a_row_whose_first_block_is_all_masked(kernel, dtype):
+    """Rows past one Triton block (4096 logits) whose first block is all -inf: the running max is -inf
+    until the second block, and the loss and gradients must still be those of the visible classes."""
+    logits = (3 * torch.randn(3, 4096 + 150)).to(dtype)
+    logits[:2, :4096] = float("-inf")
+    logits[2, :100] = float("-inf")
+    targets = torch.tensor([4096, 4245, 4000])
+    check(kernel, logits, targets)
+    _, dlogits = kernel(logits, targets, torch.ones(3))
+    assert torch.all(dlogits[:2, :4096] == 0) and torch.all(dlogits[2, :100] == 0)
 
 
 @needs_cpp

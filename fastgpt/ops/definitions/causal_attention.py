@@ -119,7 +119,8 @@ def backward(ctx, backward_kernel, grad_out, _grad_lse):
 def samples(device, dtype):
     """(q, k, v, scale) of awkward shapes: T=1, T not a multiple of any block, head dims 48 and 80,
     keys longer than the queries, keys spanning several blocks, the strided (B, T, 3, H, D) views
-    a model's fused projection makes, and grouped-query attention (one and two key/value heads)."""
+    a model's fused projection makes, grouped-query attention (one and two key/value heads), and a
+    decoding step's one query over cached keys (grouped, head dim 80)."""
     def tensor(*shape):
         return torch.randn(*shape, device=device, dtype=dtype)
 
@@ -130,6 +131,7 @@ def samples(device, dtype):
     yield q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.7
     yield tensor(1, 4, 19, 32), tensor(1, 1, 19, 32), tensor(1, 1, 19, 32), 32 ** -0.5
     yield tensor(2, 6, 7, 48), tensor(2, 2, 12, 48), tensor(2, 2, 12, 48), 48 ** -0.5
+    yield tensor(1, 4, 1, 80), tensor(1, 2, 37, 80), tensor(1, 2, 37, 80), 80 ** -0.5
 
 
 CAUSAL_ATTENTION = register(define_op(

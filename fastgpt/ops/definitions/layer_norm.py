@@ -112,7 +112,8 @@ def samples(device, dtype):
     """(x, weight, bias, eps, out_dtype): rows shorter than a vector, of some vectors and a part, 768
     and 1000 wide; rows whose variance is below eps, which then weighs in the result; no parameters,
     a weight only, fp32 parameters beside a low-precision x, low-precision y of an fp32 x (as under
-    autocast) and the other way round, and rows that are strided."""
+    autocast) and the other way round, rows that are strided, and a weight and bias that are strided
+    (columns of a wider tensor)."""
     def tensor(*shape, dtype=dtype):
         return torch.randn(*shape, device=device, dtype=dtype)
 
@@ -129,6 +130,7 @@ def samples(device, dtype):
         yield tensor(9, 70), tensor(70), tensor(70), 1e-5, torch.bfloat16
         yield tensor(3, 5, 48), tensor(48), None, 1e-5, torch.float16
     yield tensor(96, 40).t(), tensor(96), tensor(96), 1e-5, None
+    yield tensor(5, 48), tensor(48, 2)[:, 0], tensor(48, 2)[:, 1], 1e-5, None
 
 
 LAYER_NORM = register(define_op(

@@ -80,7 +80,8 @@ def samples(device, dtype):
     """(x, weight, eps, out_dtype): rows of widths 1, 7, 48, 80, 768 and 1000; rows whose mean square
     is below eps, which then weighs in the result; without a weight, fp32 weights beside a
     low-precision x, low-precision y of an fp32 x (as under autocast) and the other way round, and
-    strided rows (a transposed matrix, and the model's queries as attention sees them)."""
+    strided rows (a transposed matrix, and the model's queries as attention sees them), and a strided
+    weight (a column of a wider tensor)."""
     def tensor(*shape, dtype=dtype):
         return torch.randn(*shape, device=device, dtype=dtype)
 
@@ -95,6 +96,7 @@ def samples(device, dtype):
         yield tensor(9, 70), tensor(70), 1e-6, torch.bfloat16
         yield tensor(3, 5, 48), None, 1e-6, torch.float16
     yield tensor(96, 40).t(), tensor(96), 1e-6, None
+    yield tensor(5, 48), tensor(48, 2)[:, 0], 1e-6, None
     # The model's queries: the (B, H, T, D) view of their share of a (B, T, 3 * H * D) projection.
     yield tensor(2, 5, 3 * 4 * 16)[..., :64].view(2, 5, 4, 16).transpose(1, 2), None, 1e-6, None
 
