@@ -2,6 +2,7 @@
 
 import argparse
 import errno
+import os
 import re
 import sys
 
@@ -14,7 +15,7 @@ from fastgpt.startup import interrupted, restore_interrupts
 
 def run_cli(command):
     """Run command(); turn user mistakes, running out of memory or disk space, and Ctrl-C into a
-    one-line message and an exit status."""
+    one-line message and an exit status, and a reader that stops reading the output into a quiet one."""
     restore_interrupts()
     try:
         command()
@@ -27,6 +28,11 @@ def run_cli(command):
         print(f"fastgpt: error: out of memory ({allocation_detail(error)}); make the batch, the context "
               "(block_size) or the model smaller", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # Whatever read the output has stopped (`| head`): end quietly, as other command-line programs
+        # do. Python would complain again when it flushes stdout on the way out, so that goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

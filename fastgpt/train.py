@@ -61,21 +61,28 @@ def requested_model_config(config, vocab_size):
 def fixed_setting_differences(saved_settings, config):
     """The settings besides the model's that differ from a checkpoint's and that a run cannot change
     when it resumes: the corpus and its validation split (another would hold text already trained on,
-    and the checkpoint's data order is over this one), the tokenizer's kind, what bpe is trained to,
-    and the optimizer (its state). A checkpoint older than a setting had the setting's default."""
-    names = ["data", "val_fraction", "tokenizer", "optimizer"] + (["vocab_size"] if config.tokenizer == "bpe" else [])
+    and the checkpoint's data order is over this one), the pretrained model it started from, the
+    tokenizer's kind, what bpe is trained to, and the optimizer (its state). A checkpoint older than a
+    setting had the setting's default."""
+    names = ["data", "val_fraction", "init_from", "tokenizer", "optimizer"] + (
+        ["vocab_size"] if config.tokenizer == "bpe" else [])
     requested, defaults = config.to_dict(), TrainConfig().to_dict()
     saved = {name: saved_settings.get(name, defaults[name]) for name in names}
-    saved["data"] = absolute_corpus_path(saved["data"])  # an older checkpoint's may be relative to here
-    shown = {"": "the bundled corpus"}  # data's default
-    return [f"{name} {shown.get(saved[name], saved[name])} vs {shown.get(requested[name], requested[name])}"
-            for name in names if saved[name] != requested[name]]
+    for path in ("data", "init_from"):  # an older checkpoint's may be relative to here
+        saved[path] = absolute_path(saved[path])
+    empty = {"data": "the bundled corpus", "init_from": "none"}  # what "" means
+
+    def shown(name, value):
+        return empty[name] if value == "" and name in empty else value
+    return [f"{name} {shown(name, saved[name])} vs {shown(name, requested[name])}" for name in names
+            if saved[name] != requested[name]]
 
 
-def absolute_corpus_path(data):
-    """--data as an absolute path ("" stays the bundled corpus), which is how checkpoints and config.json
-    record it: --resume, eval and compare then find the corpus from any working directory."""
-    return os.path.abspath(data) if data else data
+def absolute_path(path):
+    """--data or --init-from as an absolute path ("": the bundled corpus, no pretrained model), which is
+    how checkpoints and config.json record them: --resume, eval and compare then find them from any
+    working directory."""
+    return os.path.abspath(path) if path else path
 
 
 def resumed_run_settings(given):
@@ -134,7 +141,8 @@ class Trainer:
     """
 
     def __init__(self, config, lock):
-        self.config = config = dataclasses.replace(config, data=absolute_corpus_path(config.data))
+        self.config = config = dataclasses.replace(config, data=absolute_path(config.data),
+                                                   init_from=absolute_path(config.init_from))
         self.world, self.device = distributed.join(pick_device(config.device))
         self.backend = use_backend(config.backend, self.device)
         self.precision = choose_precision(config.dtype, self.device)
@@ -157,7 +165,10 @@ class Trainer:
                      if self.world.is_main else None)
             self.tokenizer = tokenizer_from_state(distributed.from_main(state, self.world))
         torch.manual_seed(config.seed)
-        self.model_config = requested_model_config(config, self.tokenizer.vocab_size)
+        # A resumed run's model is its checkpoint's (which _load_resumable has held to the settings): a
+        # fine-tuning run no longer needs the folder it started from.
+        self.model_config = (dataclasses.replace(model_config_of(resumed), dropout=config.model.dropout) if resumed
+                             else requested_model_config(config, self.tokenizer.vocab_size))
         check_memory_room(self.model_config, config.batch_size, config.optimizer, self.device,
                           shards=self.world.size if config.parallel == "fsdp" else 1)
         self.raw_model = GPT(self.model_config)
@@ -194,9 +205,10 @@ class Trainer:
     def _load_resumable(self):
         """The checkpoint to resume from, refused before any work if it was made for another model."""
         checkpoint = load_checkpoint(self.checkpoints.latest)
-        saved = model_config_of(checkpoint)
-        requested = requested_model_config(self.config, tokenizer_from_state(checkpoint["tokenizer"]).vocab_size)
-        differences = fixed_setting_differences(checkpoint["config"], self.config) + saved.architecture_differences(requested)
+        differences = fixed_setting_differences(checkpoint["config"], self.config)
+        if not self.config.init_from:  # a fine-tuning run's model is the pretrained one, not the settings'
+            requested = requested_model_config(self.config, tokenizer_from_state(checkpoint["tokenizer"]).vocab_size)
+            differences += model_config_of(checkpoint).architecture_differences(requested)
         if differences:
             raise FastGPTError(f"the checkpoint in {self.out_dir} was made with another corpus, validation split, "
                                "vocabulary, model or optimizer "
@@ -446,15 +458,16 @@ class Trainer:
             say(self.precision.warning, file=sys.stderr)
 
     def _say_what_init_from_overrides(self, used):
-        """Name the model and tokenizer settings given that --init-from's model replaces (`used`: the
-        settings as the run follows them)."""
+        """Name the model and tokenizer settings, other than the defaults, that --init-from's model
+        replaces (`used`: the settings as the run follows them). They may have come from flags, a config
+        file or a preset, so they are named as settings."""
         given, defaults = self.config.to_dict(), TrainConfig().to_dict()
         names = [f.name for f in dataclasses.fields(GPTConfig) if f.name not in ("block_size", "dropout")]
-        replaced = [f"--{name.replace('_', '-')} {given[name]}" for name in [*names, "tokenizer"]
+        replaced = [f"{name} {given[name]}" for name in [*names, "tokenizer"]
                     if given[name] != defaults[name] and given[name] != used[name]]
         if replaced:
-            say(f"fastgpt: --init-from {self.config.init_from} brings its own model and tokenizer, so it trains "
-                f"without {', '.join(replaced)}", file=sys.stderr)
+            say(f"fastgpt: --init-from {self.config.init_from} brings its own model and tokenizer, so these "
+                f"settings do not apply: {', '.join(replaced)}", file=sys.stderr)
 
     def _farewell(self, stopped_by, elapsed):
         """How the run ended, and for a stopped one, how to continue it (rank 0)."""

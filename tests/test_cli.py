@@ -2,6 +2,9 @@
 
 import json
 import os
+import shlex
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -268,6 +271,16 @@ def test_ctrl_c_while_a_command_starts_is_one_line_and_status_130(python):
     result = python("-c", "import signal, fastgpt; "
                            "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)")
     assert result.stdout == "True\n", result.stderr
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly(tmp_path):
+    """`python -m fastgpt.sample ... | head -1`: the closed pipe ends the command with status 1 and no traceback."""
+    program = tmp_path / "many_lines.py"
+    program.write_text("import sys\nfrom fastgpt.cli import run_cli\n"
+                       "sys.exit(run_cli(lambda: [print('a line') for _ in range(10**6)]))\n")
+    result = subprocess.run(f"{shlex.quote(sys.executable)} {program} | head -1; exit ${{PIPESTATUS[0]}}", shell=True,
+                            executable="/bin/bash", capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout, result.stderr) == (1, "a line\n", "")
 
 
 def test_running_out_of_memory_is_one_clear_line(capsys):

@@ -11,6 +11,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
 from fastgpt import GPT, export, sample, train
+from fastgpt.checkpoint import load_checkpoint
 from fastgpt.errors import FastGPTError
 from fastgpt.model import GPTConfig
 from fastgpt.pretrained import export_pretrained, load_pretrained
@@ -209,8 +210,27 @@ def test_init_from_names_the_settings_given_that_its_model_replaces(hf_dir, tmp_
             "--batch-size", "2", "--max-iters", "1", "--eval-iters", "1", "--sample-tokens", "0",
             "--n-layer", "8", "--tokenizer", "gpt2", "--n-embd", "32"]  # this GPT-2 is 32 wide: that one holds
     assert train.main(args) == 0
-    assert (f"--init-from {hf_dir} brings its own model and tokenizer, so it trains without --n-layer 8, --tokenizer "
-            "gpt2\n") in capsys.readouterr().err
+    assert (f"--init-from {hf_dir} brings its own model and tokenizer, so these settings do not apply: n_layer 8, "
+            "tokenizer gpt2\n") in capsys.readouterr().err
+
+
+def test_a_fine_tuning_run_resumes_without_the_folder_it_started_from(hf_dir, tmp_path, monkeypatch, capsys):
+    """The checkpoint holds the model and tokenizer: --resume needs neither the pretrained folder (given
+    relative to where the run began, then deleted) nor that working directory. Another --init-from is
+    refused, naming it."""
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    shutil.copytree(hf_dir, tmp_path / "pretrained")
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--data", "corpus.txt", "--init-from", "pretrained", "--out-dir", "run", "--block-size", "16",
+                       "--batch-size", "2", "--max-iters", "2", "--eval-iters", "1", "--sample-tokens", "0"]) == 0
+    shutil.rmtree(tmp_path / "pretrained")
+    monkeypatch.chdir(tmp_path / "run")
+    run = str(tmp_path / "run")
+    assert train.main(["--out-dir", run, "--resume", "--max-iters", "3"]) == 0
+    assert load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == 3
+    capsys.readouterr()
+    assert train.main(["--out-dir", run, "--resume", "--max-iters", "4", "--init-from", str(hf_dir)]) != 0
+    assert f"init_from {tmp_path / 'pretrained'} vs {hf_dir}" in capsys.readouterr().err
 
 
 def test_init_from_a_model_with_fewer_positions_than_block_size_trains_and_counts_its_blocks(hf_dir,
