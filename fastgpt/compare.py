@@ -7,7 +7,9 @@ Runs may still be training: a metrics line being written is left out.
 
 Tokens seen are a record's `tokens` (all processes' together), or where a record has none (an older
 metrics file), step x batch_size x block_size x grad_accum_steps, which counts one process.
-Training time adds up the `elapsed_s` of each resumed stretch of a run (it restarts at every resume).
+Training time is the last record's `elapsed_s`, which a resumed run carries on from the record it
+resumed at; in a metrics file whose clock starts again at a resume (an older one's), the stretches
+are added up.
 """
 
 import statistics
@@ -51,7 +53,7 @@ def with_progress(records, config):
     completed, offset, previous = [], 0.0, 0.0
     for record in records:
         elapsed = record.get("elapsed_s", 0.0)
-        if elapsed < previous:  # a resumed run's clock starts again from zero
+        if elapsed < previous:  # an older metrics file: the resumed run's clock started again from zero
             offset += previous
         previous = elapsed
         completed.append({**record, "tokens": record.get("tokens", record["step"] * tokens_per_step),

@@ -88,8 +88,14 @@ class GPTConfig:
         if self.position == "rope" and self.head_dim % 2:
             raise FastGPTError(f"rope rotates pairs of channels: the head size n_embd / n_head must be even "
                                f"(got {self.head_dim})")
-        if not self.norm_eps > 0 or not self.rope_base > 0:
-            raise FastGPTError(f"norm_eps and rope_base must be positive (got {self.norm_eps}, {self.rope_base})")
+        for name in ("norm_eps", "rope_base"):
+            if not getattr(self, name) > 0:
+                raise FastGPTError(f"{name} must be positive (got {getattr(self, name)})")
+        default_base = next(f.default for f in fields(self) if f.name == "rope_base")
+        if self.position != "rope" and self.rope_base != default_base:
+            # It would change nothing the model computes, yet count as a switch (resume, export, decoding).
+            raise FastGPTError(f"rope_base {self.rope_base} is the base of rotary positions, and position is "
+                               f"{self.position}: add --position rope, or leave rope_base at {default_base}")
         if not 0 <= self.dropout < 1:
             raise FastGPTError(f"dropout must be in [0, 1) (got {self.dropout})")
 
@@ -118,10 +124,17 @@ class GPTConfig:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("kind", "switch") in kinds}
 
     def architecture_differences(self, other):
-        """The sizes and switches in which `other` differs from this config: ["n_embd 16 vs 32", ...]."""
-        theirs = other._of_kind("size", "switch")
-        return [f"{name} {value} vs {theirs[name]}" for name, value in self._of_kind("size", "switch").items()
-                if value != theirs[name]]
+        """The sizes and switches in which `other` differs from this config: ["n_embd 16 vs 32", ...].
+        A size left at 0 counts as what it stands for (n_kv_head 0 is n_head), so that two ways of
+        writing one model are not taken for two models."""
+        ours, theirs = self._of_kind("size", "switch"), other._of_kind("size", "switch")
+        resolved = {"n_kv_head": (self.kv_heads, other.kv_heads), "mlp_hidden": (self.hidden_width, other.hidden_width)}
+        differences = []
+        for name, value in ours.items():
+            shown = resolved.get(name, (value, theirs[name]))
+            if value != theirs[name] and shown[0] != shown[1]:
+                differences.append(f"{name} {shown[0]} vs {shown[1]}")
+        return differences
 
     def block_description(self):
         """What one block computes, apart from the sizes a fused op reads off its tensors: the

@@ -115,12 +115,13 @@ def say(message, file=sys.stdout):
 
 
 class Speed:
-    """The time since the run started, the tokens trained on (by all processes), and the tokens per
-    second since the last `restart`."""
+    """The seconds of training so far (`seconds_before` of them in earlier stretches of a resumed run),
+    the tokens trained on (by all processes), and the tokens per second since the last `restart`."""
 
-    def __init__(self, tokens_per_step, step):
+    def __init__(self, tokens_per_step, step, seconds_before=0.0):
         self.tokens_per_step = tokens_per_step
-        self.start = self.since = time.perf_counter()
+        self.since = time.perf_counter()
+        self.start = self.since - seconds_before
         self.first_step = step
 
     def measure(self, step):
@@ -391,7 +392,10 @@ class Trainer:
         config = self.config
         self._announce()
         sinks = self.sinks()
-        speed = Speed(self._global_batch * self.blocks.block_size * config.grad_accum_steps, self.step)
+        # A resumed run's clock goes on from the last record it keeps: elapsed_s is the training time so far.
+        kept = next((sink.history for sink in sinks if isinstance(sink, MetricsFile)), [])
+        speed = Speed(self._global_batch * self.blocks.block_size * config.grad_accum_steps, self.step,
+                      seconds_before=kept[-1].get("elapsed_s", 0.0) if kept else 0.0)
         stopped_by = None
         try:
             with self.stop.installed():

@@ -69,8 +69,11 @@ def test_resume_continues_from_the_checkpoint(corpus, train_args, tmp_path):
     save_checkpoint(tmp_path / "run" / "ckpt.pt", payload)
     assert train.main(args + ["--max-iters", "9", "--resume"]) == 0
     assert load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == 9
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [2, 3, 4, 6, 8, 9]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 3, 4, 6, 8, 9]
+    # The resumed run's clock goes on from the record at step 6: training time so far, never back to 0.
+    elapsed = [r["elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed) and elapsed[4] > elapsed[3]
 
 
 @pytest.mark.parametrize("args, expected", [

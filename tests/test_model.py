@@ -103,6 +103,11 @@ def test_a_checkpoint_with_settings_this_version_does_not_know_is_refused(tmp_pa
 def test_architecture_differences_name_every_size_and_switch_but_not_dropout(tiny_config, config_with_switch):
     assert tiny_config().architecture_differences(tiny_config(n_embd=64, bias=False, dropout=0.5)) == [
         "n_embd 32 vs 64", "bias True vs False"]
+    # A size left at 0 is what it stands for: n_kv_head 0 is n_head, mlp_hidden 0 is 4 n_embd.
+    four_heads = tiny_config(n_head=4, n_kv_head=0, mlp_hidden=0)
+    assert four_heads.architecture_differences(tiny_config(n_head=4, n_kv_head=4, mlp_hidden=128)) == []
+    assert four_heads.architecture_differences(tiny_config(n_head=4, n_kv_head=2, mlp_hidden=64)) == [
+        "n_kv_head 4 vs 2", "mlp_hidden 128 vs 64"]
     switched = config_with_switch("norm", "layernorm", "layernorm")
     assert switched.architecture_differences(config_with_switch("norm", "layernorm", "rmsnorm")) == [
         "norm layernorm vs rmsnorm"]

@@ -70,7 +70,10 @@ def test_each_switch_builds_what_it_says(tiny_config):
 @pytest.mark.parametrize("change, message", [
     (dict(n_head=4, n_kv_head=3), "n_kv_head .3. must divide n_head .4."),
     (dict(n_embd=36, n_head=4, position="rope"), "head size n_embd / n_head must be even"),
-    (dict(norm_eps=0.0), "norm_eps and rope_base must be positive"),
+    (dict(norm_eps=0.0), r"^norm_eps must be positive \(got 0.0\)$"),
+    (dict(position="rope", rope_base=-1.0), r"^rope_base must be positive \(got -1.0\)$"),
+    (dict(rope_base=500.0), "rope_base 500.0 is the base of rotary positions, and position is learned: add "
+                            "--position rope"),
     (dict(mlp="tanh"), "mlp must be one of gelu, swiglu, relu2"),
 ])
 def test_impossible_switch_settings_are_refused(tiny_config, change, message):
