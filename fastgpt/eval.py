@@ -34,7 +34,7 @@ from fastgpt.settings import setting
 from fastgpt.data import TokenBlocks, corpus_files, encode_corpus
 from fastgpt.errors import FastGPTError
 from fastgpt.hardware import choose_precision
-from fastgpt.run_files import CHECKPOINT_FILES, read_run_config
+from fastgpt.run_files import CHECKPOINT_FILES, checkpoint_setting, read_run_config
 from fastgpt.device import backend_setting, device_setting, dtype_setting, pick_device, use_backend
 
 
@@ -43,8 +43,7 @@ class EvalConfig:
     out_dir: str = setting("out", "the training run to evaluate (the --out-dir it was trained with)")
     data: str = setting("", "text file or directory of .txt files to evaluate on (empty: the run's own "
                             "validation split)")
-    checkpoint: str = setting("latest", "which checkpoint: latest (ckpt.pt) or best (best.pt, lowest val loss)",
-                              list(CHECKPOINT_FILES))
+    checkpoint: str = checkpoint_setting()
     json: bool = setting(False, "print the result as one JSON object")
     batch_size: int = setting(16, "windows of block_size tokens evaluated at once", minimum=1)
     device: str = device_setting()

@@ -19,12 +19,14 @@ from fastgpt.cli import run_cli
 from fastgpt.config import parse_config
 from fastgpt.errors import FastGPTError
 from fastgpt.pretrained import export_pretrained
+from fastgpt.run_files import checkpoint_setting
 from fastgpt.settings import setting
 
 
 @dataclass
 class ExportConfig:
     out_dir: str = setting("out", "directory holding ckpt.pt from fastgpt.train")
+    checkpoint: str = checkpoint_setting()
     to: str = setting("", "directory to write the Hugging Face checkpoint to (required)")
 
     def validate(self):
@@ -33,7 +35,7 @@ class ExportConfig:
 
 
 def export(config):
-    model, tokenizer = load_trained_model(config.out_dir, torch.device("cpu"))
+    model, tokenizer = load_trained_model(config.out_dir, torch.device("cpu"), config.checkpoint)
     try:
         written = export_pretrained(model, tokenizer, config.to)
     except OSError as error:

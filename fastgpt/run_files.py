@@ -13,10 +13,17 @@ import tempfile
 from pathlib import Path
 
 from fastgpt.errors import FastGPTError
+from fastgpt.settings import setting
 
 # A run's checkpoints: the newest and the one with the lowest validation loss (as eval's --checkpoint
 # names them); fastgpt.checkpoint keeps older ones as ckpt-<step>.pt.
 CHECKPOINT_FILES = {"latest": "ckpt.pt", "best": "best.pt"}
+
+
+def checkpoint_setting():
+    """The setting by which eval, sample and export choose which of a run's checkpoints to read."""
+    return setting("latest", "which checkpoint: latest (ckpt.pt) or best (best.pt, lowest val loss)",
+                   list(CHECKPOINT_FILES))
 
 
 def new_temporary_file(directory, prefix, suffix):

@@ -23,6 +23,7 @@ from fastgpt.device import backend_setting, device_setting, pick_device, use_bac
 from fastgpt.errors import FastGPTError
 from fastgpt.model import Sampler
 from fastgpt.pretrained import load_pretrained
+from fastgpt.run_files import checkpoint_setting
 from fastgpt.settings import setting
 
 
@@ -121,6 +122,7 @@ def _unescape(text):
 @dataclass
 class SampleConfig:
     out_dir: str = setting("out", "directory holding ckpt.pt from fastgpt.train")
+    checkpoint: str = checkpoint_setting()
     init_from: str = setting("", "sample from the GPT-2 or Llama checkpoint in this directory (Hugging Face "
                                  "layout: config.json, model.safetensors, and vocab.json with merges.txt or "
                                  "tokenizer.json) instead of out_dir")
@@ -146,6 +148,10 @@ class SampleConfig:
     def validate(self):
         Sampler(**self.sampling())
         check_stop_strings(self.stop)
+        defaults = SampleConfig()
+        if self.init_from and (self.out_dir, self.checkpoint) != (defaults.out_dir, defaults.checkpoint):
+            raise FastGPTError("--init-from samples from a Hugging Face checkpoint, --out-dir and --checkpoint from "
+                               "a training run's: give one or the other")
 
 
 def parse_sample_config(argv):
@@ -191,7 +197,7 @@ def sample(config, out=None, prompts=None):
         model, tokenizer = load_pretrained(config.init_from)
         model.to(device)
     else:
-        model, tokenizer = load_trained_model(config.out_dir, device)
+        model, tokenizer = load_trained_model(config.out_dir, device, config.checkpoint)
 
     def run(prompt):
         pieces = generate_text(model, tokenizer, prompt, config.max_new_tokens, config.num_samples, config.stop,

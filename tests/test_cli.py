@@ -94,6 +94,8 @@ def test_resume_continues_from_the_checkpoint(corpus, train_args, tmp_path):
     pytest.param(["--config", "{tmp}/none.toml"], "does not exist", id="missing config file"),
     pytest.param(["--config", "{tmp}/bad.toml"], "unknown setting 'n_layers'", id="unknown key in config file"),
     pytest.param(["--config", "{tmp}/float.toml"], "bad value 2.9 (expected int)", id="float for an int in TOML"),
+    pytest.param(["--config", "{tmp}/preset.toml"], "sets 'preset', which chooses a file of settings and cannot be "
+                 "one: give --preset on the command line", id="preset in a config file"),
     pytest.param(["--config", "{tmp}/latin1.toml"], "cannot read config file", id="config file not UTF-8"),
     pytest.param(["--learning-rate", "nan"], "learning_rate must be a finite number", id="NaN learning rate"),
     pytest.param(["--seed", str(2**64)], "seed must be at most", id="seed beyond 64 bits"),
@@ -105,6 +107,7 @@ def test_bad_training_input_is_one_clear_line(args, expected, corpus, train_args
     (tmp_path / "short.txt").write_text("abc")
     (tmp_path / "bad.toml").write_text("n_layers = 3\n")
     (tmp_path / "float.toml").write_text("max_iters = 2.9\n")
+    (tmp_path / "preset.toml").write_text('preset = "modern"\n')
     (tmp_path / "latin1.toml").write_bytes("stop = ['\xe9']\n".encode("latin-1"))
     status = train.main([*train_args(corpus, tmp_path / "out"), *(a.format(tmp=tmp_path) for a in args)])
     assert status != 0
@@ -226,6 +229,9 @@ def test_an_unknown_preset_is_one_clear_line(corpus, train_args, tmp_path, error
     pytest.param(["--temperature", "-1"], "temperature", id="negative temperature"),
     pytest.param(["--stop", "\\x"], "argument --stop: '\\\\x' has a broken escape", id="broken escape in a stop"),
     pytest.param(["--stop", ""], "an empty stop string would end every sample", id="empty stop"),
+    pytest.param(["--init-from", "{tmp}/hf", "--out-dir", "{tmp}/run"], "--init-from samples from a Hugging Face "
+                 "checkpoint, --out-dir and --checkpoint from a training run's: give one or the other",
+                 id="two models to sample from"),
 ])
 def test_bad_sampling_input_is_one_clear_line(args, expected, tmp_path, error_line):
     (tmp_path / "corrupt").mkdir()

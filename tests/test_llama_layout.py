@@ -149,7 +149,8 @@ def test_export_command_writes_a_llama_that_sampling_loads(saved_run, tmp_path, 
 
 @pytest.mark.parametrize("changes, expected", [
     pytest.param(dict(remove=["tokenizer.json"]), "has no tokenizer.json; a Llama checkpoint needs", id="no tokenizer"),
-    pytest.param(dict(remove=["model.safetensors"]), "has no pytorch_model.bin", id="no weights"),
+    pytest.param(dict(remove=["model.safetensors"]),
+                 "has no weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)", id="no weights"),
     pytest.param(dict(config={"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}),
                  "sets rope_parameters = {'rope_type': 'llama3'", id="scaled rope"),
     pytest.param(dict(config={"rope_scaling": {"type": "linear", "factor": 2.0}}),

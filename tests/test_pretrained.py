@@ -126,6 +126,20 @@ def test_export_command_writes_a_checkpoint_that_sampling_loads(tokenizer, saved
     assert "--to DIR" in capsys.readouterr().err
 
 
+def test_export_and_sample_read_the_best_checkpoint_on_request(tokenizer, saved_run, tmp_path, capsys):
+    run = saved_run(tokenizer)
+    (run / "ckpt.pt").rename(run / "best.pt")
+    assert export.main(["--out-dir", str(run), "--to", str(tmp_path / "latest")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert export.main(["--out-dir", str(run), "--checkpoint", "best", "--to", str(tmp_path / "best")]) == 0
+    exported, _ = load_pretrained(tmp_path / "best")
+    for name, value in load_checkpoint(run / "best.pt")["model"].items():
+        assert torch.equal(exported.state_dict()[name], value), name
+    assert sample.main(["--out-dir", str(run), "--checkpoint", "best", "--prompt", "To be", "--max-new-tokens", "3",
+                        "--backend", "reference"]) == 0
+    assert "To be" in capsys.readouterr().out
+
+
 def test_an_export_that_runs_out_of_disk_leaves_nothing_behind(tokenizer, saved_run, tmp_path, monkeypatch, capsys):
     """A half-written export would block the retry ("already holds config.json")."""
     saved_run(tokenizer)
@@ -168,7 +182,8 @@ def test_a_model_of_another_architecture_cannot_be_exported(tokenizer, config_wi
 
 @pytest.mark.parametrize("changes, expected", [
     pytest.param(dict(remove=["config.json"]), "has no config.json", id="no config"),
-    pytest.param(dict(remove=["model.safetensors"]), "has no pytorch_model.bin", id="no weights"),
+    pytest.param(dict(remove=["model.safetensors"]),
+                 "has no weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)", id="no weights"),
     pytest.param(dict(remove=["vocab.json"]), "has no vocab.json", id="no vocab"),
     pytest.param(dict(remove=["merges.txt"]), "has no merges.txt", id="no merges"),
     pytest.param(dict(config={"layer_norm_epsilon": 1e-6}), "cannot represent", id="other epsilon"),

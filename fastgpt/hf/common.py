@@ -92,7 +92,10 @@ def read_weights(directory, needs):
         for shard in shards(directory / SHARD_INDEX):
             tensors.update(read_safetensors(require(directory, shard, needs)))
         return tensors
-    path = require(directory, "pytorch_model.bin", needs)
+    path = directory / "pytorch_model.bin"
+    if not path.is_file():
+        raise FastGPTError(f"the checkpoint directory {directory} has no weights (model.safetensors, "
+                           f"{SHARD_INDEX} or pytorch_model.bin); {needs}")
     try:
         # Weights only: the safe loader never runs code from the file.
         return torch.load(path, map_location="cpu", weights_only=True)
