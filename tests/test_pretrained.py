@@ -78,6 +78,41 @@ def test_greedy_generation_matches_transformers(hf_dir, tokenizer):
     assert torch.equal(ours, expected)
 
 
+@pytest.fixture(scope="module")
+def hf_dir_with_gpt2_options(tmp_path_factory, tokenizer):
+    """A small GPT-2 with the options of GPT-2's config.json that are fastgpt settings: another LayerNorm
+    epsilon, an MLP of another width and an untied head."""
+    torch.manual_seed(1)
+    config = GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=24, vocab_size=tokenizer.vocab_size, n_inner=48,
+                        layer_norm_epsilon=1e-3, tie_word_embeddings=False)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.2)
+    assert not torch.equal(model.lm_head.weight, model.transformer.wte.weight)
+    directory = tmp_path_factory.mktemp("gpt2-options")
+    model.save_pretrained(directory)
+    write_tokenizer_files(tokenizer, directory)
+    return directory
+
+
+def test_gpt2s_epsilon_mlp_width_and_untied_head_load_export_and_match_transformers(hf_dir_with_gpt2_options,
+                                                                                    tokenizer, tmp_path):
+    model, loaded_tokenizer = load_pretrained(hf_dir_with_gpt2_options)
+    assert (model.config.norm_eps, model.config.mlp_hidden, model.config.tie_embeddings) == (1e-3, 48, False)
+    idx = torch.tensor([tokenizer.encode(TEXT)[:24]])
+    with torch.no_grad():
+        expected = GPT2LMHeadModel.from_pretrained(hf_dir_with_gpt2_options).eval()(idx).logits
+        torch.testing.assert_close(model(idx)[0], expected, rtol=0, atol=1e-4)
+        export_pretrained(model, loaded_tokenizer, tmp_path / "out")
+        reloaded, _ = load_pretrained(tmp_path / "out")
+        assert reloaded.config == model.config
+        for name, tensor in reloaded.state_dict().items():
+            assert torch.equal(tensor, model.state_dict()[name]), name
+        exported = GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()(idx).logits
+        torch.testing.assert_close(exported, expected, rtol=0, atol=1e-5)
+
+
 def test_tokenizer_encodes_as_transformers_does(hf_dir, tokenizer):
     _, loaded = load_pretrained(hf_dir)
     reference = GPT2Tokenizer(vocab=str(hf_dir / "vocab.json"), merges=str(hf_dir / "merges.txt"))
@@ -186,9 +221,12 @@ def test_a_model_of_another_architecture_cannot_be_exported(tokenizer, config_wi
                  "has no weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)", id="no weights"),
     pytest.param(dict(remove=["vocab.json"]), "has no vocab.json", id="no vocab"),
     pytest.param(dict(remove=["merges.txt"]), "has no merges.txt", id="no merges"),
-    pytest.param(dict(config={"layer_norm_epsilon": 1e-6}), "cannot represent", id="other epsilon"),
+    pytest.param(dict(config={"layer_norm_epsilon": 0}), "has layer_norm_epsilon 0, not a positive number",
+                 id="zero epsilon"),
+    pytest.param(dict(config={"n_inner": "wide"}), "has n_inner 'wide', neither null nor a positive whole number",
+                 id="width as text"),
     pytest.param(dict(config={"activation_function": "relu"}), "cannot represent", id="other activation"),
-    pytest.param(dict(config={"tie_word_embeddings": False}), "cannot represent", id="untied head"),
+    pytest.param(dict(config={"tie_word_embeddings": False}), "missing ['lm_head.weight']", id="untied without a head"),
     pytest.param(dict(config={"n_embd": 64}), "do not fit", id="other shape"),
     pytest.param(dict(config={"n_embd": "32"}), "has n_embd '32', not a positive whole number", id="size as text"),
     pytest.param(dict(config={"n_layer": -1}), "has n_layer -1, not a positive whole number", id="negative size"),

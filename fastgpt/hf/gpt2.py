@@ -5,7 +5,9 @@ The layout: `config.json` (the architecture, model_type "gpt2"), `model.safetens
 
 fastgpt's GPT is GPT-2's architecture with GPT-2's parameter names, so the weights map one to one,
 with two differences: Hugging Face stores the attention and MLP projections as Conv1D weights, the
-transpose of nn.Linear's, and it may drop the output head, which is tied to the token embedding.
+transpose of nn.Linear's, and it may drop the output head where that is tied to the token embedding.
+Three settings of GPT-2's config.json are fastgpt settings too: layer_norm_epsilon (norm_eps),
+n_inner (mlp_hidden; null: 4 n_embd) and tie_word_embeddings (tie_embeddings).
 
 The tokenizer becomes a fastgpt `bpe` tokenizer (fastgpt.tokenizers.BPETokenizer, run by tiktoken):
 GPT-2's vocabulary ids are its BPE ranks (the 256 bytes, then one token per merge in merges.txt
@@ -49,16 +51,13 @@ def config_fields(hf, path):
     common.require_settings(hf, ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd"), path, "GPT-2")
     # Each entry: setting, the value GPT has built in, and what that means.
     built_in = [
-        ("layer_norm_epsilon", 1e-5, "LayerNorm with eps 1e-5"),
-        ("n_inner", None, f"an MLP {MLP_RATIO} times as wide as the model"),
         ("scale_attn_weights", True, "attention scores scaled by 1/sqrt(head size)"),
         ("scale_attn_by_inverse_layer_idx", False, "the same attention scale in every layer"),
         ("add_cross_attention", False, "no cross-attention"),
-        ("tie_word_embeddings", True, "the output head tied to the token embedding"),
     ]
     for name, value, meaning in built_in:
         found = hf.get(name, value)
-        if found != value and not (name == "n_inner" and found == MLP_RATIO * hf["n_embd"]):
+        if found != value:
             raise common.unrepresentable(path, name, found, f"{meaning} ({name} = {value!r})")
     # gelu_new and gelu_pytorch_tanh are both the tanh approximation of GELU that MLP uses.
     activation = hf.get("activation_function", "gelu_new")
@@ -66,16 +65,27 @@ def config_fields(hf, path):
         raise common.unrepresentable(path, "activation_function", activation,
                                      "the tanh approximation of GELU (gelu_new)")
     common.require_heads_divide(hf, "n_embd", "n_head", path)
+    epsilon, hidden, tied = (hf.get("layer_norm_epsilon", 1e-5), hf.get("n_inner"), hf.get("tie_word_embeddings", True))
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
+        raise FastGPTError(f"{path} has layer_norm_epsilon {epsilon!r}, not a positive number; it is not a valid "
+                           "GPT-2 config")
+    if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
+        raise FastGPTError(f"{path} has n_inner {hidden!r}, neither null nor a positive whole number; it is not a "
+                           "valid GPT-2 config")
+    if not isinstance(tied, bool):
+        raise FastGPTError(f"{path} has tie_word_embeddings {tied!r}, not true or false; it is not a valid GPT-2 "
+                           "config")
     # GPT-2's switches are GPTConfig's defaults. Dropout only matters for fine-tuning, where the
     # training settings choose it.
     return dict(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-                n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True, dropout=0.0)
+                n_head=hf["n_head"], n_embd=hf["n_embd"], norm_eps=float(epsilon),
+                mlp_hidden=0 if hidden in (None, MLP_RATIO * hf["n_embd"]) else hidden,
+                tie_embeddings=tied, bias=True, dropout=0.0)
 
 
 def state_dict_from_hf(tensors, config, expected):
     """fastgpt parameter names and orientation for Hugging Face GPT-2 tensors, checked against the
-    names and shapes of the state dict `expected` (the model's that is to take them; its `config`
-    always ties the head)."""
+    names and shapes of the state dict `expected` (the model's that is to take them, of `config`)."""
     state = {}
     for name, tensor in tensors.items():
         if name.endswith((".attn.bias", ".attn.masked_bias")):
@@ -84,7 +94,7 @@ def state_dict_from_hf(tensors, config, expected):
         if not name.startswith(("transformer.", "lm_head.")):
             name = "transformer." + name
         state[name] = tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor
-    if "transformer.wte.weight" in state:
+    if config.tie_embeddings and "transformer.wte.weight" in state:
         state["lm_head.weight"] = common.tied_head(state["transformer.wte.weight"], state.get("lm_head.weight"))
     return common.fitted(state, expected, sorted(expected.keys() - state.keys()),
                          sorted(state.keys() - expected.keys()))
@@ -128,12 +138,10 @@ def read_tokenizer(directory):
 
 def unheld(config):
     """What of a model's config (a GPTConfig) GPT-2's layout has no place for: its switches other than
-    GPT-2's, shared key/value heads, an untied head, another MLP width. ["name = value", ...]"""
-    sizes = [(config.kv_heads != config.n_head, f"n_kv_head = {config.n_kv_head}"),
-             (not config.tie_embeddings, "tie_embeddings = False"),
-             (config.hidden_width != MLP_RATIO * config.n_embd, f"mlp_hidden = {config.mlp_hidden}")]
-    switches = [f"{name} = {value!r}" for name, value in config.non_gpt2_switches().items()]
-    return switches + [setting for differs, setting in sizes if differs]
+    GPT-2's (but the norms' epsilon, which config.json holds), and shared key/value heads.
+    ["name = value", ...]"""
+    switches = [f"{name} = {value!r}" for name, value in config.non_gpt2_switches().items() if name != "norm_eps"]
+    return switches + ([f"n_kv_head = {config.n_kv_head}"] if config.kv_heads != config.n_head else [])
 
 
 def export_files(model, tokenizer):
@@ -143,21 +151,21 @@ def export_files(model, tokenizer):
     merges = "".join(f"{a} {b}\n" for a, b in common.spelt_merges(tokens))
     return {
         "config.json": config_json(model.config, common.end_of_text(tokenizer)),
-        "model.safetensors": weights(model.state_dict(), model.config.bias),
+        "model.safetensors": weights(model.state_dict(), model.config),
         "vocab.json": json.dumps(common.spelt_vocabulary(tokens), ensure_ascii=False),
         "merges.txt": "#version: 0.2\n" + merges,
     }
 
 
-def weights(state, bias):
-    """model.safetensors' tensors for a fastgpt state dict. Without biases (bias False), zero biases are
-    written, which compute the same thing: GPT-2's layout always has them."""
+def weights(state, config):
+    """model.safetensors' tensors for a fastgpt state dict of a model of `config`. Without biases (bias
+    False), zero biases are written, which compute the same thing: GPT-2's layout always has them."""
     tensors = {}
     for name, tensor in state.items():
-        if name == "lm_head.weight":
-            continue  # tied to the token embedding; Hugging Face re-ties it on loading
+        if name == "lm_head.weight" and config.tie_embeddings:
+            continue  # the token embedding; Hugging Face re-ties it on loading
         tensors[name] = common.file_tensor(tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor)
-    if not bias:
+    if not config.bias:
         for name, tensor in list(tensors.items()):
             if name.endswith(".weight") and ("ln_" in name or name.endswith(CONV1D_WEIGHTS)):
                 width = tensor.shape[0] if "ln_" in name else tensor.shape[1]
@@ -170,9 +178,10 @@ def config_json(config, end_of_text):
     return common.json_text({
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": config.vocab_size, "n_positions": config.block_size, "n_ctx": config.block_size,
-        "n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd, "n_inner": None,
-        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+        "n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
+        "n_inner": None if config.hidden_width == MLP_RATIO * config.n_embd else config.hidden_width,
+        "activation_function": "gelu_new", "layer_norm_epsilon": config.norm_eps, "initializer_range": 0.02,
         "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": 0.0,
-        "scale_attn_weights": True, "tie_word_embeddings": True,
+        "scale_attn_weights": True, "tie_word_embeddings": config.tie_embeddings,
         "bos_token_id": end_of_text, "eos_token_id": end_of_text,
     })
