@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from fastgpt.errors import FastGPTError
-from fastgpt.model import GPT, GPTConfig
+from fastgpt.model import GPT, GPTConfig, without_unused_rope_base
 from fastgpt.run_files import CHECKPOINT_FILES, new_temporary_file
 from fastgpt.tokenizers import tokenizer_from_state
 
@@ -207,7 +207,8 @@ _RETIRED_MODEL_SETTINGS = ("backend",)
 def model_config_of(payload):
     """The GPTConfig saved in a checkpoint's payload; a switch added since it was saved takes its
     default, which is what the model computed before the switch existed."""
-    saved = {name: value for name, value in payload["model_config"].items() if name not in _RETIRED_MODEL_SETTINGS}
+    saved = without_unused_rope_base({name: value for name, value in payload["model_config"].items()
+                                      if name not in _RETIRED_MODEL_SETTINGS})
     unknown = sorted(saved.keys() - {f.name for f in fields(GPTConfig)})
     if unknown:
         raise FastGPTError(f"the checkpoint's model has settings this version of fastgpt does not know "

@@ -4,6 +4,7 @@ import argparse
 import errno
 import os
 import re
+import select
 import sys
 
 import torch
@@ -29,6 +30,8 @@ def run_cli(command):
               "(block_size) or the model smaller", file=sys.stderr)
         return 2
     except BrokenPipeError:
+        if not reader_closed_stdout():
+            raise
         # Whatever read the output has stopped (`| head`): end quietly, as other command-line programs
         # do. Python would complain again when it flushes stdout on the way out, so that goes nowhere.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -43,6 +46,16 @@ def run_cli(command):
     except KeyboardInterrupt:
         return interrupted()
     return 0
+
+
+def reader_closed_stdout():
+    """Whether standard output is a pipe whose reading end has been closed (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no file descriptor behind sys.stdout
+        return False
 
 
 def is_out_of_memory(error):

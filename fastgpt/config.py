@@ -245,8 +245,9 @@ def _read_toml(path, config_class):
             raise FastGPTError(f"{path} has a table [{key}]; settings are not grouped in tables: write each of its "
                                "keys at the top of the file, before any [table]")
         if name in ("preset", "config"):
-            raise FastGPTError(f"{path} sets {key!r}, which chooses a file of settings and cannot be one: give "
-                               f"--{name} on the command line (the file's settings then lie over the preset's)")
+            given = "with --config" if name == "config" else "by the trainer's --preset flag"
+            raise FastGPTError(f"{path} sets {key!r}, which is not a setting but chooses a file of them: that is "
+                               f"given {given}, on the command line")
         if name not in known:
             close = closest_setting(name, list(known))
             raise FastGPTError(f"unknown setting {key!r} in {path}" + (f"; did you mean {close!r}?" if close else ""))

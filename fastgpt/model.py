@@ -34,6 +34,9 @@ from fastgpt.hf.gpt2 import MLP_RATIO
 from fastgpt.settings import check_values, setting
 
 
+DEFAULT_ROPE_BASE = 10000.0
+
+
 @dataclass(frozen=True)
 class GPTConfig:
     """The model's settings: its sizes, its architecture switches, and its dropout.
@@ -69,7 +72,7 @@ class GPTConfig:
     norm_eps: float = setting(1e-5, "epsilon of every norm, added to the variance (GPT-2: 1e-5)")
     position: str = setting("learned", "positions: learned embeddings added to the tokens' (GPT-2), or rope "
                                        "(rotary positions applied to queries and keys)", ["learned", "rope"])
-    rope_base: float = setting(10000.0, "rope: the base of the rotary frequencies")
+    rope_base: float = setting(DEFAULT_ROPE_BASE, "rope: the base of the rotary frequencies")
     mlp: str = setting("gelu", "the MLP: gelu (GPT-2, tanh approximation), swiglu (SiLU-gated, Llama's), or relu2 "
                                "(ReLU squared)", ["gelu", "swiglu", "relu2"])
     qk_norm: bool = setting(False, "RMS-normalise each head's queries and keys (no gain) before rope and "
@@ -91,11 +94,10 @@ class GPTConfig:
         for name in ("norm_eps", "rope_base"):
             if not getattr(self, name) > 0:
                 raise FastGPTError(f"{name} must be positive (got {getattr(self, name)})")
-        default_base = next(f.default for f in fields(self) if f.name == "rope_base")
-        if self.position != "rope" and self.rope_base != default_base:
+        if self.position != "rope" and self.rope_base != DEFAULT_ROPE_BASE:
             # It would change nothing the model computes, yet count as a switch (resume, export, decoding).
             raise FastGPTError(f"rope_base {self.rope_base} is the base of rotary positions, and position is "
-                               f"{self.position}: add --position rope, or leave rope_base at {default_base}")
+                               f"{self.position}: add --position rope, or leave rope_base at {DEFAULT_ROPE_BASE}")
         if not 0 <= self.dropout < 1:
             raise FastGPTError(f"dropout must be in [0, 1) (got {self.dropout})")
 
@@ -147,6 +149,13 @@ class GPTConfig:
         """The switches set to something other than GPT-2's choice: {name: value}."""
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.metadata.get("kind", "switch") == "switch" and getattr(self, f.name) != f.default}
+
+
+def without_unused_rope_base(settings):
+    """Model settings ({name: value}) with rope_base at its default where positions are learned, where it
+    computes nothing: validation refuses it there, and a checkpoint saved before that then resumes,
+    loads and exports as the model it is."""
+    return settings if settings.get("position", "learned") == "rope" else {**settings, "rope_base": DEFAULT_ROPE_BASE}
 
 
 def dropout(x, p, training):

@@ -38,7 +38,7 @@ from fastgpt.errors import FastGPTError
 from fastgpt.hardware import choose_precision, startup_line
 from fastgpt.lr_schedules import learning_rate_at
 from fastgpt.memory_check import check_memory_room
-from fastgpt.model import GPT, GPTConfig
+from fastgpt.model import GPT, GPTConfig, without_unused_rope_base
 from fastgpt.optim import build_optimizer
 from fastgpt.pretrained import load_pretrained
 from fastgpt.run_lock import RunLock
@@ -68,8 +68,8 @@ def fixed_setting_differences(saved_settings, config):
         ["vocab_size"] if config.tokenizer == "bpe" else [])
     requested, defaults = config.to_dict(), TrainConfig().to_dict()
     saved = {name: saved_settings.get(name, defaults[name]) for name in names}
-    for path in ("data", "init_from"):  # an older checkpoint's may be relative to here
-        saved[path] = absolute_path(saved[path])
+    for path in ("data", "init_from"):  # an older checkpoint's may be relative to here, as may a flag's
+        saved[path], requested[path] = absolute_path(saved[path]), absolute_path(requested[path])
     empty = {"data": "the bundled corpus", "init_from": "none"}  # what "" means
 
     def shown(name, value):
@@ -98,7 +98,7 @@ def resumed_run_settings(given):
         return {}  # the trainer says that there is nothing to resume
     # The settings alone (the tensors stay on disk); a setting newer than the checkpoint has its default,
     # as the checks of what a resumed run may change assume, not a preset's.
-    settings = {**TrainConfig().to_dict(), **load_checkpoint(latest, mmap=True)["config"]}
+    settings = without_unused_rope_base({**TrainConfig().to_dict(), **load_checkpoint(latest, mmap=True)["config"]})
     return {name: value for name, value in settings.items() if name != "out_dir"}
 
 
@@ -124,6 +124,9 @@ class Speed:
         self.start = self.since - seconds_before
         self.first_step = step
 
+    def seconds(self):
+        return time.perf_counter() - self.start
+
     def measure(self, step):
         now = time.perf_counter()
         return {"elapsed_s": now - self.start, "tokens": step * self.tokens_per_step,
@@ -142,8 +145,11 @@ class Trainer:
     """
 
     def __init__(self, config, lock):
-        self.config = config = dataclasses.replace(config, data=absolute_path(config.data),
-                                                   init_from=absolute_path(config.init_from))
+        # --init-from's folder is read by a fresh run only: a resumed one keeps the path as its checkpoint
+        # recorded it (an older checkpoint's may be relative to a directory this one is not run from).
+        self.config = config = dataclasses.replace(
+            config, data=absolute_path(config.data),
+            init_from=config.init_from if config.resume else absolute_path(config.init_from))
         self.world, self.device = distributed.join(pick_device(config.device))
         self.backend = use_backend(config.backend, self.device)
         self.precision = choose_precision(config.dtype, self.device)
@@ -166,8 +172,8 @@ class Trainer:
                      if self.world.is_main else None)
             self.tokenizer = tokenizer_from_state(distributed.from_main(state, self.world))
         torch.manual_seed(config.seed)
-        # A resumed run's model is its checkpoint's (which _load_resumable has held to the settings): a
-        # fine-tuning run no longer needs the folder it started from.
+        # A resumed run's model is its checkpoint's (which _load_resumable has held to the settings), so
+        # that a fine-tuning run resumes without the pretrained folder it started from.
         self.model_config = (dataclasses.replace(model_config_of(resumed), dropout=config.model.dropout) if resumed
                              else requested_model_config(config, self.tokenizer.vocab_size))
         check_memory_room(self.model_config, config.batch_size, config.optimizer, self.device,
@@ -186,6 +192,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.raw_model, config, device_type=self.device.type,
                                          ns_dtype=self.precision.matmul_dtype)
         self.step = 0
+        self.seconds_trained_before = 0.0
         self.best_val_loss = float("inf")
         # Losses of the steps since the last metrics record; saved, so a resumed run logs the same averages.
         self.unlogged_losses = []
@@ -260,6 +267,7 @@ class Trainer:
         trained = checkpoint.get("trained_model", checkpoint["model"])
         distributed.load_full_state(self.raw_model, self.optimizer.parts, trained, checkpoint["optimizer"])
         self.step = checkpoint["step"]
+        self.seconds_trained_before = checkpoint.get("elapsed_s", 0.0)  # older checkpoints: the clock restarts
         self.best_val_loss = checkpoint["best_val_loss"]
         self.unlogged_losses = list(checkpoint["unlogged_losses"])
         self.batch_generator.set_state(checkpoint["rng"]["batches"])
@@ -364,6 +372,7 @@ class Trainer:
             "optimizer": optimizer_state,
             "config": self.config.to_dict(),
             "step": self.step,
+            "elapsed_s": self.speed.seconds(),
             "best_val_loss": self.best_val_loss,
             "unlogged_losses": self.unlogged_losses,
             # Every process shares these streams, so rank 0's state stands for all of them.
@@ -392,10 +401,9 @@ class Trainer:
         config = self.config
         self._announce()
         sinks = self.sinks()
-        # A resumed run's clock goes on from the last record it keeps: elapsed_s is the training time so far.
-        kept = next((sink.history for sink in sinks if isinstance(sink, MetricsFile)), [])
-        speed = Speed(self._global_batch * self.blocks.block_size * config.grad_accum_steps, self.step,
-                      seconds_before=kept[-1].get("elapsed_s", 0.0) if kept else 0.0)
+        # A resumed run's clock goes on from its checkpoint's: elapsed_s is the training time so far.
+        self.speed = speed = Speed(self._global_batch * self.blocks.block_size * config.grad_accum_steps, self.step,
+                                   seconds_before=self.seconds_trained_before)
         stopped_by = None
         try:
             with self.stop.installed():
@@ -453,7 +461,7 @@ class Trainer:
         if config.warmup_iters >= config.max_iters:
             say(f"fastgpt: --warmup-iters {config.warmup_iters} is not less than --max-iters {config.max_iters}, so "
                 "the learning rate never reaches its peak and never decays", file=sys.stderr)
-        if config.init_from:
+        if config.init_from and not config.resume:  # a resumed run does not read --init-from's folder
             self._say_what_init_from_overrides(used)
         if self.blocks.block_size < config.model.block_size:
             say(f"fastgpt: the model has {self.model_config.block_size} positions, so it trains on blocks of that many "

@@ -71,9 +71,23 @@ def test_resume_continues_from_the_checkpoint(corpus, train_args, tmp_path):
     assert load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == 9
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 3, 4, 6, 8, 9]
-    # The resumed run's clock goes on from the record at step 6: training time so far, never back to 0.
+    # The resumed run's clock goes on from its checkpoint's (saved after the record at step 6): training
+    # time so far, never back to 0.
     elapsed = [r["elapsed_s"] for r in records]
-    assert elapsed == sorted(elapsed) and elapsed[4] > elapsed[3]
+    assert elapsed == sorted(elapsed) and elapsed[4] > payload["elapsed_s"] >= elapsed[3]
+
+
+def test_a_checkpoint_with_rope_base_beside_learned_positions_resumes_and_loads(corpus, train_args, tmp_path):
+    """Settings now refuse rope_base with learned positions, where it computes nothing; a run saved with it
+    still resumes (--resume alone) and loads as the model it is."""
+    args = train_args(corpus, tmp_path / "run")
+    assert train.main(args) == 0
+    payload = load_checkpoint(tmp_path / "run" / "ckpt.pt")
+    payload["model_config"]["rope_base"] = payload["config"]["rope_base"] = 500.0
+    save_checkpoint(tmp_path / "run" / "ckpt.pt", payload)
+    assert train.main(["--out-dir", str(tmp_path / "run"), "--resume", "--max-iters", "8"]) == 0
+    model, _ = checkpoint.load_trained_model(tmp_path / "run", torch.device("cpu"))
+    assert model.config.rope_base == 10000.0 and model.config.position == "learned"
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -94,8 +108,8 @@ def test_resume_continues_from_the_checkpoint(corpus, train_args, tmp_path):
     pytest.param(["--config", "{tmp}/none.toml"], "does not exist", id="missing config file"),
     pytest.param(["--config", "{tmp}/bad.toml"], "unknown setting 'n_layers'", id="unknown key in config file"),
     pytest.param(["--config", "{tmp}/float.toml"], "bad value 2.9 (expected int)", id="float for an int in TOML"),
-    pytest.param(["--config", "{tmp}/preset.toml"], "sets 'preset', which chooses a file of settings and cannot be "
-                 "one: give --preset on the command line", id="preset in a config file"),
+    pytest.param(["--config", "{tmp}/preset.toml"], "sets 'preset', which is not a setting but chooses a file of "
+                 "them: that is given by the trainer's --preset flag, on the command line", id="preset in a config file"),
     pytest.param(["--config", "{tmp}/latin1.toml"], "cannot read config file", id="config file not UTF-8"),
     pytest.param(["--learning-rate", "nan"], "learning_rate must be a finite number", id="NaN learning rate"),
     pytest.param(["--seed", str(2**64)], "seed must be at most", id="seed beyond 64 bits"),
@@ -290,6 +304,12 @@ def test_a_reader_that_stops_reading_ends_the_command_quietly(tmp_path):
     result = subprocess.run(f"{shlex.quote(sys.executable)} {program} | head -1; exit ${{PIPESTATUS[0]}}", shell=True,
                             executable="/bin/bash", capture_output=True, text=True, timeout=120)
     assert (result.returncode, result.stdout, result.stderr) == (1, "a line\n", "")
+
+    def write_to_a_closed_socket():  # any other broken pipe is not the user's doing: a traceback
+        raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.raises(BrokenPipeError):
+        run_cli(write_to_a_closed_socket)
 
 
 def test_running_out_of_memory_is_one_clear_line(capsys):

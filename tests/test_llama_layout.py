@@ -161,6 +161,9 @@ def test_export_command_writes_a_llama_that_sampling_loads(saved_run, tmp_path, 
     pytest.param(dict(config={"num_key_value_heads": 3}), "sets num_key_value_heads = 3", id="uneven kv heads"),
     pytest.param(dict(config={"model_type": "mistral"}), "sets model_type = 'mistral'", id="another model"),
     pytest.param(dict(config={"intermediate_size": 64}), "do not fit", id="other shape"),
+    pytest.param(dict(config={"rms_norm_eps": 0}), "has rms_norm_eps 0, not a positive number", id="zero epsilon"),
+    pytest.param(dict(config={"tie_word_embeddings": "yes"}), "has tie_word_embeddings 'yes', not true or false",
+                 id="tie as text"),
 ])
 def test_a_bad_llama_directory_is_one_clear_line(changes, expected, llama_dir, broken_copy, capsys):
     directory = broken_copy(llama_dir, **changes)

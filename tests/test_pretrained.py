@@ -11,7 +11,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
 from fastgpt import GPT, export, sample, train
-from fastgpt.checkpoint import load_checkpoint
+from fastgpt.checkpoint import load_checkpoint, save_checkpoint
 from fastgpt.errors import FastGPTError
 from fastgpt.model import GPTConfig
 from fastgpt.pretrained import export_pretrained, load_pretrained
@@ -223,8 +223,9 @@ def test_a_model_of_another_architecture_cannot_be_exported(tokenizer, config_wi
     pytest.param(dict(remove=["merges.txt"]), "has no merges.txt", id="no merges"),
     pytest.param(dict(config={"layer_norm_epsilon": 0}), "has layer_norm_epsilon 0, not a positive number",
                  id="zero epsilon"),
-    pytest.param(dict(config={"n_inner": "wide"}), "has n_inner 'wide', neither null nor a positive whole number",
-                 id="width as text"),
+    pytest.param(dict(config={"n_inner": "wide"}), "has n_inner 'wide', not a positive whole number", id="width as text"),
+    pytest.param(dict(config={"tie_word_embeddings": "no"}), "has tie_word_embeddings 'no', not true or false",
+                 id="tie as text"),
     pytest.param(dict(config={"activation_function": "relu"}), "cannot represent", id="other activation"),
     pytest.param(dict(config={"tie_word_embeddings": False}), "missing ['lm_head.weight']", id="untied without a head"),
     pytest.param(dict(config={"n_embd": 64}), "do not fit", id="other shape"),
@@ -280,10 +281,16 @@ def test_a_fine_tuning_run_resumes_without_the_folder_it_started_from(hf_dir, tm
     monkeypatch.chdir(tmp_path / "run")
     run = str(tmp_path / "run")
     assert train.main(["--out-dir", run, "--resume", "--max-iters", "3"]) == 0
-    assert load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"] == 3
-    capsys.readouterr()
-    assert train.main(["--out-dir", run, "--resume", "--max-iters", "4", "--init-from", str(hf_dir)]) != 0
-    assert f"init_from {tmp_path / 'pretrained'} vs {hf_dir}" in capsys.readouterr().err
+    resumed = load_checkpoint(tmp_path / "run" / "ckpt.pt")
+    assert resumed["step"] == 3 and resumed["config"]["init_from"] == str(tmp_path / "pretrained")
+    assert "brings its own model" not in capsys.readouterr().err  # a resumed run reads no --init-from folder
+    # A checkpoint that recorded the folder relative to where it began keeps it so, wherever it resumes.
+    resumed["config"]["init_from"] = "pretrained"
+    save_checkpoint(tmp_path / "run" / "ckpt.pt", resumed)
+    assert train.main(["--out-dir", run, "--resume", "--max-iters", "4"]) == 0
+    assert load_checkpoint(tmp_path / "run" / "ckpt.pt")["config"]["init_from"] == "pretrained"
+    assert train.main(["--out-dir", run, "--resume", "--max-iters", "5", "--init-from", str(hf_dir)]) != 0
+    assert f"init_from {tmp_path / 'run' / 'pretrained'} vs {hf_dir}" in capsys.readouterr().err
 
 
 def test_init_from_a_model_with_fewer_positions_than_block_size_trains_and_counts_its_blocks(hf_dir,

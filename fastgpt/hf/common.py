@@ -66,6 +66,20 @@ def require_settings(hf_config, names, path, architecture):
                                f"{architecture} config")
 
 
+def require_kinds(hf_config, path, architecture, positive_numbers=(), flags=()):
+    """Refuse a config.json whose settings named in `positive_numbers` are not positive numbers, or in
+    `flags` not true or false (each name present: a layout fills in its defaults first)."""
+    for name in positive_numbers:
+        value = hf_config[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise FastGPTError(f"{path} has {name} {value!r}, not a positive number; it is not a valid "
+                               f"{architecture} config")
+    for name in flags:
+        if not isinstance(hf_config[name], bool):
+            raise FastGPTError(f"{path} has {name} {hf_config[name]!r}, not true or false; it is not a valid "
+                               f"{architecture} config")
+
+
 def require_heads_divide(hf_config, width, heads, path):
     """Refuse a config.json whose model width (the setting named `width`) its number of attention heads
     (`heads`) does not divide: each head gets an equal share of the channels."""

@@ -65,22 +65,16 @@ def config_fields(hf, path):
         raise common.unrepresentable(path, "activation_function", activation,
                                      "the tanh approximation of GELU (gelu_new)")
     common.require_heads_divide(hf, "n_embd", "n_head", path)
-    epsilon, hidden, tied = (hf.get("layer_norm_epsilon", 1e-5), hf.get("n_inner"), hf.get("tie_word_embeddings", True))
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
-        raise FastGPTError(f"{path} has layer_norm_epsilon {epsilon!r}, not a positive number; it is not a valid "
-                           "GPT-2 config")
-    if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
-        raise FastGPTError(f"{path} has n_inner {hidden!r}, neither null nor a positive whole number; it is not a "
-                           "valid GPT-2 config")
-    if not isinstance(tied, bool):
-        raise FastGPTError(f"{path} has tie_word_embeddings {tied!r}, not true or false; it is not a valid GPT-2 "
-                           "config")
+    hf = {"layer_norm_epsilon": 1e-5, "n_inner": None, "tie_word_embeddings": True, **hf}
+    common.require_kinds(hf, path, "GPT-2", positive_numbers=["layer_norm_epsilon"], flags=["tie_word_embeddings"])
+    if hf["n_inner"] is not None:  # null: 4 n_embd
+        common.require_settings(hf, ["n_inner"], path, "GPT-2")
     # GPT-2's switches are GPTConfig's defaults. Dropout only matters for fine-tuning, where the
     # training settings choose it.
     return dict(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-                n_head=hf["n_head"], n_embd=hf["n_embd"], norm_eps=float(epsilon),
-                mlp_hidden=0 if hidden in (None, MLP_RATIO * hf["n_embd"]) else hidden,
-                tie_embeddings=tied, bias=True, dropout=0.0)
+                n_head=hf["n_head"], n_embd=hf["n_embd"], norm_eps=float(hf["layer_norm_epsilon"]),
+                mlp_hidden=0 if hf["n_inner"] in (None, MLP_RATIO * hf["n_embd"]) else hf["n_inner"],
+                tie_embeddings=hf["tie_word_embeddings"], bias=True, dropout=0.0)
 
 
 def state_dict_from_hf(tensors, config, expected):

@@ -98,6 +98,8 @@ def config_fields(hf, path):
     common.require_settings(hf, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                  "num_attention_heads"), path, "Llama")
     hf = {**DEFAULTS, **hf}
+    common.require_kinds(hf, path, "Llama", positive_numbers=["rms_norm_eps"],
+                         flags=["tie_word_embeddings", "attention_bias", "mlp_bias"])
     common.require_heads_divide(hf, "hidden_size", "num_attention_heads", path)
     n_head, n_embd = hf["num_attention_heads"], hf["hidden_size"]
     head_dim = hf.get("head_dim") or n_embd // n_head
