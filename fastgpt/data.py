@@ -153,24 +153,39 @@ def chunk_encoder(tokenizer):
     return encode
 
 
+def _cache_entries(files, tokenizer, cache_dir):
+    """The token cache's two files, the tokens' dtype, and what the cache must record to be reused."""
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    meta = {"corpus": _fingerprint(files), "tokenizer": _tokenizer_fingerprint(tokenizer), "dtype": np.dtype(dtype).name}
+    return cache_dir / "tokens.bin", cache_dir / "tokens.json", dtype, meta
+
+
+def cached_tokens(files, tokenizer, cache_dir):
+    """The tokens cache_dir holds (a read-only memmap) when they are of this corpus and tokenizer, else
+    None. Reading only: eval uses it on a run that may be training, whose cache it must not replace."""
+    tokens_path, meta_path, dtype, meta = _cache_entries(files, tokenizer, Path(cache_dir))
+    try:
+        cached = json.loads(meta_path.read_text())
+        size = tokens_path.stat().st_size
+    except (OSError, ValueError):
+        return None
+    if {k: cached.get(k) for k in meta} != meta or cached.get("tokens") != size // np.dtype(dtype).itemsize:
+        return None
+    return np.memmap(tokens_path, dtype=dtype, mode="r")
+
+
 def encode_corpus(files, tokenizer, cache_dir, progress=True):
     """Encode the corpus into cache_dir/tokens.bin (reused when corpus and tokenizer are unchanged).
 
     Returns the tokens as a read-only memmap. With `progress`, encoding that takes more than a couple of
     seconds (a large corpus) shows a bar on stderr.
     """
+    cached = cached_tokens(files, tokenizer, cache_dir)
+    if cached is not None:
+        return cached
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tokens_path, meta_path = cache_dir / "tokens.bin", cache_dir / "tokens.json"
-    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-    meta = {"corpus": _fingerprint(files), "tokenizer": _tokenizer_fingerprint(tokenizer), "dtype": np.dtype(dtype).name}
-    if meta_path.exists() and tokens_path.exists():
-        try:
-            cached = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            cached = {}
-        if {k: cached.get(k) for k in meta} == meta and cached.get("tokens") == tokens_path.stat().st_size // np.dtype(dtype).itemsize:
-            return np.memmap(tokens_path, dtype=dtype, mode="r")
+    tokens_path, meta_path, dtype, meta = _cache_entries(files, tokenizer, cache_dir)
     # A private partial file: several machines of one run may encode into a shared cache at once.
     descriptor, partial = new_temporary_file(cache_dir, prefix="tokens.", suffix=".partial")
     encode = chunk_encoder(tokenizer)

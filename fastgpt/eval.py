@@ -13,7 +13,6 @@ with the trainer's val_loss. (Windows that slide one token at a time would give 
 context, scoring a little better, at up to block_size times the cost.)
 """
 
-import errno
 import json
 import math
 import sys
@@ -31,7 +30,7 @@ from fastgpt.checkpoint import load_trained_model
 from fastgpt.cli import run_cli
 from fastgpt.config import parse_config
 from fastgpt.settings import setting
-from fastgpt.data import TokenBlocks, corpus_files, encode_corpus
+from fastgpt.data import TokenBlocks, cached_tokens, corpus_files, encode_corpus
 from fastgpt.errors import FastGPTError
 from fastgpt.hardware import choose_precision
 from fastgpt.run_files import CHECKPOINT_FILES, checkpoint_setting, read_run_config
@@ -115,13 +114,10 @@ def tokens_to_evaluate(config, run, tokenizer, scratch, progress):
         files = corpus_files(config.data)
         return encode_corpus(files, tokenizer, scratch, progress), f"{config.data} (all of it)"
     files = corpus_files(run["data"])
-    # The run's own token cache, reused while its corpus is unchanged; the split is the trainer's.
-    try:
-        tokens = encode_corpus(files, tokenizer, Path(config.out_dir) / "cache", progress)
-    except OSError as error:
-        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
-        # A run one may read but not write to (someone else's, an archived one) is encoded privately.
+    # The run's own token cache while its corpus is unchanged, only read: the run may be training on it.
+    # Otherwise the corpus is encoded privately. The split is the trainer's.
+    tokens = cached_tokens(files, tokenizer, Path(config.out_dir) / "cache")
+    if tokens is None:
         tokens = encode_corpus(files, tokenizer, scratch, progress)
     first, end = TokenBlocks(tokens, run["block_size"], run["val_fraction"]).ranges["val"]
     name = run["data"] or "the bundled Tiny Shakespeare"

@@ -136,6 +136,15 @@ def test_tensorboard_sink_writes_the_records_as_scalars(tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("train_loss")] == [(10, 2.5), (20, 2.0)]
     assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("val_bpb")] == [(20, 3.1)]
 
+    # Resumed from a checkpoint at step 10: the step-20 event an earlier run logged after it is hidden,
+    # the checkpoint's own step kept.
+    resumed = TensorBoardSink(tmp_path, resumed_step=10)
+    resumed.log({"step": 30, "train_loss": 1.5})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train_loss")] == [(10, 2.5), (30, 1.5)]
+
 
 def test_tensorboard_sink_without_tensorboard_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as when tensorboard is not installed

@@ -1,14 +1,11 @@
 """python -m fastgpt.eval against a direct, token-by-token computation with the same model."""
 
-import errno
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from fastgpt import data as fastgpt_data
 from fastgpt import eval as fastgpt_eval
 from fastgpt import train
 from fastgpt.checkpoint import load_trained_model
@@ -68,21 +65,19 @@ def test_eval_of_the_validation_split_equals_a_direct_computation(run, capsys):
     assert result["bytes"] > result["tokens"] or tokenizer.kind == "bpe"
 
 
-def test_eval_of_a_run_folder_it_may_not_write_to_encodes_privately(run, capsys, monkeypatch):
+def test_eval_never_rewrites_a_runs_token_cache(run, capsys):
+    """A run may be training on its cache while eval runs: when the cache does not fit the corpus
+    (here its record is made stale), eval encodes the text privately and leaves the cache alone."""
     expected = evaluate(capsys, "--out-dir", str(run / "run"))
     cache = run / "run" / "cache"
-    real_new_temporary_file = fastgpt_data.new_temporary_file
-
-    def new_temporary_file(directory, prefix, suffix):  # root may write anywhere: the refusal is staged
-        if Path(directory) == cache:
-            raise PermissionError(errno.EACCES, "Permission denied", str(directory))
-        return real_new_temporary_file(directory, prefix, suffix)
-    monkeypatch.setattr(fastgpt_data, "new_temporary_file", new_temporary_file)
-    (cache / "tokens.json").rename(cache / "tokens.json.aside")  # so the cache must be rebuilt
-    try:
-        assert evaluate(capsys, "--out-dir", str(run / "run")) == expected
-    finally:
-        (cache / "tokens.json.aside").rename(cache / "tokens.json")
+    record = json.loads((cache / "tokens.json").read_text())
+    stale = json.dumps({**record, "tokens": record["tokens"] + 1})
+    (cache / "tokens.json").write_text(stale)
+    before = (cache / "tokens.bin").stat()
+    assert evaluate(capsys, "--out-dir", str(run / "run")) == expected
+    after = (cache / "tokens.bin").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert (cache / "tokens.json").read_text() == stale
 
 
 def test_eval_of_another_text_and_of_the_best_checkpoint(run, capsys):
