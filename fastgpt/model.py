@@ -359,6 +359,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
+        config.validate()  # a misspelt switch is an error here, not a model that silently lacks it
         self.config = config
         # Asked of the backend at every one-token decoding step, so worked out once.
         self.block_description = config.block_description()
@@ -497,7 +498,7 @@ class Sampler:
     """How the next token is chosen from the logits.
 
     temperature 0 picks the most likely token; otherwise tokens are sampled from the softmax of
-    logits / temperature, restricted to the top_k most likely (None: all) and then to the smallest
+    logits / temperature, restricted to the top_k most likely (None or 0: all) and then to the smallest
     set of most likely tokens whose probabilities add up to top_p (nucleus sampling; 1: all).
     repetition_penalty > 1 makes tokens already in the sequence less likely (as in CTRL): a positive
     logit is divided by it, a negative one multiplied.
@@ -511,8 +512,8 @@ class Sampler:
     def __post_init__(self):
         if not 0 <= self.temperature < math.inf:
             raise FastGPTError(f"temperature must be a finite number at least 0 (got {self.temperature})")
-        if self.top_k is not None and self.top_k < 1:
-            raise FastGPTError(f"top_k must be at least 1, or None for all tokens (got {self.top_k})")
+        if self.top_k is not None and self.top_k < 0:
+            raise FastGPTError(f"top_k must be at least 1, or 0 or None for all tokens (got {self.top_k})")
         if not 0 < self.top_p <= 1:
             raise FastGPTError(f"top_p must be in (0, 1] (got {self.top_p}); 1 keeps every token")
         if not self.repetition_penalty > 0:
@@ -528,7 +529,7 @@ class Sampler:
             return logits.argmax(dim=-1, keepdim=True)
         # Shifting the largest logit to 0 first keeps a tiny temperature from overflowing to inf - inf.
         logits = (logits - logits.amax(dim=-1, keepdim=True)) / self.temperature
-        if self.top_k is not None:
+        if self.top_k:  # None or 0: all
             kth_best = torch.topk(logits, min(self.top_k, logits.size(-1))).values[:, [-1]]
             logits = logits.masked_fill(logits < kth_best, float("-inf"))
         if self.top_p < 1.0:

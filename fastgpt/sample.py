@@ -28,10 +28,12 @@ from fastgpt.settings import setting
 
 
 def check_stop_strings(stop):
-    """The stop strings as a list, refused if one is empty (it would end every sample at once)."""
+    """The stop strings as a list (a single string is one), refused if one is empty (it would end every
+    sample at once)."""
+    stop = [stop] if isinstance(stop, str) else list(stop)
     if "" in stop:
         raise FastGPTError("an empty stop string would end every sample before it starts; give the text to stop at")
-    return list(stop)
+    return stop
 
 
 class TextStream:
@@ -142,7 +144,7 @@ class SampleConfig:
 
     def sampling(self):
         """The settings of how each token is chosen, as GPT.generate and Sampler take them."""
-        return dict(temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p,
+        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                     repetition_penalty=self.repetition_penalty)
 
     def validate(self):

@@ -109,12 +109,12 @@ def test_repetition_penalty_keeps_greedy_decoding_off_seen_tokens(tiny_model):
 
 def test_a_tiny_temperature_samples_the_likeliest_token():
     logits = torch.tensor([[3.0, 80.0, -50.0, 79.9]])
-    for top_k, top_p in ((None, 1.0), (2, 0.5)):
+    for top_k, top_p in ((None, 1.0), (0, 1.0), (2, 0.5)):  # top_k None or 0: all tokens, as --top-k 0
         assert int(Sampler(temperature=1e-45, top_k=top_k, top_p=top_p)(logits, torch.zeros(1, 1, dtype=torch.long))) == 1
 
 
 @pytest.mark.parametrize("setting", [dict(top_p=0.0), dict(top_p=1.5), dict(top_p=-0.1), dict(temperature=-1.0),
-                                     dict(temperature=float("inf")), dict(top_k=0), dict(repetition_penalty=0.0)])
+                                     dict(temperature=float("inf")), dict(top_k=-1), dict(repetition_penalty=0.0)])
 def test_impossible_sampling_settings_are_refused(setting):
     with pytest.raises(FastGPTError, match=next(iter(setting))):
         Sampler(**setting)
@@ -140,6 +140,8 @@ def test_text_stream_cuts_at_a_stop_string_and_never_shows_part_of_one():
     unfinished = TextStream(Letters(), stop=["xyz"])
     assert [unfinished.add(i) for i in Letters().encode("axy")] == ["a", "", ""]
     assert unfinished.finish() == "xy"
+    one = TextStream(Letters(), stop="cde")  # a single string is one stop string, not its characters
+    assert "".join(one.add(i) for i in Letters().encode("abcdcde")) == "abcd"
 
 
 def test_samples_print_control_characters_as_escapes_on_a_terminal_only():

@@ -75,10 +75,13 @@ def test_each_switch_builds_what_it_says(tiny_config):
     (dict(rope_base=500.0), "rope_base 500.0 is the base of rotary positions, and position is learned: add "
                             "--position rope"),
     (dict(mlp="tanh"), "mlp must be one of gelu, swiglu, relu2"),
+    (dict(position="alibi"), "position must be one of learned, rope"),
 ])
 def test_impossible_switch_settings_are_refused(tiny_config, change, message):
     with pytest.raises(FastGPTError, match=message):
         tiny_config(**change).validate()
+    with pytest.raises(FastGPTError, match=message):  # from Python too, not only from the settings
+        GPT(tiny_config(**change))
 
 
 def test_a_rotary_model_slides_its_window_one_token_at_a_time(tiny_config):

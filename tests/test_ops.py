@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fastgpt import ops
+from fastgpt.ops import dispatch
 from fastgpt.ops.definitions import causal_attention, gelu, layer_norm
 from op_checks import DEVICE, runnable_kernel_backends
 
@@ -79,6 +80,8 @@ def test_dispatch_rules(monkeypatch):
     assert ops.resolve_backend("reference", x.device) == "reference"
     with pytest.raises(ops.BackendUnavailable, match="unknown backend"):
         ops.resolve_backend("cuda-magic", x.device)
+    with pytest.raises(ops.BackendUnavailable, match="unknown backend 'cuda-magic'"):  # where the mistake is
+        ops.use_backend("cuda-magic")
     monkeypatch.setenv("FASTGPT_BACKEND", "reference")
     assert ops.resolve_backend(None, x.device) == "reference"
     # A backend that cannot run on the tensors' device is refused, naming it and why.
@@ -116,3 +119,24 @@ def test_bad_shapes_are_clear_errors():
         ops.layer_norm(torch.randn(2, 8), torch.randn(7), None)
     with pytest.raises(ValueError, match=r"rms_norm: weight has shape \(7,\), expected \(8,\)"):
         ops.rms_norm(torch.randn(2, 8), torch.randn(7))
+    with pytest.raises(ValueError, match="at least one key/value head"):
+        ops.causal_attention(torch.randn(1, 2, 3, 4), torch.randn(1, 0, 3, 4), torch.randn(1, 0, 3, 4))
+    with pytest.raises(ValueError, match=r"swiglu expects an even last dimension"):
+        ops.swiglu(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="rotary: base must be positive, got 0"):
+        ops.rotary(torch.randn(1, 1, 2, 4), base=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", *[b for b in ("cpp",) if dispatch.unavailable_reason(b) is None]])
+def test_every_backend_refuses_what_none_computes(backend):
+    """Integer tensors (some backends would return truncated numbers) and a target of -100 (which
+    F.cross_entropy would skip as ignored) are refused whichever backend runs."""
+    integers = torch.arange(16).view(1, 1, 4, 4)
+    for call in (lambda: ops.causal_attention(integers, integers, integers, backend=backend),
+                 lambda: ops.rotary(integers, backend=backend), lambda: ops.gelu(integers, backend=backend),
+                 lambda: ops.layer_norm(integers, None, None, backend=backend),
+                 lambda: ops.cross_entropy(integers[0, 0], torch.zeros(4, dtype=torch.long), backend=backend)):
+        with pytest.raises(ValueError, match="must be a floating-point tensor"):
+            call()
+    with pytest.raises((RuntimeError, IndexError)):
+        ops.cross_entropy(torch.randn(3, 5), torch.tensor([0, -100, 2]), backend=backend)

@@ -26,6 +26,15 @@ import torch
 NAMESPACE = "fastgpt"
 
 
+def require_floating(op_name, **tensors):
+    """One clear error for a tensor argument (by name; None is left out) that is not floating point:
+    with an integer tensor, some backends would refuse and others return truncated numbers."""
+    for name, tensor in tensors.items():
+        if tensor is not None and not tensor.is_floating_point():
+            raise ValueError(f"{op_name}: {name} must be a floating-point tensor (float32, bfloat16, float16 or "
+                             f"float64), got {tensor.dtype}; cast it first, e.g. with .float()")
+
+
 def kernel_name(backend, op_name, direction):
     """The torch op name of a backend's kernel: kernel_name("cpp", "layer_norm", "forward") ->
     "cpp_layer_norm_forward" (called as torch.ops.fastgpt.cpp_layer_norm_forward)."""

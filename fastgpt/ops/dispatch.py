@@ -86,9 +86,14 @@ _default_backend = None
 def use_backend(name):
     """Make `name` the backend of every op call that names none (None or "auto": the automatic choice).
 
-    Set it before compiling a model: torch.compile takes the resolved backend as a constant.
+    Set it before compiling a model: torch.compile takes the resolved backend as a constant. An unknown
+    name is refused here, where the mistake is; whether a known one can run is told at the first op.
     """
     global _default_backend
+    name = name.strip().lower() if isinstance(name, str) else name
+    if name not in (None, "auto", *BACKENDS):
+        choices = ", ".join(("auto",) + BACKENDS)
+        raise BackendUnavailable(f"unknown backend {name!r}: choose one of {choices}")
     _default_backend = None if name in (None, "auto") else name
 
 

@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastgpt.ops.contract import define_op, statistics_dtype
+from fastgpt.ops.contract import define_op, require_floating, statistics_dtype
 from fastgpt.ops.dispatch import register, run
 
 
@@ -66,9 +66,13 @@ def builtin(q, k, v, scale):
 
 
 def check_inputs(q, k, v):
+    require_floating("causal_attention", q=q, k=k, v=v)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"causal_attention expects 4-D (B, H, T, D) tensors, got q{tuple(q.shape)}, "
                          f"k{tuple(k.shape)}, v{tuple(v.shape)}")
+    if k.shape[1] == 0 or q.shape[-1] == 0:
+        raise ValueError(f"causal_attention needs at least one key/value head and one channel per head, got "
+                         f"k{tuple(k.shape)}")
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
         raise ValueError(f"causal_attention: q{tuple(q.shape)}, k{tuple(k.shape)} and v{tuple(v.shape)} "
                          "must agree in B and D, k and v must have the same shape, and their heads must "

@@ -22,7 +22,7 @@ in the logits' dtype.
 import torch
 import torch.nn.functional as F
 
-from fastgpt.ops.contract import define_op, statistics_dtype
+from fastgpt.ops.contract import define_op, require_floating, statistics_dtype
 from fastgpt.ops.dispatch import register, run
 
 
@@ -35,6 +35,7 @@ def cross_entropy(logits, targets, *, backend=None):
 
 def check_inputs(logits, targets):
     """One clear error for arguments no backend takes."""
+    require_floating("cross_entropy", logits=logits)
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"cross_entropy takes logits (N, V) and targets (N,), got {tuple(logits.shape)} and "
                          f"{tuple(targets.shape)}; flatten the leading dimensions first")
@@ -53,8 +54,10 @@ def reference(logits, targets):
 
 
 def builtin(logits, targets):
-    """PyTorch's F.cross_entropy on the logits in fp32, the usual way to take a bf16 model's loss."""
-    return F.cross_entropy(logits.to(statistics_dtype(logits.dtype)), targets, reduction="none")
+    """PyTorch's F.cross_entropy on the logits in fp32, the usual way to take a bf16 model's loss. No
+    target is ignored (F.cross_entropy would skip -100): every backend takes class indices only."""
+    return F.cross_entropy(logits.to(statistics_dtype(logits.dtype)), targets, reduction="none",
+                           ignore_index=torch.iinfo(torch.int64).min)
 
 
 # ---- the kernels' contract ----

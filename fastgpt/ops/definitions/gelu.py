@@ -10,12 +10,13 @@ there is no Triton kernel and GPUs run PyTorch's.
 import torch
 import torch.nn.functional as F
 
-from fastgpt.ops.contract import backward_from_input, contiguous_like, define_op, save_input
+from fastgpt.ops.contract import backward_from_input, contiguous_like, define_op, require_floating, save_input
 from fastgpt.ops.dispatch import register, run
 
 
 def gelu(x, *, backend=None):
     """GELU with GPT-2's tanh approximation: x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3))) / 2."""
+    require_floating("gelu", x=x)
     return run(GELU, x.device, backend)(x)
 
 

@@ -15,7 +15,7 @@ the same result: the statistics stay fp32, and the gradient comes back in x's dt
 import torch
 import torch.nn.functional as F
 
-from fastgpt.ops.contract import define_op, statistics_dtype
+from fastgpt.ops.contract import define_op, require_floating, statistics_dtype
 from fastgpt.ops.dispatch import register, run
 
 
@@ -58,7 +58,9 @@ def builtin(x, weight, bias, eps, out_dtype=None):
 
 
 def check_inputs(op_name, x, weight, bias):
-    """The affine parameters must match x's last dimension and device (shared with rms_norm)."""
+    """x and the affine parameters are floating point, which match x's last dimension and device
+    (shared with rms_norm)."""
+    require_floating(op_name, x=x, weight=weight, bias=bias)
     for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor is None:
             continue

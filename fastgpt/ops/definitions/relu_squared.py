@@ -10,12 +10,13 @@ and runs the faster (fastgpt/ops/choice.py).
 import torch
 import torch.nn.functional as F
 
-from fastgpt.ops.contract import backward_from_input, contiguous_like, define_op, save_input
+from fastgpt.ops.contract import backward_from_input, contiguous_like, define_op, require_floating, save_input
 from fastgpt.ops.dispatch import register, run
 
 
 def relu_squared(x, *, backend=None):
     """relu(x) squared, elementwise."""
+    require_floating("relu_squared", x=x)
     return run(RELU_SQUARED, x.device, backend)(x)
 
 

@@ -13,14 +13,17 @@ which is what lets a model with rotary positions slide its window over a cached 
 
 import torch
 
-from fastgpt.ops.contract import define_op, statistics_dtype
+from fastgpt.ops.contract import define_op, require_floating, statistics_dtype
 from fastgpt.ops.dispatch import register, run
 
 
 def rotary(x, *, offset=0, base=10000.0, backend=None):
     """x (B, H, T, D), D even, rotated as positions offset .. offset + T - 1; differentiable in x."""
+    require_floating("rotary", x=x)
     if x.dim() != 4 or x.shape[-1] % 2:
         raise ValueError(f"rotary expects a (B, H, T, D) tensor with D even, got {tuple(x.shape)}")
+    if not base > 0:
+        raise ValueError(f"rotary: base must be positive, got {base}")
     return run(ROTARY, x.device, backend)(x, int(offset), float(base))
 
 

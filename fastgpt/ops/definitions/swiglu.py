@@ -15,13 +15,14 @@ the faster (fastgpt/ops/choice.py).
 import torch
 import torch.nn.functional as F
 
-from fastgpt.ops.contract import backward_from_input, contiguous_like, define_op, save_input
+from fastgpt.ops.contract import backward_from_input, contiguous_like, define_op, require_floating, save_input
 from fastgpt.ops.dispatch import register, run
 
 
 def swiglu(x, *, backend=None):
     """silu(a) * b for x = [a, b] split in halves along the last dimension (..., 2N) -> (..., N)."""
-    if x.shape[-1] % 2:
+    require_floating("swiglu", x=x)
+    if x.dim() == 0 or x.shape[-1] % 2:
         raise ValueError(f"swiglu expects an even last dimension ([gate, up]), got {tuple(x.shape)}")
     return run(SWIGLU, x.device, backend)(x)
 
