@@ -36,10 +36,13 @@ def bundled_corpus():
 
 
 def corpus_files(data):
-    """The text files that make up the corpus named by `data` (a file, a directory, or '' for the default)."""
+    """The text files that make up the corpus named by `data` (a file, a directory, or '' for the default).
+    A directory gives its .txt files and those of its folders, leaving out hidden ones (a name starting
+    with "."), as an editor's or a version-control tool's files are."""
     path = Path(data) if data else bundled_corpus()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        files = sorted(p for p in path.rglob("*.txt")
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
             raise FastGPTError(f"the data directory {path} holds no .txt files; point --data at a text file "
                                "or a directory of .txt files")

@@ -461,6 +461,9 @@ class Trainer:
         if config.warmup_iters >= config.max_iters:
             say(f"fastgpt: --warmup-iters {config.warmup_iters} is not less than --max-iters {config.max_iters}, so "
                 "the learning rate never reaches its peak and never decays", file=sys.stderr)
+        if config.tokenizer == "bpe" and not config.init_from and self.tokenizer.vocab_size < config.model.vocab_size:
+            say(f"fastgpt: the corpus has no more pairs to merge after {self.tokenizer.vocab_size} bpe tokens, so the "
+                f"vocabulary is that, not --vocab-size {config.model.vocab_size}", file=sys.stderr)
         if config.init_from and not config.resume:  # a resumed run does not read --init-from's folder
             self._say_what_init_from_overrides(used)
         if self.blocks.block_size < config.model.block_size:

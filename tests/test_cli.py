@@ -54,6 +54,14 @@ def test_text_on_a_single_line_trains_and_samples_without_a_prompt(train_args, t
     assert printed.startswith(" ") and len(printed) >= 6  # " ", the first of its sorted characters, and 5 more
 
 
+def test_a_bpe_vocabulary_the_corpus_cannot_fill_is_pointed_out(corpus, train_args, tmp_path, capsys):
+    assert train.main([*train_args(corpus, tmp_path / "run"), "--tokenizer", "bpe", "--vocab-size", "100000"]) == 0
+    vocabulary = load_checkpoint(tmp_path / "run" / "ckpt.pt")["model_config"]["vocab_size"]
+    assert vocabulary < 100000
+    assert (f"the corpus has no more pairs to merge after {vocabulary} bpe tokens, so the vocabulary is that, "
+            "not --vocab-size 100000") in capsys.readouterr().err
+
+
 def test_a_warmup_as_long_as_the_run_is_pointed_out(corpus, train_args, tmp_path, capsys):
     assert train.main(train_args(corpus, tmp_path / "run", warmup_iters=6)) == 0  # TINY_RUN: 6 steps
     assert ("--warmup-iters 6 is not less than --max-iters 6, so the learning rate never reaches its peak"

@@ -273,3 +273,12 @@ def test_bad_input_is_a_clear_error(kind, text, vocab_size, message):
 def test_unrecognised_state_is_a_clear_error(state):
     with pytest.raises(FastGPTError, match="tokenizer state is not one of"):
         tokenizer_from_state(state)
+
+
+def test_a_corpus_directory_gives_its_text_files_but_not_hidden_ones(tmp_path):
+    from fastgpt.data import corpus_files
+
+    for name in ("a.txt", "sub/b.txt", ".notes.txt", ".cache/c.txt", "sub/.d.txt", "e.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("text\n")
+    assert corpus_files(tmp_path) == [tmp_path / "a.txt", tmp_path / "sub" / "b.txt"]
