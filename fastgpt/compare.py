@@ -102,7 +102,7 @@ def format_table(header, rows):
 def compare(directories, to, names=None):
     """Load the runs, draw their curves to `to`, and return the text of the tables; `names` label the
     runs there (default: their directories as given)."""
-    if len(set(directories)) != len(directories):
+    if len({Path(directory).resolve() for directory in directories}) != len(directories):  # runs/a, runs/a/, ./runs/a
         raise FastGPTError("a run is named twice; give each run directory once")
     names = names or [str(directory) for directory in directories]
     runs = [load_run(directory, name) for directory, name in zip(directories, names, strict=True)]

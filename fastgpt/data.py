@@ -88,6 +88,18 @@ def read_chunks(files):
             yield text
 
 
+def text_digest(files):
+    """A digest of the corpus's text (its files' contents in order, not their names or times): a resumed
+    run checks by it that it trains on the text its checkpoint did, wherever that text now lies."""
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.stat().st_size}\0".encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def _fingerprint(files):
     digest = hashlib.sha256()
     for file in files:

@@ -32,7 +32,7 @@ from fastgpt.checkpoint import CheckpointFiles, atomic_write_text, load_checkpoi
 from fastgpt.cli import run_cli
 from fastgpt.config import PRESETS, TrainConfig, parse_config
 from fastgpt.bits_per_byte import bits_per_byte, token_byte_lengths
-from fastgpt.data import TokenBlocks, corpus_files, encode_corpus, fit_tokenizer
+from fastgpt.data import TokenBlocks, corpus_files, encode_corpus, fit_tokenizer, text_digest
 from fastgpt.device import pick_device, use_backend
 from fastgpt.errors import FastGPTError
 from fastgpt.hardware import choose_precision, startup_line
@@ -58,17 +58,21 @@ def requested_model_config(config, vocab_size):
     return dataclasses.replace(config.model, vocab_size=vocab_size)
 
 
-def fixed_setting_differences(saved_settings, config):
+def fixed_setting_differences(saved_settings, config, same_text=None):
     """The settings besides the model's that differ from a checkpoint's and that a run cannot change
     when it resumes: the corpus and its validation split (another would hold text already trained on,
     and the checkpoint's data order is over this one), the pretrained model it started from, the
     tokenizer's kind, what bpe is trained to, and the optimizer (its state). A checkpoint older than a
-    setting had the setting's default."""
-    names = ["data", "val_fraction", "init_from", "tokenizer", "optimizer"] + (
+    setting had the setting's default.
+
+    `same_text`: whether the corpus's text is the checkpoint's (text_digest), which then stands in for
+    its path (a corpus may move); None for a checkpoint without a digest, whose path decides."""
+    names = ["val_fraction", "init_from", "tokenizer", "optimizer"] + (
         ["vocab_size"] if config.tokenizer == "bpe" else [])
+    names = ["data", *names] if same_text is None else names
     requested, defaults = config.to_dict(), TrainConfig().to_dict()
     saved = {name: saved_settings.get(name, defaults[name]) for name in names}
-    for path in ("data", "init_from"):  # an older checkpoint's may be relative to here, as may a flag's
+    for path in {"data", "init_from"} & set(names):  # an older checkpoint's may be relative to here, as may a flag's
         saved[path], requested[path] = absolute_path(saved[path]), absolute_path(requested[path])
     empty = {"data": "the bundled corpus", "init_from": "none"}  # what "" means
 
@@ -159,8 +163,10 @@ class Trainer:
             lock.acquire()  # one run per directory: refused here, before anything in it changes
             self.checkpoints.prepare(config.resume)
 
-        resumed = self._load_resumable() if config.resume else None
         files = corpus_files(config.data)
+        # Read whole once a run, and saved with its checkpoints: a resumed run trains on the same text.
+        self.text_digest = text_digest(files)
+        resumed = self._load_resumable() if config.resume else None
         pretrained = None
         if resumed:
             self.tokenizer = tokenizer_from_state(resumed["tokenizer"])
@@ -213,7 +219,14 @@ class Trainer:
     def _load_resumable(self):
         """The checkpoint to resume from, refused before any work if it was made for another model."""
         checkpoint = load_checkpoint(self.checkpoints.latest)
-        differences = fixed_setting_differences(checkpoint["config"], self.config)
+        saved_digest = checkpoint.get("text_digest")  # older checkpoints: the corpus's path decides
+        same_text = None if saved_digest is None else saved_digest == self.text_digest
+        if same_text is False:
+            corpus = self.config.data or "the bundled corpus"
+            raise FastGPTError(f"the text of {corpus} is not the text the checkpoint in {self.out_dir} trained on (it "
+                               "has changed, or --data names another); a resumed run's batches and validation split "
+                               "are over that text: give it back, or start a new run in another --out-dir")
+        differences = fixed_setting_differences(checkpoint["config"], self.config, same_text)
         if not self.config.init_from:  # a fine-tuning run's model is the pretrained one, not the settings'
             requested = requested_model_config(self.config, tokenizer_from_state(checkpoint["tokenizer"]).vocab_size)
             differences += model_config_of(checkpoint).architecture_differences(requested)
@@ -372,6 +385,7 @@ class Trainer:
             "optimizer": optimizer_state,
             "config": self.config.to_dict(),
             "step": self.step,
+            "text_digest": self.text_digest,
             "elapsed_s": self.speed.seconds(),
             "best_val_loss": self.best_val_loss,
             "unlogged_losses": self.unlogged_losses,

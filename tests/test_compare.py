@@ -67,6 +67,8 @@ def test_compare_refuses_what_is_not_a_run(runs, tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"fastgpt: error: no metrics at {tmp_path / 'metrics.jsonl'}")
     assert compare.main([str(runs / "narrow"), str(runs / "narrow")]) == 2
     assert "named twice" in capsys.readouterr().err
+    assert compare.main([str(runs / "narrow"), str(runs / "narrow") + "/"]) == 2  # one folder, written two ways
+    assert "named twice" in capsys.readouterr().err
     assert compare.main([]) == 2
     assert "RUN" in capsys.readouterr().err
 

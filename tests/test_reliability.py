@@ -249,15 +249,21 @@ def test_a_run_on_a_relative_path_resumes_from_another_directory(corpus, train_a
     assert (checkpoint["step"], checkpoint["config"]["data"]) == (4, str(tmp_path / "started_here" / "corpus.txt"))
 
 
-def test_resume_refuses_another_corpus(corpus, args_for, straight_run, tmp_path, error_line):
-    """A corpus given, even the bundled one (--data ''), must be the run's own."""
+def test_resume_refuses_another_text_but_follows_a_moved_corpus(corpus, args_for, straight_run, tmp_path,
+                                                                error_line):
+    """The corpus given must hold the run's own text, even the bundled one (--data ''): the checkpoint
+    keeps a digest of it. The same text moved elsewhere resumes."""
     shutil.copy(straight_run / "ckpt.pt", tmp_path / "ckpt.pt")
     other = tmp_path / "other.txt"
     other.write_text(corpus.read_text().upper())
-    assert train.main(args_for(other, tmp_path, "--resume")) == 2
-    assert f"data {corpus} vs {other}" in error_line()
-    assert train.main([*args_for(corpus, tmp_path, "--resume"), "--data", ""]) == 2
-    assert f"data {corpus} vs the bundled corpus);" in error_line()
+    assert train.main(args_for(other, tmp_path, "--resume", "--max-iters", "9")) == 2
+    assert f"the text of {other} is not the text the checkpoint in {tmp_path} trained on" in error_line()
+    assert train.main([*args_for(corpus, tmp_path, "--resume", "--max-iters", "9"), "--data", ""]) == 2
+    assert "the text of the bundled corpus is not the text the checkpoint" in error_line()
+    moved = tmp_path / "moved.txt"
+    shutil.copy(corpus, moved)
+    assert train.main(args_for(moved, tmp_path, "--resume", "--max-iters", "9")) == 0
+    assert load_checkpoint(tmp_path / "ckpt.pt")["config"]["data"] == str(moved)
 
 
 # Encodes a corpus into the token cache and draws a few batches, then prints its peak RSS in bytes.
