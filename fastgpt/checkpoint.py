@@ -219,6 +219,8 @@ def model_config_of(payload):
 def load_trained_model(out_dir, device, checkpoint="latest"):
     """The model (in evaluation mode) and tokenizer saved in out_dir (ckpt.pt, or best.pt with
     checkpoint="best"), on `device`."""
+    if checkpoint not in CHECKPOINT_FILES:
+        raise FastGPTError(f"checkpoint must be one of {', '.join(CHECKPOINT_FILES)} (got {checkpoint!r})")
     payload = load_checkpoint(Path(out_dir) / CHECKPOINT_FILES[checkpoint])
     model = GPT(model_config_of(payload))
     model.load_state_dict(payload["model"])

@@ -467,6 +467,12 @@ class GPT(nn.Module):
           `use_cache=False` gives the same tokens, only slower.
         """
         sampler = Sampler(temperature, top_k, top_p, repetition_penalty)
+        if idx.dim() != 2 or idx.size(1) == 0 or idx.dtype != torch.long:
+            raise ValueError(f"generate continues a (batch, tokens) tensor of token ids (int64) with at least one "
+                             f"token, got {idx.dtype}{tuple(idx.shape)}; give one prompt as prompt[None]")
+        if idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < self.config.vocab_size:
+            raise ValueError(f"generate: the prompt holds token ids outside the vocabulary [0, "
+                             f"{self.config.vocab_size})")
         block_size = self.config.block_size
         start = max(0, idx.size(1) - block_size)  # where the model's window begins in idx
         cache = None

@@ -236,6 +236,14 @@ def test_bad_sampling_settings_are_one_clear_line(run_dir, capsys, args, expecte
     assert len(err) == 1 and err[0].startswith("fastgpt: error: ") and expected in err[0], err
 
 
+def test_a_prompt_generate_cannot_continue_is_one_clear_error(tiny_model):
+    model = tiny_model(vocab_size=16)
+    for prompt, message in ((torch.tensor([1, 2]), "a .batch, tokens. tensor"), (torch.zeros(1, 0, dtype=torch.long),
+                            "at least one token"), (torch.tensor([[1, 16]]), r"outside the vocabulary \[0, 16\)")):
+        with pytest.raises(ValueError, match=message):
+            next(model.generate(prompt, 3))
+
+
 def test_generation_api_is_importable_from_the_top_level():
     from fastgpt import model
     assert GPT is model.GPT

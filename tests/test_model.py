@@ -186,3 +186,8 @@ def test_torch_compile_traces_the_whole_forward_and_gives_the_eager_result(pytho
     result = python("-c", COMPILE_CHECK, json.dumps(switches))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["1", "0"]
+
+
+def test_load_trained_model_names_the_checkpoints_it_reads(tmp_path):
+    with pytest.raises(FastGPTError, match=r"checkpoint must be one of latest, best \(got 'bogus'\)"):
+        load_trained_model(tmp_path, torch.device("cpu"), "bogus")

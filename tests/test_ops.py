@@ -82,6 +82,8 @@ def test_dispatch_rules(monkeypatch):
         ops.resolve_backend("cuda-magic", x.device)
     with pytest.raises(ops.BackendUnavailable, match="unknown backend 'cuda-magic'"):  # where the mistake is
         ops.use_backend("cuda-magic")
+    with pytest.raises(ops.BackendUnavailable, match="a backend is named by a string"):
+        ops.gelu(x, backend=3)
     monkeypatch.setenv("FASTGPT_BACKEND", "reference")
     assert ops.resolve_backend(None, x.device) == "reference"
     # A backend that cannot run on the tensors' device is refused, naming it and why.

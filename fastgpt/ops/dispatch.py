@@ -112,6 +112,9 @@ def resolve_backend(backend, device):
     (one of BACKENDS, or "fastest": `auto`'s measured choice on CUDA tensors)."""
     requested = backend if backend not in (None, "auto") else (
         _default_backend or os.environ.get("FASTGPT_BACKEND", "auto"))
+    if not isinstance(requested, str):
+        raise BackendUnavailable(f"a backend is named by a string, one of {', '.join(('auto',) + BACKENDS)} "
+                                 f"(got {requested!r})")
     name = _resolved.get((requested, device.type))
     if name is None:
         name = _resolve(requested.strip().lower() or "auto", device)
