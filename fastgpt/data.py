@@ -178,7 +178,11 @@ def _cache_entries(files, tokenizer, cache_dir):
 def cached_tokens(files, tokenizer, cache_dir):
     """The tokens cache_dir holds (a read-only memmap) when they are of this corpus and tokenizer, else
     None. Reading only: eval uses it on a run that may be training, whose cache it must not replace."""
-    tokens_path, meta_path, dtype, meta = _cache_entries(files, tokenizer, Path(cache_dir))
+    return _read_cache(*_cache_entries(files, tokenizer, Path(cache_dir)))
+
+
+def _read_cache(tokens_path, meta_path, dtype, meta):
+    """The cached tokens when the cache records `meta` and holds all the tokens it counted, else None."""
     try:
         cached = json.loads(meta_path.read_text())
         size = tokens_path.stat().st_size
@@ -195,12 +199,12 @@ def encode_corpus(files, tokenizer, cache_dir, progress=True):
     Returns the tokens as a read-only memmap. With `progress`, encoding that takes more than a couple of
     seconds (a large corpus) shows a bar on stderr.
     """
-    cached = cached_tokens(files, tokenizer, cache_dir)
+    cache_dir = Path(cache_dir)
+    tokens_path, meta_path, dtype, meta = entries = _cache_entries(files, tokenizer, cache_dir)
+    cached = _read_cache(*entries)
     if cached is not None:
         return cached
-    cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tokens_path, meta_path, dtype, meta = _cache_entries(files, tokenizer, cache_dir)
     # A private partial file: several machines of one run may encode into a shared cache at once.
     descriptor, partial = new_temporary_file(cache_dir, prefix="tokens.", suffix=".partial")
     encode = chunk_encoder(tokenizer)

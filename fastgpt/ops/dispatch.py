@@ -51,6 +51,13 @@ class BackendUnavailable(RuntimeError):
     """A backend was asked for by name but cannot run here."""
 
 
+BACKEND_CHOICES = ", ".join(("auto",) + BACKENDS)  # what a backend may be named, as errors list it
+
+
+def unknown_backend(name):
+    return BackendUnavailable(f"unknown backend {name!r}: choose one of {BACKEND_CHOICES}")
+
+
 def register(op):
     """Add an op's contract to the ops the dispatcher knows; returns it."""
     OPS.append(op)
@@ -92,8 +99,7 @@ def use_backend(name):
     global _default_backend
     name = name.strip().lower() if isinstance(name, str) else name
     if name not in (None, "auto", *BACKENDS):
-        choices = ", ".join(("auto",) + BACKENDS)
-        raise BackendUnavailable(f"unknown backend {name!r}: choose one of {choices}")
+        raise unknown_backend(name)
     _default_backend = None if name in (None, "auto") else name
 
 
@@ -113,8 +119,7 @@ def resolve_backend(backend, device):
     requested = backend if backend not in (None, "auto") else (
         _default_backend or os.environ.get("FASTGPT_BACKEND", "auto"))
     if not isinstance(requested, str):
-        raise BackendUnavailable(f"a backend is named by a string, one of {', '.join(('auto',) + BACKENDS)} "
-                                 f"(got {requested!r})")
+        raise BackendUnavailable(f"a backend is named by a string, one of {BACKEND_CHOICES} (got {requested!r})")
     name = _resolved.get((requested, device.type))
     if name is None:
         name = _resolve(requested.strip().lower() or "auto", device)
@@ -131,8 +136,7 @@ def _resolve(requested, device):
                 return name
         return "reference"
     if requested not in BACKENDS:
-        choices = ", ".join(("auto",) + BACKENDS)
-        raise BackendUnavailable(f"unknown backend {requested!r}: choose one of {choices}")
+        raise unknown_backend(requested)
     reason = unavailable_reason(requested, device)
     if reason is not None:
         raise BackendUnavailable(f"backend {requested!r} cannot run on {device.type} tensors: {reason}")
